@@ -1,0 +1,3 @@
+module github.com/kvmscope/kvmscope
+
+go 1.26.8

@@ -1,0 +1,48 @@
+package guestmem
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Memory is guest physical memory.
+//
+// ReadAt follows io.ReaderAt with the offset being a guest physical address
+// (GPA). A read that touches an address no RAM backs fails with a *HoleError
+// naming the first such address; bytes before it are still copied and
+// counted in n.
+type Memory interface {
+	ReadAt(p []byte, gpa int64) (n int, err error)
+	// Regions lists the guest-physical ranges that hold memory, sorted by
+	// GPA and non-overlapping.
+	Regions() []Region
+}
+
+// Writer is implemented by memory sources that can change guest memory
+// (the live source when kvmscope run was given --allow-write).
+type Writer interface {
+	WriteAt(p []byte, gpa int64) (n int, err error)
+}
+
+// Region is one contiguous range of guest physical memory.
+type Region struct {
+	GPA      uint64 `json:"gpa"`
+	Size     uint64 `json:"size"`
+	ReadOnly bool   `json:"readonly,omitempty"`
+	Name     string `json:"name,omitempty"`
+}
+
+// End returns the first GPA after the region.
+func (r Region) End() uint64 { return r.GPA + r.Size }
+
+// HoleError reports a guest physical address that no memory backs.
+type HoleError struct {
+	GPA uint64
+}
+
+func (e *HoleError) Error() string {
+	return fmt.Sprintf("guest physical address %#x is not backed by guest memory", e.GPA)
+}
+
+// ErrReadOnly is returned by writes to memory that may not be written.
+var ErrReadOnly = errors.New("guest memory is read-only (start kvmscope run with --allow-write)")
