@@ -1,0 +1,167 @@
+package introspect
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf/btf"
+
+	"github.com/kvmscope/kvmscope/guestmem"
+)
+
+// startKernelMap is __START_KERNEL_map, where the x86-64 kernel image is
+// mapped (arch/x86/include/asm/page_64_types.h).
+const startKernelMap = 0xffffffff80000000
+
+// defaultTextVA is _text without KASLR: __START_KERNEL_map plus
+// CONFIG_PHYSICAL_START (16 MiB by default).
+const defaultTextVA = 0xffffffff81000000
+
+// ErrNotFound is returned (wrapped) when something the kernel should hold
+// cannot be found in guest memory.
+var ErrNotFound = errors.New("not found in guest memory")
+
+// Kernel is what Discover found out about the guest's Linux kernel.
+type Kernel struct {
+	Mem guestmem.Memory
+	// AS is the kernel's address space: the kernel half of the PTI pair,
+	// rooted at swapper_pg_dir (init_top_pgt).
+	AS *guestmem.AddressSpace
+	// PGD is the guest physical address of the kernel's top page table.
+	PGD uint64
+	// PhysBase is the guest physical address of _text.
+	PhysBase uint64
+	// TextVA is the virtual address of _text, KASLR applied.
+	TextVA uint64
+	// KASLRShift is TextVA - 0xffffffff81000000.
+	KASLRShift int64
+	// Bases of the direct map, struct page array and vmalloc area, which
+	// CONFIG_RANDOMIZE_MEMORY moves (arch/x86/mm/kaslr.c).
+	PageOffsetBase, VmemmapBase, VmallocBase uint64
+	// Levels is the number of page-table levels, 4 or 5 (LA57).
+	Levels int
+	// Banner is linux_banner, "Linux version ...", without the newline.
+	Banner  string
+	Version KernelVersion
+	Syms    *Kallsyms
+	// BTF is the kernel's own type information, nil when it has none.
+	BTF *btf.Spec
+
+	// image end (physical), for reads of the image without page tables.
+	imageSize uint64
+	logf      func(format string, args ...any)
+}
+
+// KernelVersion is the major.minor.patch of a Linux kernel.
+type KernelVersion struct {
+	Major, Minor, Patch int
+}
+
+func (v KernelVersion) String() string {
+	return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Patch)
+}
+
+// AtLeast reports whether v is major.minor or newer.
+func (v KernelVersion) AtLeast(major, minor int) bool {
+	return v.Major > major || v.Major == major && v.Minor >= minor
+}
+
+// DiscoverOptions tunes Discover. The zero value is fine.
+type DiscoverOptions struct {
+	// CPUs, when given, are used to cross-check what was found in memory
+	// (CR3 against the page-table root, CR4.LA57 against the levels).
+	CPUs []guestmem.CPU
+	// Log, when set, receives progress messages.
+	Log func(format string, args ...any)
+}
+
+// Symbol returns the address of the kernel symbol name.
+func (k *Kernel) Symbol(name string) (uint64, bool) {
+	if k.Syms == nil {
+		return 0, false
+	}
+	return k.Syms.Lookup(name)
+}
+
+// SymbolAt returns the symbol that contains va and va's offset into it.
+func (k *Kernel) SymbolAt(va uint64) (name string, off uint64, ok bool) {
+	if k.Syms == nil {
+		return "", 0, false
+	}
+	return k.Syms.At(va)
+}
+
+// ReadVirt reads len(p) bytes at kernel virtual address va.
+func (k *Kernel) ReadVirt(p []byte, va uint64) error {
+	for len(p) > 0 {
+		// Page by page: contiguous virtual pages need not be contiguous
+		// physically.
+		n := min(uint64(len(p)), 0x1000-va&0xfff)
+		pa, err := k.VirtToPhys(va)
+		if err != nil {
+			return err
+		}
+		if _, err := k.Mem.ReadAt(p[:n], int64(pa)); err != nil {
+			return fmt.Errorf("read kernel va %#x (pa %#x): %w", va, pa, err)
+		}
+		p = p[n:]
+		va += n
+	}
+	return nil
+}
+
+// ReadU64 reads a little-endian uint64 at kernel virtual address va.
+func (k *Kernel) ReadU64(va uint64) (uint64, error) {
+	var b [8]byte
+	if err := k.ReadVirt(b[:], va); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint64(b[:]), nil
+}
+
+// ReadU32 reads a little-endian uint32 at kernel virtual address va.
+func (k *Kernel) ReadU32(va uint64) (uint32, error) {
+	var b [4]byte
+	if err := k.ReadVirt(b[:], va); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint32(b[:]), nil
+}
+
+// ReadU16 reads a little-endian uint16 at kernel virtual address va.
+func (k *Kernel) ReadU16(va uint64) (uint16, error) {
+	var b [2]byte
+	if err := k.ReadVirt(b[:], va); err != nil {
+		return 0, err
+	}
+	return binary.LittleEndian.Uint16(b[:]), nil
+}
+
+// ReadPtr reads a kernel pointer at va.
+func (k *Kernel) ReadPtr(va uint64) (uint64, error) { return k.ReadU64(va) }
+
+// PhysToVirt returns the direct-map (page_offset_base) address of pa.
+func (k *Kernel) PhysToVirt(pa uint64) uint64 { return k.PageOffsetBase + pa }
+
+// VirtToPhys translates a kernel virtual address. The kernel image and the
+// direct map are linear and need no page walk; anything else (vmalloc,
+// modules, vmemmap) goes through the kernel's page tables.
+func (k *Kernel) VirtToPhys(va uint64) (uint64, error) {
+	if va >= k.TextVA && va-k.TextVA < k.imageSize {
+		return k.PhysBase + (va - k.TextVA), nil
+	}
+	if k.AS == nil {
+		return 0, fmt.Errorf("translate %#x: no kernel page tables", va)
+	}
+	pa, err := k.AS.Translate(va)
+	if err != nil {
+		return 0, fmt.Errorf("translate %#x: %w", va, err)
+	}
+	return pa, nil
+}
+
+// Discover finds the guest Linux kernel in mem.
+func Discover(mem guestmem.Memory, opts DiscoverOptions) (*Kernel, error) {
+	return nil, errors.New("introspect.Discover: not implemented yet")
+}
