@@ -1,0 +1,101 @@
+package guestmem
+
+import (
+	"encoding/binary"
+	"errors"
+	"testing"
+)
+
+// cyclicMemory is guest physical memory below 4 GiB whose bytes repeat a
+// short pattern: a few fuzzed bytes become whole page tables (entry i of
+// every table is pattern entry i mod len/8). Above 4 GiB is a hole.
+type cyclicMemory []byte
+
+const cyclicLimit = 4 << 30
+
+func (m cyclicMemory) ReadAt(p []byte, gpa int64) (int, error) {
+	for i := range p {
+		a := uint64(gpa) + uint64(i)
+		if len(m) == 0 || a >= cyclicLimit {
+			return i, &HoleError{GPA: a}
+		}
+		p[i] = m[a%uint64(len(m))]
+	}
+	return len(p), nil
+}
+
+func (m cyclicMemory) Regions() []Region { return []Region{{GPA: 0, Size: cyclicLimit}} }
+
+func entries(es ...uint64) []byte {
+	b := make([]byte, 8*len(es))
+	for i, e := range es {
+		binary.LittleEndian.PutUint64(b[i*8:], e)
+	}
+	return b
+}
+
+// FuzzTranslate walks page tables made of arbitrary bytes: the walker must
+// terminate, never panic, and give answers consistent with the memory.
+func FuzzTranslate(f *testing.F) {
+	// Every level points to the table at 0x1000: a 4 KiB mapping.
+	f.Add(entries(0x1063, 0x2063), uint64(0x1000), uint64(0xffffffff81000123), false)
+	// NX, protection keys, PCID in CR3, a 2 MiB page.
+	f.Add(entries(0x8000_0000_0000_1067, 0x7f00_0000_0020_10e3), uint64(0x3801), uint64(0xffff888000212345), false)
+	// A 1 GiB page (PS at PDPT level) for a user address.
+	f.Add(entries(0x4000_0083, 0x1007), uint64(0), uint64(0x40001234), false)
+	// Five levels, an entry pointing into the hole above 4 GiB.
+	f.Add(entries(0x2_0000_0003, 0x3003, 0x1003), uint64(0x2000), uint64(0xff11000000001010), true)
+	// Not present and a PS bit at the top level.
+	f.Add(entries(0x0, 0x83), uint64(0), uint64(0x0000100000000000), false)
+	f.Add([]byte{}, uint64(0xfff), uint64(0), true)
+
+	f.Fuzz(func(t *testing.T, data []byte, cr3, va uint64, la57 bool) {
+		if len(data) > 1<<16 {
+			return
+		}
+		mem := cyclicMemory(data)
+		levels := 4
+		if la57 {
+			levels = 5
+		}
+		as := NewAddressSpace(mem, cr3, levels)
+		gpa, err := as.Translate(va)
+		if err != nil {
+			var np *NotPresentError
+			if errors.As(err, &np) && (np.VA != va || np.Level < 1 || np.Level > levels) {
+				t.Fatalf("bad NotPresentError %+v for va %#x", np, va)
+			}
+			if err.Error() == "" {
+				t.Fatal("empty error message")
+			}
+			return
+		}
+		if !as.Canonical(va) {
+			t.Fatalf("non-canonical %#x translated", va)
+		}
+		if gpa&0xfff != va&0xfff {
+			t.Fatalf("Translate(%#x) = %#x: page offset changed", va, gpa)
+		}
+		if gpa > pteAddrMask|0xfff {
+			t.Fatalf("Translate(%#x) = %#x: beyond 52 physical address bits", va, gpa)
+		}
+		// The cached answer and a fresh walk agree.
+		if again, err := as.Translate(va); err != nil || again != gpa {
+			t.Fatalf("cached Translate = %#x, %v; first %#x", again, err, gpa)
+		}
+		if fresh, err := NewAddressSpace(mem, cr3, levels).Translate(va); err != nil || fresh != gpa {
+			t.Fatalf("fresh Translate = %#x, %v; first %#x", fresh, err, gpa)
+		}
+		// A read through the address space returns the bytes at gpa.
+		var got, want [16]byte
+		n, err := as.ReadAt(got[:], int64(va))
+		wn, werr := mem.ReadAt(want[:], int64(gpa))
+		if va&0xfff <= 0x1000-16 { // within one page
+			if n != wn || (err == nil) != (werr == nil) || got != want {
+				t.Fatalf("ReadAt(%#x) = %d %v %x; memory at %#x: %d %v %x", va, n, err, got, gpa, wn, werr, want)
+			}
+		} else if n > 16 || (err == nil && n != 16) {
+			t.Fatalf("ReadAt(%#x) = %d, %v", va, n, err)
+		}
+	})
+}
