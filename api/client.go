@@ -1,0 +1,96 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// Client talks to a kvmscope API socket.
+type Client struct {
+	Socket string
+	http   *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{Socket: path, http: &http.Client{
+		Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", path)
+			},
+		},
+		Timeout: 60 * time.Second,
+	}}
+}
+
+// Get fetches path (e.g. "/v1/vm") and decodes JSON into v.
+func (c *Client) Get(ctx context.Context, path string, v any) error {
+	body, err := c.GetRaw(ctx, path)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("decode reply of %s: %w", path, err)
+	}
+	return nil
+}
+
+// GetRaw fetches path and returns the body.
+func (c *Client) GetRaw(ctx context.Context, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://kvmscope"+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, c.dialError(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxMemoryRead+1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("read reply of %s: %w", path, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var e Error
+		if json.Unmarshal(body, &e) == nil && e.Error != "" {
+			return nil, errors.New(e.Error)
+		}
+		return nil, fmt.Errorf("%s: %s", path, resp.Status)
+	}
+	return body, nil
+}
+
+// dialError turns a transport error into one clear sentence.
+func (c *Client) dialError(err error) error {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("cannot reach kvmscope API at %s: no such socket (is 'kvmscope run' running?)", c.Socket)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return fmt.Errorf("cannot reach kvmscope API at %s: connection refused (stale socket?)", c.Socket)
+	case errors.Is(err, syscall.EACCES), errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("cannot reach kvmscope API at %s: permission denied (only root and the VM's owner may use it)", c.Socket)
+	}
+	return fmt.Errorf("cannot reach kvmscope API at %s: %v", c.Socket, err)
+}
+
+// DefaultDir is where sockets live: $XDG_RUNTIME_DIR/kvmscope for a user
+// with a runtime dir, else /run/kvmscope.
+func DefaultDir() string {
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "kvmscope")
+	}
+	return "/run/kvmscope"
+}
+
+// DefaultSocket is the socket path for a VM called name.
+func DefaultSocket(name string) string { return filepath.Join(DefaultDir(), name+".sock") }

@@ -1,0 +1,265 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+)
+
+// MaxMemoryRead bounds one GET /v1/memory.
+const MaxMemoryRead = 64 << 20
+
+// maxBody bounds request bodies (memory writes).
+const maxBody = 1 << 20
+
+// Target is the VM a server describes.
+type Target interface {
+	// Describe returns the VM's identity, vCPUs and memory map.
+	Describe() VM
+	// Source is the guest's memory and registers.
+	Source() guestmem.Source
+}
+
+// Server serves one VM's API.
+type Server struct {
+	Target Target
+	Log    zerolog.Logger
+	// Owner is the uid besides root that may connect (default: our euid).
+	Owner int
+
+	srv *http.Server
+	ln  net.Listener
+}
+
+type ctxKey int
+
+const credKey ctxKey = 0
+
+// Listen creates the socket at path (0600, parent dirs 0700 when created)
+// and serves until Close.
+func (s *Server) Listen(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("create socket directory: %w", err)
+	}
+	if err := removeStaleSocket(path); err != nil {
+		return err
+	}
+	// umask-independent 0600: create under a restrictive umask.
+	old := unix.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("chmod %s: %w", path, err)
+	}
+	s.ln = ln
+	if s.Owner == 0 {
+		s.Owner = os.Geteuid()
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/vm", s.getVM)
+	mux.HandleFunc("GET /v1/vcpus", s.getVCPUs)
+	mux.HandleFunc("GET /v1/memory", s.getMemory)
+	mux.HandleFunc("PUT /v1/memory", s.putMemory)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))
+	})
+	s.srv = &http.Server{
+		Handler:           s.authorize(mux),
+		ReadHeaderTimeout: 5 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, credKey, peerCred(c))
+		},
+	}
+	go s.srv.Serve(ln)
+	return nil
+}
+
+// Close stops serving and removes the socket.
+func (s *Server) Close() error {
+	if s.srv == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	err := s.srv.Shutdown(ctx)
+	os.Remove(s.ln.Addr().String())
+	return err
+}
+
+// removeStaleSocket removes a socket file left by a dead kvmscope, and
+// refuses to take over one that still answers.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket; not replacing it", path)
+	}
+	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
+		c.Close()
+		return fmt.Errorf("another kvmscope is serving %s", path)
+	}
+	return os.Remove(path)
+}
+
+func peerCred(c net.Conn) *unix.Ucred {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return nil
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var cred *unix.Ucred
+	raw.Control(func(fd uintptr) {
+		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	return cred
+}
+
+// authorize lets root and the owner in.
+func (s *Server) authorize(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		cred, _ := r.Context().Value(credKey).(*unix.Ucred)
+		if cred == nil || (cred.Uid != 0 && int(cred.Uid) != s.Owner) {
+			uid := -1
+			if cred != nil {
+				uid = int(cred.Uid)
+			}
+			s.Log.Warn().Int("uid", uid).Msg("refused API connection from another user")
+			httpError(w, http.StatusForbidden, fmt.Sprintf("uid %d may not use this socket", uid))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (s *Server) getVM(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, s.Target.Describe())
+}
+
+func (s *Server) getVCPUs(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	cpus, err := s.Target.Source().CPUs(ctx)
+	if err != nil {
+		httpError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	out := make([]VCPU, 0, len(cpus))
+	for _, c := range cpus {
+		out = append(out, VCPUFrom(c))
+	}
+	writeJSON(w, out)
+}
+
+// memoryRange parses ?gpa=ADDR&len=N.
+func memoryRange(r *http.Request, needLen bool) (gpa uint64, n int, err error) {
+	q := r.URL.Query()
+	gpa, err = strconv.ParseUint(q.Get("gpa"), 0, 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("bad or missing gpa %q: want a number such as 0x1000", q.Get("gpa"))
+	}
+	if !needLen {
+		return gpa, 0, nil
+	}
+	l, err := strconv.ParseUint(q.Get("len"), 0, 64)
+	if err != nil || l == 0 {
+		return 0, 0, fmt.Errorf("bad or missing len %q: want a positive number", q.Get("len"))
+	}
+	if l > MaxMemoryRead {
+		return 0, 0, fmt.Errorf("len %d is over the limit of %d bytes per request", l, MaxMemoryRead)
+	}
+	if gpa+l < gpa {
+		return 0, 0, fmt.Errorf("range gpa %#x len %#x wraps around", gpa, l)
+	}
+	return gpa, int(l), nil
+}
+
+func (s *Server) getMemory(w http.ResponseWriter, r *http.Request) {
+	gpa, n, err := memoryRange(r, true)
+	if err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	buf := make([]byte, n)
+	if _, err := s.Target.Source().ReadAt(buf, int64(gpa)); err != nil {
+		status := http.StatusInternalServerError
+		var hole *guestmem.HoleError
+		if errors.As(err, &hole) {
+			status = http.StatusNotFound
+		}
+		httpError(w, status, err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.Itoa(n))
+	w.Write(buf)
+}
+
+func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
+	gpa, _, err := memoryRange(r, false)
+	if err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	wr, ok := s.Target.Source().(guestmem.Writer)
+	if !ok || !s.Target.Describe().Writable {
+		httpError(w, http.StatusForbidden, guestmem.ErrReadOnly.Error())
+		return
+	}
+	body, err := readBody(w, r)
+	if err != nil {
+		httpError(w, http.StatusRequestEntityTooLarge, err.Error())
+		return
+	}
+	if _, err := wr.WriteAt(body, int64(gpa)); err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	s.Log.Info().Uint64("gpa", gpa).Int("len", len(body)).Msg("guest memory written through the API")
+	writeJSON(w, map[string]any{"written": len(body)})
+}
+
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		return nil, fmt.Errorf("request body: %v (limit %d bytes)", err, maxBody)
+	}
+	return b, nil
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func httpError(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(Error{Error: msg})
+}

@@ -1,0 +1,76 @@
+package guestmem
+
+import (
+	"context"
+	"fmt"
+	"sort"
+
+	"github.com/kvmscope/kvmscope/tracer"
+)
+
+// Live is the memory and vCPUs of a running QEMU/KVM guest captured by the
+// tracer: memory is read from QEMU's process through the memslot table,
+// registers come from the vCPUs' kvm_run pages.
+type Live struct {
+	vm    *tracer.VM
+	write bool
+}
+
+// NewLive returns the live source for vm. Writes are refused unless
+// allowWrite is set.
+func NewLive(vm *tracer.VM, allowWrite bool) *Live { return &Live{vm: vm, write: allowWrite} }
+
+// slots returns the memslots of address space 0 (address space 1 is SMM
+// memory, which the guest OS does not see) as QEMU process ranges.
+func (l *Live) slots() []procRange {
+	ms := l.vm.Memslots()
+	out := make([]procRange, 0, len(ms))
+	for _, m := range ms {
+		if m.AddressSpace() != 0 || m.GuestMemfd {
+			continue
+		}
+		out = append(out, procRange{GPA: m.GPA, Size: m.Size, HVA: m.HVA, ReadOnly: m.ReadOnly})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].GPA < out[j].GPA })
+	return out
+}
+
+// Regions lists guest RAM and ROM as KVM maps it.
+func (l *Live) Regions() []Region { return rangesToRegions(l.slots()) }
+
+// ReadAt reads guest physical memory.
+func (l *Live) ReadAt(p []byte, gpa int64) (int, error) {
+	return readRanges(l.vm.Pid(), l.slots(), p, gpa)
+}
+
+// WriteAt writes guest physical memory (only with allowWrite).
+func (l *Live) WriteAt(p []byte, gpa int64) (int, error) {
+	if !l.write {
+		return 0, ErrReadOnly
+	}
+	return writeRanges(l.vm.Pid(), l.slots(), p, gpa)
+}
+
+// CPUs returns fresh registers of every captured vCPU.
+func (l *Live) CPUs(ctx context.Context) ([]CPU, error) {
+	var out []CPU
+	for _, v := range l.vm.VCPUs() {
+		s, err := l.vm.Registers(ctx, v.ID)
+		if err != nil {
+			return nil, fmt.Errorf("registers of vCPU %d: %w", v.ID, err)
+		}
+		out = append(out, cpuFromKVM(v.ID, s.Regs))
+	}
+	return out, nil
+}
+
+// cpuFromKVM converts KVM's sync regs to a CPU.
+func cpuFromKVM(id int, r tracer.SyncRegs) CPU {
+	s := r.Sregs
+	return CPU{
+		ID: id, RIP: r.Regs.RIP, RSP: r.Regs.RSP, RFLAGS: r.Regs.RFLAGS,
+		CR0: s.CR0, CR2: s.CR2, CR3: s.CR3, CR4: s.CR4, EFER: s.EFER,
+		CSBase: s.CS.Base, DSBase: s.DS.Base, SSBase: s.SS.Base, FSBase: s.FS.Base, GSBase: s.GS.Base,
+		CSL: s.CS.L != 0, CSDB: s.CS.DB != 0,
+	}
+}

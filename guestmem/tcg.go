@@ -1,0 +1,242 @@
+package guestmem
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// TCG is a running QEMU guest without KVM (the TCG accelerator), reached
+// through QMP: QEMU tells where guest RAM lives in its address space
+// (`info mtree -f`, `gpa2hva`) and memory is then read directly from the
+// QEMU process like the KVM source does; registers come from
+// `info registers -a`.
+type TCG struct {
+	qmp   *QMP
+	pid   func() int
+	write bool
+
+	mu      sync.Mutex
+	ranges  []procRange
+	fetched time.Time
+}
+
+// NewTCG returns the source for the QEMU process pid() controlled by qmp.
+func NewTCG(qmp *QMP, pid func() int, allowWrite bool) *TCG {
+	return &TCG{qmp: qmp, pid: pid, write: allowWrite}
+}
+
+// mapMaxAge bounds how long the memory map is trusted before it is asked
+// again; a read that hits a hole refreshes it at once.
+const mapMaxAge = 2 * time.Second
+
+func (t *TCG) memoryMap(refresh bool) ([]procRange, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !refresh && t.ranges != nil && time.Since(t.fetched) < mapMaxAge {
+		return t.ranges, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	rs, err := qmpMemoryMap(ctx, t.qmp)
+	if err != nil {
+		return nil, err
+	}
+	t.ranges, t.fetched = rs, time.Now()
+	return rs, nil
+}
+
+// flatRange matches a line of `info mtree -f`:
+// "  0000000000100000-000000001fffffff (prio 0, ram): pc.ram @0000000000100000 KVM"
+var flatRange = regexp.MustCompile(`^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([a-z ]+)\): (\S+)`)
+
+// hvaReply matches gpa2hva: "Host virtual address for 0x100000 (pc.ram) is 0x7f..."
+var hvaReply = regexp.MustCompile(`is (0x[0-9a-f]+)`)
+
+// qmpMemoryMap builds the guest-physical map of the system address space.
+func qmpMemoryMap(ctx context.Context, q *QMP) ([]procRange, error) {
+	out, err := q.HMP(ctx, "info mtree -f")
+	if err != nil {
+		return nil, fmt.Errorf("read QEMU memory map: %w", err)
+	}
+	var rs []procRange
+	inSystem := false
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "FlatView") {
+			if inSystem {
+				break // the system FlatView is done
+			}
+			continue
+		}
+		if strings.Contains(line, `AS "memory"`) {
+			inSystem = true
+			continue
+		}
+		if !inSystem {
+			continue
+		}
+		m := flatRange.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		kind := m[3]
+		if kind != "ram" && kind != "rom" && kind != "romd" {
+			continue
+		}
+		start, _ := strconv.ParseUint(m[1], 16, 64)
+		end, _ := strconv.ParseUint(m[2], 16, 64)
+		if end < start {
+			continue
+		}
+		reply, err := q.HMP(ctx, fmt.Sprintf("gpa2hva %#x", start))
+		if err != nil {
+			return nil, fmt.Errorf("gpa2hva %#x: %w", start, err)
+		}
+		h := hvaReply.FindStringSubmatch(reply)
+		if h == nil {
+			continue // not RAM-backed after all
+		}
+		hva, _ := strconv.ParseUint(h[1], 0, 64)
+		rs = append(rs, procRange{GPA: start, Size: end - start + 1, HVA: hva, ReadOnly: kind != "ram", Name: m[4]})
+	}
+	if len(rs) == 0 {
+		return nil, errors.New("QEMU reported no guest RAM in its memory map")
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i].GPA < rs[j].GPA })
+	return rs, nil
+}
+
+// Regions lists guest RAM and ROM.
+func (t *TCG) Regions() []Region {
+	rs, err := t.memoryMap(false)
+	if err != nil {
+		return nil
+	}
+	return rangesToRegions(rs)
+}
+
+// ReadAt reads guest physical memory.
+func (t *TCG) ReadAt(p []byte, gpa int64) (int, error) {
+	return t.io(p, gpa, false)
+}
+
+// WriteAt writes guest physical memory (only with allowWrite).
+func (t *TCG) WriteAt(p []byte, gpa int64) (int, error) {
+	if !t.write {
+		return 0, ErrReadOnly
+	}
+	return t.io(p, gpa, true)
+}
+
+func (t *TCG) io(p []byte, gpa int64, write bool) (int, error) {
+	rs, err := t.memoryMap(false)
+	if err != nil {
+		return 0, err
+	}
+	n, err := ioRanges(t.pid(), rs, p, gpa, write)
+	var hole *HoleError
+	if errors.As(err, &hole) {
+		// The map may have changed (firmware remaps ROM early in boot).
+		if rs, err2 := t.memoryMap(true); err2 == nil {
+			return ioRanges(t.pid(), rs, p, gpa, write)
+		}
+	}
+	return n, err
+}
+
+// CPUs returns the registers of every vCPU from `info registers -a`.
+func (t *TCG) CPUs(ctx context.Context) ([]CPU, error) {
+	out, err := t.qmp.HMP(ctx, "info registers -a")
+	if err != nil {
+		return nil, fmt.Errorf("read registers: %w", err)
+	}
+	return ParseInfoRegisters(out)
+}
+
+// regField matches "KEY=VALUE" pairs of `info registers`.
+var regField = regexp.MustCompile(`([A-Z0-9]+)\s*=\s*([0-9a-f]+)`)
+
+// ParseInfoRegisters parses HMP `info registers -a` output for x86-64.
+func ParseInfoRegisters(out string) ([]CPU, error) {
+	var cpus []CPU
+	var cur *CPU
+	for _, line := range strings.Split(out, "\n") {
+		line = strings.TrimSpace(line)
+		if strings.HasPrefix(line, "CPU#") {
+			id, err := strconv.Atoi(strings.Fields(line[4:] + " ")[0])
+			if err != nil {
+				return nil, fmt.Errorf("bad CPU line %q", line)
+			}
+			cpus = append(cpus, CPU{ID: id})
+			cur = &cpus[len(cpus)-1]
+			continue
+		}
+		if cur == nil {
+			// Single-CPU output has no CPU# header.
+			cpus = append(cpus, CPU{})
+			cur = &cpus[0]
+		}
+		// Segment lines: "CS =0010 0000000000000000 ffffffff 00a09b00 DPL=0 CS64 [-RA]"
+		if f := strings.Fields(strings.Replace(line, "=", " ", 1)); len(f) >= 5 && isSeg(f[0]) && len(f[1]) == 4 {
+			base, _ := strconv.ParseUint(f[2], 16, 64)
+			flags, _ := strconv.ParseUint(f[4], 16, 64)
+			switch f[0] {
+			case "CS":
+				cur.CSBase = base
+				cur.CSL = flags&(1<<21) != 0  // DESC_L_MASK
+				cur.CSDB = flags&(1<<22) != 0 // DESC_B_MASK
+			case "DS":
+				cur.DSBase = base
+			case "SS":
+				cur.SSBase = base
+			case "FS":
+				cur.FSBase = base
+			case "GS":
+				cur.GSBase = base
+			}
+			continue
+		}
+		for _, m := range regField.FindAllStringSubmatch(line, -1) {
+			v, err := strconv.ParseUint(m[2], 16, 64)
+			if err != nil {
+				continue
+			}
+			switch m[1] {
+			case "RIP":
+				cur.RIP = v
+			case "RSP":
+				cur.RSP = v
+			case "RFL":
+				cur.RFLAGS = v
+			case "CR0":
+				cur.CR0 = v
+			case "CR2":
+				cur.CR2 = v
+			case "CR3":
+				cur.CR3 = v
+			case "CR4":
+				cur.CR4 = v
+			case "EFER":
+				cur.EFER = v
+			}
+		}
+	}
+	if len(cpus) == 0 {
+		return nil, errors.New("no CPU in QEMU's register dump")
+	}
+	return cpus, nil
+}
+
+func isSeg(s string) bool {
+	switch s {
+	case "ES", "CS", "SS", "DS", "FS", "GS":
+		return true
+	}
+	return false
+}
