@@ -48,8 +48,10 @@ type Kernel struct {
 	// BTF is the kernel's own type information, nil when it has none.
 	BTF *btf.Spec
 
-	// image end (physical), for reads of the image without page tables.
+	// imageSize is the size of the image from _text: reads inside it
+	// need no page walk (it is mapped linearly).
 	imageSize uint64
+	level2    uint64 // guest physical address of level2_kernel_pgt
 	logf      func(format string, args ...any)
 }
 
@@ -161,7 +163,35 @@ func (k *Kernel) VirtToPhys(va uint64) (uint64, error) {
 	return pa, nil
 }
 
-// Discover finds the guest Linux kernel in mem.
+// Discover finds the guest Linux kernel in mem: no profile and no
+// registers needed. CPUs in opts, when given, are used to cross-check.
 func Discover(mem guestmem.Memory, opts DiscoverOptions) (*Kernel, error) {
-	return nil, errors.New("introspect.Discover: not implemented yet")
+	logf := opts.Log
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	regions := mem.Regions()
+	h, err := findKallsyms(mem, regions, logf)
+	if err != nil {
+		return nil, fmt.Errorf("discover kernel: %w", err)
+	}
+	k := &Kernel{Mem: mem, Syms: h.syms, logf: logf}
+	if err := k.locateImage(h, regions); err != nil {
+		return nil, fmt.Errorf("discover kernel image: %w", err)
+	}
+	if err := k.findPageTables(h, regions, opts.CPUs); err != nil {
+		return nil, fmt.Errorf("discover kernel page tables: %w", err)
+	}
+	if err := k.findBases(); err != nil {
+		return nil, fmt.Errorf("discover memory layout: %w", err)
+	}
+	if err := k.findBanner(); err != nil {
+		return nil, fmt.Errorf("discover kernel version: %w", err)
+	}
+	if err := k.loadBTF(); err != nil {
+		// The kernel works without BTF (offsets are then solved); a
+		// damaged BTF must not hide the rest.
+		logf("BTF: %v", err)
+	}
+	return k, nil
 }

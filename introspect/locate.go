@@ -1,0 +1,306 @@
+package introspect
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/kvmscope/kvmscope/guestmem"
+)
+
+// Finding the kernel image in guest physical memory, with no registers:
+// the kallsyms token table is found by its structure, and the kernel's own
+// page table for its image, level2_kernel_pgt (arch/x86/kernel/head_64.S),
+// ties the image's physical address to its virtual one.
+
+const (
+	pageSize = 0x1000
+	pmdSize  = 2 << 20
+	// physicalStart is CONFIG_PHYSICAL_START, where the kernel is loaded
+	// when KASLR does not move it.
+	physicalStart = 16 << 20
+	// scanChunk is how much guest memory one scan step reads.
+	scanChunk = 8 << 20
+	// kallsymsBack and kallsymsFwd bound the part of the image read
+	// around the token table: the names, markers and (before 6.4) the
+	// offsets lie before it, the offsets and seqs_of_names (6.4+) after.
+	kallsymsBack = 24 << 20
+	kallsymsFwd  = 8 << 20
+	// imageWindow bounds how far from the kallsyms tables the kernel's
+	// page tables (in .data, after .rodata) are searched.
+	imageWindow = 96 << 20
+
+	pteAddrMask = 0x000f_ffff_ffff_f000
+	ptePresent  = 1 << 0
+	ptePS       = 1 << 7
+)
+
+// span is a range of guest physical addresses inside one RAM region.
+type span struct{ start, end uint64 }
+
+// scanOrder returns guest RAM as spans, the default load address
+// (16 MiB) onwards first: the kernel is there without KASLR, and KASLR
+// only moves it up.
+func scanOrder(regions []guestmem.Region) []span {
+	var hi, lo []span
+	for _, r := range regions {
+		if r.ReadOnly || r.Size == 0 {
+			continue // ROMs and flash hold no kernel
+		}
+		s, e := r.GPA, r.End()
+		if e > physicalStart && s < physicalStart {
+			lo = append(lo, span{s, physicalStart})
+			s = physicalStart
+		}
+		if s >= physicalStart {
+			hi = append(hi, span{s, e})
+		} else {
+			lo = append(lo, span{s, e})
+		}
+	}
+	return append(hi, lo...)
+}
+
+// regionOf returns the RAM region holding gpa.
+func regionOf(regions []guestmem.Region, gpa uint64) (span, bool) {
+	for _, r := range regions {
+		if gpa >= r.GPA && gpa < r.End() {
+			return span{r.GPA, r.End()}, true
+		}
+	}
+	return span{}, false
+}
+
+// readSpan reads [start, end) clipped to the RAM region holding around.
+func readSpan(mem guestmem.Memory, regions []guestmem.Region, around, start, end uint64) ([]byte, uint64, error) {
+	r, ok := regionOf(regions, around)
+	if !ok {
+		return nil, 0, fmt.Errorf("%#x is not in guest RAM", around)
+	}
+	if start > around || start < r.start {
+		start = r.start
+	}
+	if end < around || end > r.end {
+		end = r.end
+	}
+	// Page-aligned, so offsets keep the alignment of guest addresses.
+	if a := start &^ (pageSize - 1); a >= r.start {
+		start = a
+	}
+	buf := make([]byte, end-start)
+	if _, err := mem.ReadAt(buf, int64(start)); err != nil {
+		return nil, 0, fmt.Errorf("read guest physical %#x-%#x: %w", start, end, err)
+	}
+	return buf, start, nil
+}
+
+// kallsymsHit is a parsed symbol table and where its bytes are.
+type kallsymsHit struct {
+	syms *Kallsyms
+	// gpa of the token-table hit, and of offset 0 of the parsed buffer.
+	hit, bufGPA uint64
+}
+
+// findKallsyms scans guest RAM for the kallsyms tables.
+func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, logf func(string, ...any)) (*kallsymsHit, error) {
+	buf := make([]byte, scanChunk+len(tokenDigits))
+	var errs []error
+	tried := 0
+	for _, sp := range scanOrder(regions) {
+		for pos := sp.start; pos < sp.end; pos += scanChunk {
+			n := min(uint64(len(buf)), sp.end-pos)
+			chunk := buf[:n]
+			if _, err := mem.ReadAt(chunk, int64(pos)); err != nil {
+				return nil, fmt.Errorf("scan guest physical %#x: %w", pos, err)
+			}
+			for off := 0; ; {
+				i := bytes.Index(chunk[off:], tokenDigits)
+				if i < 0 {
+					break
+				}
+				p := off + i
+				off = p + 1
+				if p >= scanChunk {
+					break // the next chunk starts there
+				}
+				// The digits follow the NUL that ends token 0x2f.
+				if p == 0 || chunk[p-1] != 0 {
+					continue
+				}
+				hit := pos + uint64(p)
+				tried++
+				if tried > 256 {
+					return nil, fmt.Errorf("kallsyms: too many false candidates (%d)", tried)
+				}
+				h, err := tryKallsyms(mem, regions, hit)
+				if err != nil {
+					errs = append(errs, fmt.Errorf("candidate at %#x: %w", hit, err))
+					continue
+				}
+				logf("kallsyms: %d symbols (%s) at guest physical %#x", h.syms.Len(), h.syms.Layout(), hit)
+				return h, nil
+			}
+		}
+	}
+	if len(errs) == 0 {
+		return nil, fmt.Errorf("kallsyms token table: %w (is CONFIG_KALLSYMS off?)", ErrNotFound)
+	}
+	return nil, fmt.Errorf("kallsyms: %w: %w", ErrNotFound, errors.Join(errs...))
+}
+
+// tryKallsyms checks one token-table candidate cheaply, then reads the
+// image around it and parses the tables.
+func tryKallsyms(mem guestmem.Memory, regions []guestmem.Region, hit uint64) (*kallsymsHit, error) {
+	small, base, err := readSpan(mem, regions, hit, sat(hit, 1<<16), hit+1<<16)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := findTokenTable(small, int(hit-base)); err != nil {
+		return nil, err
+	}
+	win, base, err := readSpan(mem, regions, hit, sat(hit, kallsymsBack), hit+kallsymsFwd)
+	if err != nil {
+		return nil, err
+	}
+	ks, err := parseKallsyms(win, int(hit-base))
+	if err != nil {
+		return nil, err
+	}
+	return &kallsymsHit{syms: ks, hit: hit, bufGPA: base}, nil
+}
+
+// sat returns a-b, or 0 when b > a.
+func sat(a, b uint64) uint64 {
+	if b > a {
+		return 0
+	}
+	return a - b
+}
+
+// level2Run reports whether t looks like level2_kernel_pgt after boot:
+// entry 0 (0xffffffff80000000, below any kernel) empty, and from the
+// first used entry i0 on, 2 MiB pages mapping physically contiguous
+// memory (cleanup_highmap cleared the entries outside _text.._end).
+func level2Run(t []byte) (i0, last int, pa0 uint64, ok bool) {
+	if binary.LittleEndian.Uint64(t) != 0 {
+		return 0, 0, 0, false
+	}
+	i0 = -1
+	count := 0
+	for i := 1; i < 512; i++ {
+		e := binary.LittleEndian.Uint64(t[8*i:])
+		if e == 0 {
+			continue
+		}
+		if i0 < 0 {
+			if e&(ptePresent|ptePS) != ptePresent|ptePS {
+				return 0, 0, 0, false
+			}
+			i0, pa0 = i, e&pteAddrMask
+			if pa0%pmdSize != 0 {
+				return 0, 0, 0, false
+			}
+		}
+		// Entries split into 4 KiB tables (set_memory_*) or made
+		// non-present (freed init memory) are skipped; every 2 MiB
+		// page must be where a linear mapping puts it.
+		if e&(ptePresent|ptePS) == ptePresent|ptePS {
+			if e&pteAddrMask != pa0+uint64(i-i0)*pmdSize {
+				return 0, 0, 0, false
+			}
+			count++
+		}
+		last = i
+	}
+	return i0, last, pa0, count >= 2
+}
+
+// level2 is level2_kernel_pgt: where it is, its first and last used
+// entries, and the physical address the first maps.
+type level2 struct {
+	gpa         uint64
+	first, last int
+	pa          uint64
+}
+
+// findLevel2 searches the pages of [start, end) around the kallsyms tables
+// for level2_kernel_pgt; match picks the right one.
+func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, match func(i0 int, pa0 uint64) bool) (l2 level2, err error) {
+	// .data (where head_64.S puts the table) follows .rodata, so look
+	// after the tables first.
+	for _, w := range [][2]uint64{{around, around + imageWindow}, {sat(around, imageWindow), around}} {
+		buf, base, err := readSpan(mem, regions, around, w[0]&^(pageSize-1), w[1])
+		if err != nil {
+			return level2{}, err
+		}
+		for off := (pageSize - base%pageSize) % pageSize; off+pageSize <= uint64(len(buf)); off += pageSize {
+			i, last, pa, ok := level2Run(buf[off : off+pageSize])
+			if ok && match(i, pa) {
+				return level2{gpa: base + off, first: i, last: last, pa: pa}, nil
+			}
+		}
+	}
+	return level2{}, fmt.Errorf("level2_kernel_pgt: %w", ErrNotFound)
+}
+
+// findPGD searches the image for the kernel's top-level page table: the
+// page whose last entry leads to level3_kernel_pgt, whose entry 510 is
+// level2_kernel_pgt. It returns the table and the paging levels.
+func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint64) (uint64, int, error) {
+	buf, base, err := readSpan(mem, regions, around, sat(around, imageWindow)&^(pageSize-1), around+imageWindow)
+	if err != nil {
+		return 0, 0, err
+	}
+	pointsTo := func(page []byte, idx int, target uint64) bool {
+		e := binary.LittleEndian.Uint64(page[8*idx:])
+		return e&ptePresent != 0 && e&ptePS == 0 && e&pteAddrMask == target
+	}
+	pages := func(yield func(gpa uint64, page []byte) bool) {
+		for off := (pageSize - base%pageSize) % pageSize; off+pageSize <= uint64(len(buf)); off += pageSize {
+			if !yield(base+off, buf[off:off+pageSize]) {
+				return
+			}
+		}
+	}
+	var level3 []uint64
+	for gpa, p := range pages {
+		if pointsTo(p, 510, level2) {
+			level3 = append(level3, gpa)
+		}
+	}
+	// Among the tables pointing at level3_kernel_pgt (init_top_pgt and
+	// early_top_pgt both do), take the one that maps the most: the
+	// kernel's PGD also holds the direct map, vmalloc and vmemmap.
+	best, bestUsed, levels := uint64(0), -1, 4
+	for _, l3 := range level3 {
+		for gpa, p := range pages {
+			if !pointsTo(p, 511, l3) {
+				continue
+			}
+			top, lv := gpa, 4
+			// 5-level paging: this is level4_kernel_pgt (a P4D), and the
+			// PGD points at it in turn.
+			for g5, p5 := range pages {
+				if pointsTo(p5, 511, gpa) {
+					top, lv = g5, 5
+					p = p5
+					break
+				}
+			}
+			used := 0
+			for i := 256; i < 512; i++ {
+				if binary.LittleEndian.Uint64(p[8*i:])&ptePresent != 0 {
+					used++
+				}
+			}
+			if used > bestUsed {
+				best, bestUsed, levels = top, used, lv
+			}
+		}
+	}
+	if bestUsed < 0 {
+		return 0, 0, fmt.Errorf("kernel page-table root (init_top_pgt): %w", ErrNotFound)
+	}
+	return best, levels, nil
+}
