@@ -1,5 +1,46 @@
 # kvmscope tasks. `just --list` shows them.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
+export GOFLAGS := "-buildvcs=false"
+
 default:
     @just --list
+
+# Install QEMU, busybox and friends (apt-get), then fetch the test guest kernels.
+setup:
+    scripts/setup.sh
+    just guests
+
+# Download the guest kernels (Debian 6.1 cloud, gokrazy 7.1) and build the busybox initramfs.
+guests:
+    scripts/fetch-guests.sh
+
+# Build the binaries into bin/.
+build:
+    go build -o bin/kvmscope ./cmd/kvmscope
+
+# The demo: boot a real Linux guest under kvmscope and look inside it from outside.
+demo: setup build
+    scripts/demo.sh
+
+# Run every test against real QEMU and real guest kernels.
+test: setup
+    go vet ./...
+    test -z "$(gofmt -l $(git ls-files '*.go'))" || { gofmt -l $(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+    mkdir -p .cache
+    go test -count=1 -timeout 40m ./... 2>&1 | tee .cache/test.log
+    scripts/check-skips.sh .cache/test.log
+
+# Benchmarks, printed as ratios measured in the same run.
+bench: setup build
+    go test -run '^$' -bench . -benchtime 1x -count 1 ./... | tee .cache/bench.log
+
+# Run each fuzz target for a short while (FUZZTIME, default 20s).
+fuzz fuzztime="20s":
+    scripts/fuzz.sh {{fuzztime}}
+
+# gofmt, go vet and staticcheck.
+lint:
+    test -z "$(gofmt -l $(git ls-files '*.go'))"
+    go vet ./...
+    go run honnef.co/go/tools/cmd/staticcheck@latest ./...
