@@ -169,7 +169,11 @@ func ParseInfoRegisters(out string) ([]CPU, error) {
 	for _, line := range strings.Split(out, "\n") {
 		line = strings.TrimSpace(line)
 		if strings.HasPrefix(line, "CPU#") {
-			id, err := strconv.Atoi(strings.Fields(line[4:] + " ")[0])
+			f := strings.Fields(line[4:])
+			if len(f) == 0 {
+				return nil, fmt.Errorf("bad CPU line %q", line)
+			}
+			id, err := strconv.Atoi(f[0])
 			if err != nil {
 				return nil, fmt.Errorf("bad CPU line %q", line)
 			}
@@ -178,7 +182,10 @@ func ParseInfoRegisters(out string) ([]CPU, error) {
 			continue
 		}
 		if cur == nil {
-			// Single-CPU output has no CPU# header.
+			if !regField.MatchString(line) {
+				continue
+			}
+			// Single-CPU output ("info registers") has no CPU# header.
 			cpus = append(cpus, CPU{})
 			cur = &cpus[0]
 		}
