@@ -36,33 +36,33 @@ const (
 // struct.member (dotted paths go through nested or anonymous members);
 // the `isf` tag is the name Volatility's symbol tables use.
 type Offsets struct {
-	TaskTasks       Offset `json:"task_struct.tasks" kernel:"task_struct.tasks"`
-	TaskComm        Offset `json:"task_struct.comm" kernel:"task_struct.comm"`
-	TaskPID         Offset `json:"task_struct.pid" kernel:"task_struct.pid"`
-	TaskTGID        Offset `json:"task_struct.tgid" kernel:"task_struct.tgid"`
-	TaskRealParent  Offset `json:"task_struct.real_parent" kernel:"task_struct.real_parent"`
-	TaskParent      Offset `json:"task_struct.parent" kernel:"task_struct.parent"`
-	TaskMM          Offset `json:"task_struct.mm" kernel:"task_struct.mm"`
-	TaskRealCred    Offset `json:"task_struct.real_cred" kernel:"task_struct.real_cred"`
-	TaskCred        Offset `json:"task_struct.cred" kernel:"task_struct.cred"`
-	TaskFlags       Offset `json:"task_struct.flags" kernel:"task_struct.flags"`
-	TaskState       Offset `json:"task_struct.__state" kernel:"task_struct.__state|state"`
-	TaskStartTime   Offset `json:"task_struct.start_time" kernel:"task_struct.start_time"`
-	TaskSignal      Offset `json:"task_struct.signal" kernel:"task_struct.signal"`
-	TaskThreadNode  Offset `json:"task_struct.thread_node" kernel:"task_struct.thread_node"`
-	SignalThreadHd  Offset `json:"signal_struct.thread_head" kernel:"signal_struct.thread_head"`
-	MMPgd           Offset `json:"mm_struct.pgd" kernel:"mm_struct.pgd"`
-	MMArgStart      Offset `json:"mm_struct.arg_start" kernel:"mm_struct.arg_start"`
-	MMArgEnd        Offset `json:"mm_struct.arg_end" kernel:"mm_struct.arg_end"`
-	CredUID         Offset `json:"cred.uid" kernel:"cred.uid"`
-	CredGID         Offset `json:"cred.gid" kernel:"cred.gid"`
-	CredEUID        Offset `json:"cred.euid" kernel:"cred.euid"`
-	CredEGID        Offset `json:"cred.egid" kernel:"cred.egid"`
-	ModuleList      Offset `json:"module.list" kernel:"module.list"`
-	ModuleName      Offset `json:"module.name" kernel:"module.name"`
-	ModuleState     Offset `json:"module.state" kernel:"module.state"`
-	ModuleBase      Offset `json:"module.base" kernel:"module.core_layout.base|module_core"`
-	ModuleSize      Offset `json:"module.size" kernel:"module.core_layout.size|core_size"`
+	TaskTasks      Offset `json:"task_struct.tasks" kernel:"task_struct.tasks"`
+	TaskComm       Offset `json:"task_struct.comm" kernel:"task_struct.comm"`
+	TaskPID        Offset `json:"task_struct.pid" kernel:"task_struct.pid"`
+	TaskTGID       Offset `json:"task_struct.tgid" kernel:"task_struct.tgid"`
+	TaskRealParent Offset `json:"task_struct.real_parent" kernel:"task_struct.real_parent"`
+	TaskParent     Offset `json:"task_struct.parent" kernel:"task_struct.parent"`
+	TaskMM         Offset `json:"task_struct.mm" kernel:"task_struct.mm"`
+	TaskRealCred   Offset `json:"task_struct.real_cred" kernel:"task_struct.real_cred"`
+	TaskCred       Offset `json:"task_struct.cred" kernel:"task_struct.cred"`
+	TaskFlags      Offset `json:"task_struct.flags" kernel:"task_struct.flags"`
+	TaskState      Offset `json:"task_struct.__state" kernel:"task_struct.__state|state"`
+	TaskStartTime  Offset `json:"task_struct.start_time" kernel:"task_struct.start_time"`
+	TaskSignal     Offset `json:"task_struct.signal" kernel:"task_struct.signal"`
+	TaskThreadNode Offset `json:"task_struct.thread_node" kernel:"task_struct.thread_node"`
+	SignalThreadHd Offset `json:"signal_struct.thread_head" kernel:"signal_struct.thread_head"`
+	MMPgd          Offset `json:"mm_struct.pgd" kernel:"mm_struct.pgd"`
+	MMArgStart     Offset `json:"mm_struct.arg_start" kernel:"mm_struct.arg_start"`
+	MMArgEnd       Offset `json:"mm_struct.arg_end" kernel:"mm_struct.arg_end"`
+	CredUID        Offset `json:"cred.uid" kernel:"cred.uid"`
+	CredGID        Offset `json:"cred.gid" kernel:"cred.gid"`
+	CredEUID       Offset `json:"cred.euid" kernel:"cred.euid"`
+	CredEGID       Offset `json:"cred.egid" kernel:"cred.egid"`
+	ModuleList     Offset `json:"module.list" kernel:"module.list"`
+	ModuleName     Offset `json:"module.name" kernel:"module.name"`
+	ModuleState    Offset `json:"module.state" kernel:"module.state"`
+	ModuleBase     Offset `json:"module.base" kernel:"module.core_layout.base|module_core"`
+	ModuleSize     Offset `json:"module.size" kernel:"module.core_layout.size|core_size"`
 	// ModuleMemStride is, for kernels 6.4 and newer, the size of one
 	// struct module_memory in module.mem[]; the module's size is then the
 	// sum of its core (non-init) regions. Unknown for older kernels, whose
