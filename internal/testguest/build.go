@@ -27,7 +27,8 @@ var (
 // Build compiles the tiny guest (testdata/tinyguest/build.sh, which needs
 // only binutils: as, ld, objcopy) into a cache directory and returns the path
 // of the multiboot ELF to pass to QEMU's -kernel. The cache is
-// $KVMSCOPE_CACHE, else os.UserCacheDir()/kvmscope, in a subdirectory named
+// $KVMSCOPE_CACHE, else os.UserCacheDir()/kvmscope (else
+// $TMPDIR/kvmscope-cache-UID), in a subdirectory named
 // after a hash of the sources, so a build happens once per source change.
 // Within a process the work is done once; concurrent callers, in this process
 // or others, get the same path. The built ELF is checked against this
@@ -83,16 +84,17 @@ func isSourceDir(d string) bool {
 	return err == nil && st.Mode().IsRegular()
 }
 
-// cacheRoot is $KVMSCOPE_CACHE, else the user cache directory's kvmscope/.
+// cacheRoot is $KVMSCOPE_CACHE, else the user cache directory's kvmscope/,
+// else a per-user directory under the temporary directory.
 func cacheRoot() (string, error) {
 	if d := os.Getenv("KVMSCOPE_CACHE"); d != "" {
 		return d, nil
 	}
-	d, err := os.UserCacheDir()
-	if err != nil {
-		return "", fmt.Errorf("no cache directory for the tiny guest (set KVMSCOPE_CACHE): %w", err)
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "kvmscope"), nil
 	}
-	return filepath.Join(d, "kvmscope"), nil
+	// No $XDG_CACHE_HOME nor $HOME (some CI and service environments).
+	return filepath.Join(os.TempDir(), fmt.Sprintf("kvmscope-cache-%d", os.Getuid())), nil
 }
 
 // sourceHash hashes the names and contents of the source files.

@@ -44,7 +44,8 @@ const (
 	// parsed (0 when it got none).
 	CmdlineGPA = StatusGPA + 0x28
 	// CounterGPA holds the uint64 counter that the spinning guest
-	// increments forever (by about 1e5 per second on an emulating KVM).
+	// increments forever (1e5 to 3e5 per second on the development
+	// machines' emulating KVM; far more with hardware virtualization).
 	CounterGPA = StatusGPA + 0x40
 
 	// PatternGPA is the first of PatternPages consecutive 4 KiB pages
