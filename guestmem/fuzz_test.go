@@ -1,6 +1,8 @@
 package guestmem
 
 import (
+	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"testing"
@@ -96,6 +98,46 @@ func FuzzTranslate(f *testing.F) {
 			}
 		} else if n > 16 || (err == nil && n != 16) {
 			t.Fatalf("ReadAt(%#x) = %d, %v", va, n, err)
+		}
+	})
+}
+
+// FuzzOpenCore parses arbitrary bytes as an ELF core: no panics, bounded
+// work, and a core that opens answers reads consistently with its regions.
+func FuzzOpenCore(f *testing.F) {
+	page := bytes.Repeat([]byte{0xcc}, 64)
+	f.Add(buildCore(qemuNotes(2, true), []coreLoad{{gpa: 0, data: page, memsz: 128}, {gpa: 128, data: page, memsz: 64}}))
+	f.Add(buildCore(qemuNotes(1, false), []coreLoad{{gpa: 0x100000, data: page[:8], memsz: 4096}}))
+	f.Add(buildCore(note("CORE", 1, make([]byte, 8)), []coreLoad{{gpa: 0x1000, data: page, memsz: 64}}))
+	f.Add([]byte("\x7fELF"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := NewCore(bytes.NewReader(data), int64(len(data)))
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("empty error")
+			}
+			return
+		}
+		c.CPUs(context.Background())
+		var prev uint64
+		for i, r := range c.Regions() {
+			if r.Size == 0 || (i > 0 && r.GPA <= prev) || r.End() < r.GPA {
+				t.Fatalf("bad regions %+v", c.Regions())
+			}
+			prev = r.End()
+			// Both ends of a region read without error.
+			var b [16]byte
+			n := min(uint64(len(b)), r.Size)
+			if k, err := c.ReadAt(b[:n], int64(r.GPA)); err != nil || uint64(k) != n {
+				t.Fatalf("read region start %#x: %d %v", r.GPA, k, err)
+			}
+			if k, err := c.ReadAt(b[:n], int64(r.End()-n)); err != nil || uint64(k) != n {
+				t.Fatalf("read region end %#x: %d %v", r.End()-n, k, err)
+			}
+			var hole *HoleError
+			if _, err := c.ReadAt(b[:1], int64(r.End())); i == len(c.Regions())-1 && !errors.As(err, &hole) {
+				t.Fatalf("read after the last region: %v", err)
+			}
 		}
 	})
 }
