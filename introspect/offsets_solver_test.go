@@ -1,0 +1,387 @@
+package introspect
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+)
+
+// The tests here boot the real guests (scripts/fetch-guests.sh) under TCG
+// with the project's busybox initramfs plus a second archive that, before
+// the usual /init runs, loads the Debian kernel modules found in
+// <guests>/debian/modules/*.ko (if any), prints /proc/modules, and starts
+// a multi-threaded process (testdata/threads). The guest's own /proc
+// table, printed by /init, is the ground truth.
+
+const offsetsInit = `#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
+echo 0 >/proc/sys/kernel/kptr_restrict
+for m in /modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
+echo KVMSCOPE-MODULES-BEGIN
+cat /proc/modules
+echo KVMSCOPE-MODULES-END
+umount /proc
+# A background job's stdin is /dev/null.
+/bin/kvm-threads &
+exec /init
+`
+
+// cpioFile is one entry of a newc archive.
+type cpioFile struct {
+	name string
+	mode uint32
+	data []byte
+}
+
+// writeCPIO writes a newc ("070701") archive, the format the kernel's
+// initramfs unpacker reads (Documentation/driver-api/early-userspace/
+// buffer-format.rst).
+func writeCPIO(files []cpioFile) []byte {
+	var b bytes.Buffer
+	pad := func() {
+		for b.Len()%4 != 0 {
+			b.WriteByte(0)
+		}
+	}
+	entry := func(ino int, f cpioFile) {
+		nlink := 1
+		if f.mode&0o170000 == 0o040000 {
+			nlink = 2
+		}
+		fmt.Fprintf(&b, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+			ino, f.mode, 0, 0, nlink, 0, len(f.data), 0, 0, 0, 0, len(f.name)+1, 0)
+		b.WriteString(f.name)
+		b.WriteByte(0)
+		pad()
+		b.Write(f.data)
+		pad()
+	}
+	for i, f := range files {
+		entry(i+1, f)
+	}
+	entry(0, cpioFile{name: "TRAILER!!!"})
+	return b.Bytes()
+}
+
+// guestInitrd returns the path of the fetched initramfs with the extra
+// archive appended, and the names of the modules it loads.
+func guestInitrd(t *testing.T, p testlinux.Paths, withModules bool) (string, []string) {
+	t.Helper()
+	dir := t.TempDir()
+	threads := filepath.Join(dir, "kvm-threads")
+	cmd := exec.Command("go", "build", "-o", threads, "./testdata/threads")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build testdata/threads: %v\n%s", err, out)
+	}
+	bin, err := os.ReadFile(threads)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := []cpioFile{
+		{name: "init.kvmscope-offsets", mode: 0o100755, data: []byte(offsetsInit)},
+		{name: "bin/kvm-threads", mode: 0o100755, data: bin},
+		{name: "modules", mode: 0o040755},
+	}
+	var mods []string
+	if withModules {
+		kos, _ := filepath.Glob(filepath.Join(p.Dir, "debian", "modules", "*.ko"))
+		for _, ko := range kos {
+			data, err := os.ReadFile(ko)
+			if err != nil {
+				t.Fatal(err)
+			}
+			files = append(files, cpioFile{name: "modules/" + filepath.Base(ko), mode: 0o100644, data: data})
+			mods = append(mods, strings.ReplaceAll(strings.TrimSuffix(filepath.Base(ko), ".ko"), "-", "_"))
+		}
+	}
+	base, err := os.ReadFile(p.Initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var extra bytes.Buffer
+	zw := gzip.NewWriter(&extra)
+	zw.Write(writeCPIO(files))
+	zw.Close()
+	out := filepath.Join(dir, "initrd.gz")
+	// The kernel unpacks concatenated (separately compressed) archives
+	// in order.
+	if err := os.WriteFile(out, append(base, extra.Bytes()...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out, mods
+}
+
+// bootGuest boots kernel with the test initramfs; the caller closes it.
+func bootGuest(t *testing.T, kernel func(testlinux.Paths) string, withModules bool) (*testlinux.Guest, []string) {
+	t.Helper()
+	p := testlinux.Require(t)
+	initrd, mods := guestInitrd(t, p, withModules)
+	g, err := testlinux.Boot(context.Background(), testlinux.Options{
+		Kernel: kernel(p), Initrd: initrd, Append: "rdinit=/init.kvmscope-offsets", Timeout: 180 * time.Second,
+	})
+	if err != nil {
+		t.Fatalf("boot %s: %v", kernel(p), err)
+	}
+	t.Logf("booted %s in %v", g.Release(), g.BootTime())
+	return g, mods
+}
+
+// discoverLive pauses the guest and discovers its kernel through the live
+// TCG memory source; the returned function resumes it.
+func discoverLive(t *testing.T, g *testlinux.Guest) (*Kernel, func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	q, err := guestmem.DialQMP(ctx, g.SpareQMP())
+	if err != nil {
+		t.Fatalf("QMP: %v", err)
+	}
+	t.Cleanup(func() { q.Close() })
+	mem := guestmem.NewTCG(q, g.Pid, false)
+	// A consistent snapshot: stop the vCPUs while the lists are walked.
+	if _, err := g.QMP("stop", nil); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	resume := func() { g.QMP("cont", nil) }
+	start := time.Now()
+	k, err := Discover(mem, DiscoverOptions{})
+	if err != nil {
+		resume()
+		t.Fatalf("Discover: %v", err)
+	}
+	t.Logf("discovered %s (BTF %v) in %v", k.Banner, k.BTF != nil, time.Since(start))
+	return k, resume
+}
+
+// taskMembers are the members the solver must always find on the test
+// guests (the module ones need loaded modules).
+var taskMembers = []string{
+	"task_struct.tasks", "task_struct.comm", "task_struct.pid", "task_struct.tgid",
+	"task_struct.real_parent", "task_struct.parent", "task_struct.mm", "task_struct.real_cred",
+	"task_struct.cred", "task_struct.flags", "task_struct.__state", "task_struct.start_time",
+	"task_struct.signal", "task_struct.thread_node", "signal_struct.thread_head",
+	"mm_struct.pgd", "mm_struct.arg_start", "mm_struct.arg_end",
+	"cred.uid", "cred.gid", "cred.euid", "cred.egid",
+}
+
+var moduleMembers = []string{"module.list", "module.name", "module.state", "module.base", "module.size"}
+
+func memberMap(o *Offsets) map[string]Offset {
+	m := map[string]Offset{}
+	for _, x := range o.Members() {
+		m[x.Name] = x.Offset
+	}
+	return m
+}
+
+func requireSolved(t *testing.T, o *Offsets, names []string) {
+	t.Helper()
+	m := memberMap(o)
+	for _, n := range names {
+		if !m[n].Known() {
+			t.Errorf("%s not solved", n)
+		} else if m[n].Source != SourceSolved {
+			t.Errorf("%s: source %q, want solved", n, m[n].Source)
+		}
+	}
+}
+
+// TestDebianGuest proves the solver against BTF on Debian's 6.1 cloud
+// kernel and checks processes, threads, modules and the exports against
+// the guest's own view.
+func TestDebianGuest(t *testing.T) {
+	g, mods := bootGuest(t, testlinux.Debian, true)
+	defer g.Close()
+	k, resume := discoverLive(t, g)
+	defer resume()
+	if k.BTF == nil {
+		t.Fatal("the Debian kernel has BTF, but Discover found none")
+	}
+	guestMods := parseProcModules(t, g.Serial())
+	if len(mods) > 0 && len(guestMods) != len(mods) {
+		t.Fatalf("guest loaded %d modules, want %d (%v); serial:\n%s", len(guestMods), len(mods), mods, g.Serial())
+	}
+
+	start := time.Now()
+	solved, solveErr := SolveOffsets(k)
+	t.Logf("SolveOffsets: %v", time.Since(start))
+	if solved == nil {
+		t.Fatalf("SolveOffsets: %v", solveErr)
+	}
+	btfOff, err := FindOffsets(k)
+	if err != nil {
+		t.Fatalf("FindOffsets (BTF): %v", err)
+	}
+
+	t.Run("SolverMatchesBTF", func(t *testing.T) {
+		want := taskMembers
+		if len(guestMods) > 0 {
+			want = append(append([]string(nil), taskMembers...), moduleMembers...)
+		} else {
+			t.Logf("no modules loaded (no %s/debian/modules/*.ko): module offsets not compared", testlinux.Require(t).Dir)
+		}
+		requireSolved(t, solved, want)
+		if solveErr != nil && len(guestMods) > 0 {
+			t.Errorf("SolveOffsets: %v", solveErr)
+		}
+		b := memberMap(btfOff)
+		compared := 0
+		for _, m := range solved.Members() {
+			if !m.Known() {
+				continue
+			}
+			bo := b[m.Name]
+			if bo.Source != SourceBTF {
+				t.Errorf("%s: BTF gave no offset (source %q)", m.Name, bo.Source)
+				continue
+			}
+			compared++
+			if m.Value != bo.Value {
+				t.Errorf("%s: solved %d (%s), BTF %d (%s)", m.Name, m.Value, m.How, bo.Value, bo.How)
+			}
+		}
+		t.Logf("%d offsets solved without BTF, all equal to BTF's", compared)
+	})
+
+	t.Run("ProcessesMatchGuest", func(t *testing.T) {
+		for _, c := range []struct {
+			name string
+			off  *Offsets
+		}{{"solved", solved}, {"btf", btfOff}} {
+			start := time.Now()
+			ps, err := k.Processes(c.off, ProcessOptions{})
+			if err != nil {
+				t.Fatalf("Processes (%s offsets): %v", c.name, err)
+			}
+			t.Logf("%s offsets: %d processes in %v", c.name, len(ps), time.Since(start))
+			comparePS(t, ps, g.PS())
+			checkThreads(t, k, c.off, ps)
+		}
+	})
+
+	t.Run("Modules", func(t *testing.T) {
+		for _, c := range []struct {
+			name string
+			off  *Offsets
+		}{{"solved", solved}, {"btf", btfOff}} {
+			ms, err := k.Modules(c.off)
+			if err != nil {
+				t.Fatalf("Modules (%s offsets): %v", c.name, err)
+			}
+			compareModules(t, ms, guestMods)
+		}
+	})
+
+	t.Run("Export", func(t *testing.T) {
+		checkExports(t, k, solved)
+	})
+}
+
+// TestGokrazyGuest checks the solver on a 7.x kernel without BTF: every
+// task member solved, processes as the guest lists them.
+func TestGokrazyGuest(t *testing.T) {
+	g, _ := bootGuest(t, testlinux.Gokrazy, false)
+	defer g.Close()
+	k, resume := discoverLive(t, g)
+	defer resume()
+	if k.BTF != nil {
+		t.Log("gokrazy kernel unexpectedly has BTF; solving anyway")
+	}
+	start := time.Now()
+	off, err := FindOffsets(k)
+	t.Logf("FindOffsets (no BTF): %v", time.Since(start))
+	if off == nil {
+		t.Fatalf("FindOffsets: %v", err)
+	}
+	if err != nil {
+		t.Logf("partial: %v", err)
+	}
+	requireSolved(t, off, taskMembers)
+	ps, err := k.Processes(off, ProcessOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	comparePS(t, ps, g.PS())
+	checkThreads(t, k, off, ps)
+	ms, err := k.Modules(off)
+	if err != nil {
+		t.Fatalf("Modules: %v", err)
+	}
+	compareModules(t, ms, parseProcModules(t, g.Serial()))
+}
+
+func checkExports(t *testing.T, k *Kernel, off *Offsets) {
+	cfg := off.LibVMI(k, "testguest")
+	for _, want := range []string{
+		"testguest {", `ostype = "Linux";`,
+		fmt.Sprintf("linux_tasks = %#x;", off.TaskTasks.Value),
+		fmt.Sprintf("linux_name = %#x;", off.TaskComm.Value),
+		fmt.Sprintf("linux_pid = %#x;", off.TaskPID.Value),
+		fmt.Sprintf("linux_mm = %#x;", off.TaskMM.Value),
+		fmt.Sprintf("linux_pgd = %#x;", off.MMPgd.Value),
+	} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("LibVMI config lacks %q:\n%s", want, cfg)
+		}
+	}
+	raw, err := off.ISF(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var isf struct {
+		Metadata  struct{ Format string }
+		UserTypes map[string]struct {
+			Size   int64
+			Fields map[string]struct{ Offset int64 }
+		} `json:"user_types"`
+		Symbols map[string]struct{ Address uint64 }
+	}
+	if err := json.Unmarshal(raw, &isf); err != nil {
+		t.Fatalf("ISF: %v", err)
+	}
+	if isf.Metadata.Format == "" {
+		t.Error("ISF: no metadata.format")
+	}
+	if got := isf.UserTypes["task_struct"].Fields["pid"].Offset; got != off.TaskPID.Value {
+		t.Errorf("ISF task_struct.pid = %d, want %d", got, off.TaskPID.Value)
+	}
+	if got := isf.UserTypes["cred"].Fields["uid"].Offset; got != off.CredUID.Value {
+		t.Errorf("ISF cred.uid = %d, want %d", got, off.CredUID.Value)
+	}
+	if k.BTF != nil {
+		if sz, _ := k.btfStructSize("task_struct"); isf.UserTypes["task_struct"].Size != int64(sz) {
+			t.Errorf("ISF task_struct size %d, BTF %d", isf.UserTypes["task_struct"].Size, sz)
+		}
+	}
+	it, _ := k.Symbol("init_task")
+	if got := isf.Symbols["init_task"].Address; int64(got) != int64(it)-k.KASLRShift {
+		t.Errorf("ISF init_task %#x, want %#x (link-time)", got, int64(it)-k.KASLRShift)
+	}
+	js, err := off.JSON(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Offsets map[string]Offset
+	}
+	if err := json.Unmarshal(js, &doc); err != nil {
+		t.Fatal(err)
+	}
+	if doc.Offsets["task_struct.comm"] != off.TaskComm {
+		t.Errorf("JSON comm %+v, want %+v", doc.Offsets["task_struct.comm"], off.TaskComm)
+	}
+}
