@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
+	"sync"
 )
 
 // The kernel's symbol table (CONFIG_KALLSYMS) is a set of tables that
@@ -54,9 +56,22 @@ type Symbol struct {
 }
 
 // Kallsyms is the kernel's symbol table as read from guest memory.
+//
+// Names stay compressed as the kernel keeps them and are expanded on use:
+// a 7.x kernel has over 250k symbols, and expanding them all would cost
+// more than the rest of discovery. Lookups by name use the kernel's own
+// name index (kallsyms_seqs_of_names, 6.2+) when it is there, else a map
+// built on first use.
 type Kallsyms struct {
-	syms   []Symbol       // in table order, sorted by address
-	byName map[string]int // first symbol (lowest address) of each name
+	names  []byte      // kallsyms_names
+	tokens [256][]byte // kallsyms_token_table
+	entry  []uint32    // offset of each symbol's entry in names
+	addrs  []uint64    // in table order, sorted by address
+	seqs   []uint32    // symbol numbers sorted by name, nil when absent
+
+	once   sync.Once
+	byName map[string]int // when seqs is nil: first symbol of each name
+
 	layout string
 	// relative is set while the addresses are still relative to
 	// kallsyms_offsets[0] (tableOff in the parsed buffer).
@@ -65,35 +80,91 @@ type Kallsyms struct {
 }
 
 // Len returns the number of symbols.
-func (s *Kallsyms) Len() int { return len(s.syms) }
+func (s *Kallsyms) Len() int { return len(s.addrs) }
 
 // Symbol returns symbol i, in address order.
-func (s *Kallsyms) Symbol(i int) Symbol { return s.syms[i] }
+func (s *Kallsyms) Symbol(i int) Symbol {
+	var buf [ksymNameLen]byte
+	b := s.expand(i, buf[:0])
+	if len(b) == 0 {
+		return Symbol{Addr: s.addrs[i]}
+	}
+	return Symbol{Type: b[0], Name: string(b[1:]), Addr: s.addrs[i]}
+}
 
 // Layout describes which kallsyms table layout was found, e.g.
 // "6.4+ base-relative".
 func (s *Kallsyms) Layout() string { return s.layout }
 
+// expand appends the expanded entry i (type character, then name) to
+// dst, at most ksymNameLen bytes.
+func (s *Kallsyms) expand(i int, dst []byte) []byte {
+	d, l, ok := nameEntry(s.names, int(s.entry[i]))
+	if !ok {
+		return dst
+	}
+	for _, t := range s.names[d : d+l] {
+		tok := s.tokens[t]
+		if len(dst)+len(tok) > ksymNameLen {
+			break
+		}
+		dst = append(dst, tok...)
+	}
+	return dst
+}
+
+// nameIs reports how the name of symbol i compares with name.
+func (s *Kallsyms) compare(i int, name string) int {
+	var buf [ksymNameLen]byte
+	b := s.expand(i, buf[:0])
+	if len(b) > 0 {
+		b = b[1:]
+	}
+	return strings.Compare(string(b), name)
+}
+
 // Lookup returns the address of the symbol name. Like
 // kallsyms_lookup_name, it returns the lowest address when several
 // symbols (static functions in different files) share the name.
 func (s *Kallsyms) Lookup(name string) (uint64, bool) {
+	if s.seqs != nil {
+		// seqs_of_names orders equal names by address.
+		j := sort.Search(len(s.seqs), func(j int) bool { return s.compare(int(s.seqs[j]), name) >= 0 })
+		if j < len(s.seqs) && s.compare(int(s.seqs[j]), name) == 0 {
+			return s.addrs[s.seqs[j]], true
+		}
+		return 0, false
+	}
+	s.once.Do(s.buildMap)
 	i, ok := s.byName[name]
 	if !ok {
 		return 0, false
 	}
-	return s.syms[i].Addr, true
+	return s.addrs[i], true
+}
+
+// buildMap indexes every name, for kernels without seqs_of_names.
+func (s *Kallsyms) buildMap() {
+	s.byName = make(map[string]int, len(s.addrs))
+	var buf [ksymNameLen]byte
+	// Backwards, so that the first (lowest) of equal names wins.
+	for i := len(s.addrs) - 1; i >= 0; i-- {
+		b := s.expand(i, buf[:0])
+		if len(b) > 1 {
+			s.byName[string(b[1:])] = i
+		}
+	}
 }
 
 // At returns the symbol containing va and the offset of va into it: the
 // last symbol at or below va, as kallsyms_lookup does. Symbols have no
 // size in the table; va past the last symbol is not found.
 func (s *Kallsyms) At(va uint64) (name string, off uint64, ok bool) {
-	i := sort.Search(len(s.syms), func(i int) bool { return s.syms[i].Addr > va })
-	if i == 0 || i == len(s.syms) {
+	i := sort.Search(len(s.addrs), func(i int) bool { return s.addrs[i] > va })
+	if i == 0 || i == len(s.addrs) {
 		return "", 0, false
 	}
-	sym := s.syms[i-1]
+	sym := s.Symbol(i - 1)
 	return sym.Name, va - sym.Addr, true
 }
 
@@ -194,7 +265,7 @@ func nameEntry(buf []byte, p int) (data, length int, ok bool) {
 // checkNames tests whether kallsyms_num_syms is at off, its labels
 // aligned to align: n names follow, and kallsyms_markers after them
 // record the offset of every 256th.
-func checkNames(buf []byte, off, align, limit int) (*names, bool) {
+func checkNames(buf []byte, tt *tokenTable, off, align, limit int, budget *int) (*names, bool) {
 	if off < 0 || off+align > limit || off%align != 0 {
 		return nil, false
 	}
@@ -208,10 +279,21 @@ func checkNames(buf []byte, off, align, limit int) (*names, bool) {
 		return nil, false
 	}
 	start := off + align
+	// Cheap test first: the first names must expand to a type letter.
+	for i, p := 0, start; i < min(n, 8); i++ {
+		d, l, ok := nameEntry(buf[:limit], p)
+		if !ok || !isSymType(tt.tokens[buf[d]]) {
+			return nil, false
+		}
+		p = d + l
+	}
 	p := start
 	nm := (n + 255) / 256
 	var firstMarkers [3]int
 	for i := 0; i < n; i++ {
+		if *budget--; *budget < 0 {
+			return nil, false
+		}
 		if i&0xff == 0 && i>>8 < len(firstMarkers) {
 			firstMarkers[i>>8] = p - start
 		}
@@ -255,14 +337,26 @@ func findNames(buf []byte, tt *tokenTable) (*names, error) {
 	// Between num_syms and the token table lie the names (~20 bytes per
 	// symbol), the markers and, in 6.2-6.3, seqs_of_names; scan back as
 	// far as the buffer goes.
+	// Walks from wrong candidates inside the names run on until they
+	// fail; the budget keeps forged data from making that quadratic.
+	budget := 4*len(buf) + 1<<20
 	for off := alignDown(tt.start-8, 4); off >= 0; off -= 4 {
 		for _, align := range []int{8, 4} {
-			if n, ok := checkNames(buf, off, align, tt.start); ok {
+			if n, ok := checkNames(buf, tt, off, align, tt.start, &budget); ok {
 				return n, nil
 			}
 		}
+		if budget < 0 {
+			return nil, errors.New("kallsyms_names: search budget exhausted")
+		}
 	}
 	return nil, errors.New("kallsyms_num_syms/kallsyms_names not found before the token table")
+}
+
+// isSymType reports whether tok starts with an nm type letter, as the
+// first token of every kallsyms name does.
+func isSymType(tok []byte) bool {
+	return len(tok) > 0 && bytes.IndexByte([]byte("ABCDGNRSTUVWabcdgnrstuvw"), tok[0]) >= 0
 }
 
 // addrKind is how a layout stores symbol addresses.
@@ -400,62 +494,100 @@ func parseKallsyms(buf []byte, hit int) (*Kallsyms, error) {
 	if addrs == nil {
 		return nil, fmt.Errorf("kallsyms: %d names found, but no address table matches them", n)
 	}
-	syms, err := expandNames(buf, nm, tt, addrs)
-	if err != nil {
-		return nil, err
+	ks := &Kallsyms{
+		names:  bytes.Clone(buf[nm.start:nm.end]),
+		entry:  make([]uint32, n),
+		addrs:  addrs,
+		layout: layout.name,
 	}
-	ks := &Kallsyms{syms: syms, byName: make(map[string]int, len(syms)), layout: layout.name}
+	for i := range tt.tokens {
+		ks.tokens[i] = bytes.Clone(tt.tokens[i])
+	}
+	p := 0
+	for i := range ks.entry {
+		ks.entry[i] = uint32(p)
+		d, l, ok := nameEntry(ks.names, p)
+		if !ok {
+			return nil, fmt.Errorf("kallsyms: name %d at %#x: bad length", i, nm.start+p)
+		}
+		p = d + l
+	}
 	if layout.kind == addrPCRelative {
 		ks.relative = true
 		ks.tableOff = layout.at
 	}
-	for i, s := range syms {
-		if _, dup := ks.byName[s.Name]; !dup {
-			ks.byName[s.Name] = i
+	ks.seqs = findSeqs(buf, ks, nm, tt, layout)
+	return ks, nil
+}
+
+// findSeqs returns kallsyms_seqs_of_names (6.2+) when it is where the
+// layout puts it and really orders the names; nil otherwise.
+func findSeqs(buf []byte, ks *Kallsyms, nm *names, tt *tokenTable, layout addrLayout) []uint32 {
+	n, a := nm.n, nm.align
+	var at []int
+	switch {
+	case layout.kind == addrPCRelative:
+		at = []int{alignUp(layout.at+4*n, a)}
+	case layout.at > tt.index:
+		at = []int{alignUp(layout.relBase+8, a)}
+	default: // 6.2-6.3: between the markers and the token table
+		at = []int{alignUp(nm.markers+nm.markersSz*((n+255)/256), a)}
+	}
+	for _, off := range at {
+		// 3 big-endian bytes per entry since 6.3, a u32 in 6.2.
+		for _, size := range []int{3, 4} {
+			if off < 0 || off+size*n > len(buf) {
+				continue
+			}
+			seqs := make([]uint32, n)
+			ok := true
+			for i := range seqs {
+				b := buf[off+size*i:]
+				var v uint32
+				if size == 3 {
+					v = uint32(b[0])<<16 | uint32(b[1])<<8 | uint32(b[2])
+				} else {
+					v = binary.LittleEndian.Uint32(b)
+				}
+				if v >= uint32(n) {
+					ok = false
+					break
+				}
+				seqs[i] = v
+			}
+			if ok && sortedNames(ks, seqs) {
+				return seqs
+			}
 		}
 	}
-	return ks, nil
+	return nil
+}
+
+// sortedNames checks that seqs orders the names as strcmp does (a kernel
+// built with clang LTO sorts without ".llvm.*" suffixes and fails this;
+// the map is used then).
+func sortedNames(ks *Kallsyms, seqs []uint32) bool {
+	var a, b [ksymNameLen]byte
+	prev := ks.expand(int(seqs[0]), a[:0])
+	for _, q := range seqs[1:] {
+		cur := ks.expand(int(q), b[:0])
+		if len(prev) == 0 || len(cur) == 0 || bytes.Compare(prev[1:], cur[1:]) > 0 {
+			return false
+		}
+		// Reuse the buffers: prev becomes cur.
+		a, b = b, a
+		prev = a[:len(cur)]
+	}
+	return true
 }
 
 // relocate adds base to every address of a PC-relative table, once the
 // virtual address of kallsyms_offsets (base) is known.
 func (s *Kallsyms) relocate(base uint64) {
-	for i := range s.syms {
-		s.syms[i].Addr += base
+	for i := range s.addrs {
+		s.addrs[i] += base
 	}
 	s.relative = false
-}
-
-// expandNames decompresses every name with the token table.
-func expandNames(buf []byte, nm *names, tt *tokenTable, addrs []uint64) ([]Symbol, error) {
-	syms := make([]Symbol, nm.n)
-	// One backing string for all names keeps the garbage collector's
-	// work small for ~100k symbols.
-	all := make([]byte, 0, (nm.end-nm.start)*3)
-	ends := make([]int, nm.n)
-	p := nm.start
-	for i := range syms {
-		d, l, ok := nameEntry(buf[:nm.end], p)
-		if !ok {
-			return nil, fmt.Errorf("kallsyms: name %d at %#x: bad length", i, p)
-		}
-		begin := len(all)
-		for _, t := range buf[d : d+l] {
-			all = append(all, tt.tokens[t]...)
-		}
-		if len(all)-begin < 2 || len(all)-begin > ksymNameLen {
-			return nil, fmt.Errorf("kallsyms: name %d expands to %d bytes", i, len(all)-begin)
-		}
-		ends[i] = len(all)
-		p = d + l
-	}
-	s := string(all)
-	begin := 0
-	for i := range syms {
-		syms[i] = Symbol{Type: s[begin], Name: s[begin+1 : ends[i]], Addr: addrs[i]}
-		begin = ends[i]
-	}
-	return syms, nil
 }
 
 func readUint(b []byte, size int) uint64 {

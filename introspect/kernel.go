@@ -171,7 +171,7 @@ func Discover(mem guestmem.Memory, opts DiscoverOptions) (*Kernel, error) {
 		logf = func(string, ...any) {}
 	}
 	regions := mem.Regions()
-	h, err := findKallsyms(mem, regions, logf)
+	h, err := findKallsyms(mem, regions, codeHint(mem, opts.CPUs), logf)
 	if err != nil {
 		return nil, fmt.Errorf("discover kernel: %w", err)
 	}

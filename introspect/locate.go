@@ -39,27 +39,31 @@ const (
 // span is a range of guest physical addresses inside one RAM region.
 type span struct{ start, end uint64 }
 
-// scanOrder returns guest RAM as spans, the default load address
-// (16 MiB) onwards first: the kernel is there without KASLR, and KASLR
-// only moves it up.
-func scanOrder(regions []guestmem.Region) []span {
-	var hi, lo []span
+// scanOrder returns guest RAM as spans, starting at hint: the physical
+// address of kernel code a vCPU was running when known, else the default
+// load address (16 MiB), where the kernel is without KASLR (KASLR only
+// moves it up). The kallsyms tables are in .rodata, after the code.
+func scanOrder(regions []guestmem.Region, hint uint64) []span {
+	if hint == 0 {
+		hint = physicalStart
+	}
+	var first, rest []span
 	for _, r := range regions {
 		if r.ReadOnly || r.Size == 0 {
 			continue // ROMs and flash hold no kernel
 		}
 		s, e := r.GPA, r.End()
-		if e > physicalStart && s < physicalStart {
-			lo = append(lo, span{s, physicalStart})
-			s = physicalStart
+		if hint > s && hint < e {
+			rest = append(rest, span{s, hint})
+			s = hint
 		}
-		if s >= physicalStart {
-			hi = append(hi, span{s, e})
+		if s >= hint {
+			first = append(first, span{s, e})
 		} else {
-			lo = append(lo, span{s, e})
+			rest = append(rest, span{s, e})
 		}
 	}
-	return append(hi, lo...)
+	return append(first, rest...)
 }
 
 // regionOf returns the RAM region holding gpa.
@@ -103,11 +107,11 @@ type kallsymsHit struct {
 }
 
 // findKallsyms scans guest RAM for the kallsyms tables.
-func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, logf func(string, ...any)) (*kallsymsHit, error) {
+func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, logf func(string, ...any)) (*kallsymsHit, error) {
 	buf := make([]byte, scanChunk+len(tokenDigits))
 	var errs []error
 	tried := 0
-	for _, sp := range scanOrder(regions) {
+	for _, sp := range scanOrder(regions, hint) {
 		for pos := sp.start; pos < sp.end; pos += scanChunk {
 			n := min(uint64(len(buf)), sp.end-pos)
 			chunk := buf[:n]
@@ -224,20 +228,35 @@ type level2 struct {
 	pa          uint64
 }
 
-// findLevel2 searches the pages of [start, end) around the kallsyms tables
-// for level2_kernel_pgt; match picks the right one.
-func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, match func(i0 int, pa0 uint64) bool) (l2 level2, err error) {
-	// .data (where head_64.S puts the table) follows .rodata, so look
-	// after the tables first.
-	for _, w := range [][2]uint64{{around, around + imageWindow}, {sat(around, imageWindow), around}} {
-		buf, base, err := readSpan(mem, regions, around, w[0]&^(pageSize-1), w[1])
-		if err != nil {
-			return level2{}, err
+// findLevel2 searches the pages around the kallsyms tables for
+// level2_kernel_pgt; match picks the right one.
+func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, match func(i0 int, pa0 uint64) bool) (level2, error) {
+	r, ok := regionOf(regions, around)
+	if !ok {
+		return level2{}, fmt.Errorf("%#x is not in guest RAM", around)
+	}
+	// .data (where head_64.S puts the table) follows .rodata a few MiB
+	// on, so read forward from the tables in steps, then backward.
+	const step = 2 << 20
+	buf := make([]byte, step)
+	from := around &^ (pageSize - 1)
+	var starts []uint64
+	for a := from; a < from+imageWindow && a < r.end; a += step {
+		starts = append(starts, a)
+	}
+	for a := from; a > r.start && a+imageWindow > from; {
+		a = max(sat(a, step), r.start)
+		starts = append(starts, a)
+	}
+	for _, a := range starts {
+		b := buf[:min(step, r.end-a)]
+		if _, err := mem.ReadAt(b, int64(a)); err != nil {
+			return level2{}, fmt.Errorf("read guest physical %#x: %w", a, err)
 		}
-		for off := (pageSize - base%pageSize) % pageSize; off+pageSize <= uint64(len(buf)); off += pageSize {
-			i, last, pa, ok := level2Run(buf[off : off+pageSize])
+		for off := 0; off+pageSize <= len(b); off += pageSize {
+			i, last, pa, ok := level2Run(b[off : off+pageSize])
 			if ok && match(i, pa) {
-				return level2{gpa: base + off, first: i, last: last, pa: pa}, nil
+				return level2{gpa: a + uint64(off), first: i, last: last, pa: pa}, nil
 			}
 		}
 	}
@@ -303,4 +322,19 @@ func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint
 		return 0, 0, fmt.Errorf("kernel page-table root (init_top_pgt): %w", ErrNotFound)
 	}
 	return best, levels, nil
+}
+
+// codeHint returns the physical 2 MiB page of the kernel code a vCPU is
+// running, or 0: with registers, the kernel is found without a scan.
+func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
+	for _, c := range cpus {
+		if c.Paging() < 4 || c.RIP < startKernelMap {
+			continue
+		}
+		pa, err := guestmem.NewAddressSpace(mem, guestmem.KernelCR3(c.CR3), c.Paging()).Translate(c.RIP)
+		if err == nil {
+			return pa &^ (pmdSize - 1)
+		}
+	}
+	return 0
 }
