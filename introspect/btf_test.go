@@ -97,4 +97,3 @@ func TestBTFCarveAndMembers(t *testing.T) {
 		t.Errorf("without BTF: %v, want ErrNoBTF", err)
 	}
 }
-
