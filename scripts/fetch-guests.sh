@@ -137,7 +137,9 @@ build_initramfs() {
 	install -m 755 "$src/kvm-uid1000" "$src/kvm-odd_name.x" "$r/bin/"
 	printf 'root:x:0:0:root:/root:/bin/sh\nkvmuser:x:1000:1000:kvmscope test:/tmp:/bin/sh\n' >"$r/etc/passwd"
 	printf 'root:x:0:\nkvmuser:x:1000:\n' >"$r/etc/group"
-	(cd "$r" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) | gzip -9 >"$out.tmp"
+	# Reproducible: fixed mtimes, inode numbers and no gzip timestamp.
+	find "$r" -exec touch -h -d @0 {} +
+	(cd "$r" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --reproducible -R 0:0) | gzip -9n >"$out.tmp"
 	mv "$out.tmp" "$out"
 	log "initramfs: $out"
 }
