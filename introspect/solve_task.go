@@ -408,6 +408,9 @@ func validState(v uint32) bool {
 	return v < 0x10000 && low&(low-1) == 0
 }
 
+// stateHead bounds the offset of task_struct.__state.
+const stateHead = 0x40
+
 // solveState finds task_struct.__state (state before 5.14): 0
 // (TASK_RUNNING) in init_task, which is the running idle task; a valid
 // state in every task; never TASK_DEAD (0x80) in a task that still has an
@@ -415,14 +418,19 @@ func validState(v uint32) bool {
 // tasks, which sleep waiting for something; at most half the tasks
 // running; and a sleep with modifier bits (TASK_IDLE 0x402,
 // TASK_KILLABLE 0x102, TASK_FREEZABLE 0x2000...) in at least one task,
-// as kernel threads sleep in TASK_IDLE since 4.2. Other small fields (CPU
-// numbers, counters, copies) fail one of these.
+// as kernel threads sleep in TASK_IDLE since 4.2; and within the first
+// stateHead bytes. Other small fields (CPU numbers, counters) fail one of
+// these; copies of the state elsewhere fail only the last.
 func (s *solver) solveState() error {
 	if len(s.users) == 0 {
 		return fmt.Errorf("no user tasks to check sleeping states on")
 	}
 	var cands []candidate
-	for o := 0; o+4 <= s.minWindow(); o += 4 {
+	// The scheduler's state word has always been at the head of
+	// task_struct (first member before 4.9, right after thread_info
+	// since), outside the part CONFIG_RANDSTRUCT shuffles. Stale copies
+	// of it elsewhere in the structure pass every value test.
+	for o := 0; o+4 <= min(stateHead, s.minWindow()); o += 4 {
 		if le32(s.init.b, o) != 0 || s.taken(o, 4) {
 			continue
 		}
@@ -465,7 +473,7 @@ func (s *solver) solveState() error {
 	if err != nil {
 		return err
 	}
-	s.off.TaskState = solved(c.off, "0 in init_task; one state plus modifier bits in every task, modifiers in some; not TASK_DEAD with an mm; TASK_INTERRUPTIBLE in most user tasks; at most half running")
+	s.off.TaskState = solved(c.off, "in the head of task_struct; 0 in init_task; one state plus modifier bits in every task, modifiers in some; not TASK_DEAD with an mm; TASK_INTERRUPTIBLE in most user tasks; at most half running")
 	return nil
 }
 
