@@ -218,6 +218,22 @@ func testCore(t *testing.T, kernel, sysmap string, pti bool) {
 		if got, _ := as.Translate(pageOffset + bannerPA); got != bannerPA {
 			t.Errorf("direct map: %#x + %#x translates to %#x", pageOffset, bannerPA, got)
 		}
+		// KernelAddressSpace finds the same tables from the vCPU's
+		// CR3 and, for the PTI kernel, from the user half.
+		cr3s := []uint64{cpu.CR3}
+		if pti {
+			cr3s = append(cr3s, KernelCR3(cpu.CR3)|0x1000|0x801)
+		}
+		for _, cr3 := range cr3s {
+			kas, err := KernelAddressSpace(c, cr3, cpu.Paging(), ks["init_task"])
+			if err != nil || kas.Root() != as.Root() {
+				t.Errorf("KernelAddressSpace(%#x) = %v, %v; want root %#x", cr3, kas, err, as.Root())
+			}
+		}
+		// The banner's page holds text, not page tables.
+		if _, err := KernelAddressSpace(c, bannerPA&^0xfff, cpu.Paging(), ks["init_task"]); err == nil {
+			t.Error("KernelAddressSpace accepted a page that is not a page table")
+		}
 		if !pti {
 			return
 		}

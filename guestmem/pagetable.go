@@ -86,6 +86,28 @@ func KernelCR3(cr3 uint64) uint64 {
 	return cr3 & pteAddrMask &^ ptiUserPGDBit
 }
 
+// KernelAddressSpace returns an address space that maps the kernel as the
+// kernel sees it, for a CR3 value sampled from a vCPU in any mode: cr3
+// itself when it maps probe (a kernel data address, e.g. init_task or
+// linux_banner), else the kernel half of a PTI pair (KernelCR3) when that
+// does. It works whether or not the guest kernel uses PTI, since without
+// PTI every process's page tables share the kernel's upper half. It fails
+// when neither maps probe.
+func KernelAddressSpace(mem Memory, cr3 uint64, levels int, probe uint64) (*AddressSpace, error) {
+	as := NewAddressSpace(mem, cr3, levels)
+	_, err := as.Translate(probe)
+	if err == nil {
+		return as, nil
+	}
+	if k := KernelCR3(cr3); k != as.Root() {
+		kas := NewAddressSpace(mem, k, levels)
+		if _, kerr := kas.Translate(probe); kerr == nil {
+			return kas, nil
+		}
+	}
+	return nil, fmt.Errorf("page tables at %#x (or their PTI kernel half) do not map kernel address %#x: %w", cr3&pteAddrMask, probe, err)
+}
+
 // AddressSpace is a guest virtual address space: the guest's own page
 // tables, rooted at a CR3 value, read through guest physical memory.
 //

@@ -3,7 +3,9 @@ package testlinux
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -85,13 +87,30 @@ func TestBootDebianAndDump(t *testing.T) {
 
 func TestBootGokrazy(t *testing.T) {
 	p := Require(t)
-	g, err := Boot(context.Background(), Options{Kernel: p.GokrazyKernel})
+	// env(1) as a stand-in wrapper: QEMU runs as its argument, the way
+	// `kvmscope run --` runs it. "nokaslr" reaches the kernel.
+	env, err := exec.LookPath("env")
+	if err != nil {
+		t.Skip(err)
+	}
+	g, err := Boot(context.Background(), Options{Kernel: p.GokrazyKernel, Wrapper: []string{env, "KVMSCOPE_WRAPPED=1"}, Append: "nokaslr", SMP: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer g.Close()
-	t.Logf("gokrazy %s booted in %v (TCG, 512 MiB, 2 vCPUs)", g.Release(), g.BootTime())
+	t.Logf("gokrazy %s booted in %v (TCG, 512 MiB, 1 vCPU)", g.Release(), g.BootTime())
 	checkPS(t, g)
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", g.Pid()))
+	if err != nil || !bytes.Contains(environ, []byte("KVMSCOPE_WRAPPED=1")) {
+		t.Errorf("QEMU did not run under the wrapper: %v", err)
+	}
+	if text := g.Kallsyms()["_text"]; text != 0xffffffff81000000 {
+		t.Errorf("_text at %#x with nokaslr", text)
+	}
+	out, err := g.HMP("info cpus")
+	if err != nil || strings.Count(out, "CPU #") != 1 {
+		t.Errorf("info cpus with SMP 1: %q %v", out, err)
+	}
 }
 
 func TestGuestsMissing(t *testing.T) {
