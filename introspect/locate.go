@@ -331,9 +331,11 @@ func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
 		if c.Paging() < 4 || c.RIP < startKernelMap {
 			continue
 		}
-		pa, err := guestmem.NewAddressSpace(mem, guestmem.KernelCR3(c.CR3), c.Paging()).Translate(c.RIP)
-		if err == nil {
-			return pa &^ (pmdSize - 1)
+		for _, root := range cr3Candidates(c.CR3) {
+			pa, err := guestmem.NewAddressSpace(mem, root, c.Paging()).Translate(c.RIP)
+			if err == nil {
+				return pa &^ (pmdSize - 1)
+			}
 		}
 	}
 	return 0
