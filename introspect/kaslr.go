@@ -2,7 +2,6 @@ package introspect
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 
 	"github.com/kvmscope/kvmscope/guestmem"
@@ -274,32 +273,19 @@ func (k *Kernel) pte(gpa uint64, i int) (uint64, error) {
 	return binary.LittleEndian.Uint64(b[:]), nil
 }
 
-// cr3Candidates are the page tables a vCPU's CR3 may stand for: CR3
-// itself, and with PTI (CR3 bit 12 set while in user mode) the kernel
-// half of the pair. Without PTI bit 12 is an ordinary address bit, so
-// both are tried.
-func cr3Candidates(cr3 uint64) []uint64 {
-	raw := cr3 & pteAddrMask
-	if k := guestmem.KernelCR3(cr3); k != raw {
-		return []uint64{raw, k}
-	}
-	return []uint64{raw}
-}
-
 // checkCPU checks that a vCPU's page tables map _text where memory says.
+// Every Linux page table maps the kernel image.
 func (k *Kernel) checkCPU(c guestmem.CPU) error {
-	var errs []error
-	for _, root := range cr3Candidates(c.CR3) {
-		pa, err := guestmem.NewAddressSpace(k.Mem, root, c.Paging()).Translate(k.TextVA)
-		switch {
-		case err != nil:
-			errs = append(errs, err)
-		case pa != k.PhysBase:
-			return fmt.Errorf("cpu %d: CR3 %#x maps _text to %#x, memory says %#x", c.ID, c.CR3, pa, k.PhysBase)
-		default:
-			return nil
-		}
+	as, err := guestmem.KernelAddressSpace(k.Mem, c.CR3, c.Paging(), k.TextVA)
+	if err != nil {
+		return fmt.Errorf("cpu %d: %w", c.ID, err)
 	}
-	// Every Linux page table maps the kernel image.
-	return fmt.Errorf("cpu %d: CR3 %#x does not map _text %#x: %w", c.ID, c.CR3, k.TextVA, errors.Join(errs...))
+	pa, err := as.Translate(k.TextVA)
+	if err != nil {
+		return fmt.Errorf("cpu %d: %w", c.ID, err)
+	}
+	if pa != k.PhysBase {
+		return fmt.Errorf("cpu %d: CR3 %#x maps _text to %#x, memory says %#x", c.ID, c.CR3, pa, k.PhysBase)
+	}
+	return nil
 }

@@ -331,11 +331,12 @@ func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
 		if c.Paging() < 4 || c.RIP < startKernelMap {
 			continue
 		}
-		for _, root := range cr3Candidates(c.CR3) {
-			pa, err := guestmem.NewAddressSpace(mem, root, c.Paging()).Translate(c.RIP)
-			if err == nil {
-				return pa &^ (pmdSize - 1)
-			}
+		as, err := guestmem.KernelAddressSpace(mem, c.CR3, c.Paging(), c.RIP)
+		if err != nil {
+			continue
+		}
+		if pa, err := as.Translate(c.RIP); err == nil {
+			return pa &^ (pmdSize - 1)
 		}
 	}
 	return 0
