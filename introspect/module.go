@@ -33,7 +33,7 @@ func (k *Kernel) Modules(off *Offsets) ([]Module, error) {
 }
 
 func modulesAt(k *Kernel, off *Offsets, head uint64) ([]Module, error) {
-	nodes, err := listNodes(k, head, maxModules)
+	nodes, err := listNodes(k, head, maxModules, nil)
 	if err != nil {
 		return nil, fmt.Errorf("modules: %w", err)
 	}

@@ -2,6 +2,7 @@ package introspect
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 
 	"github.com/kvmscope/kvmscope/guestmem"
@@ -68,6 +69,8 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	}
 	r := newTaskReader(k, off)
 	var out []Process
+	// All thread lists together may not hold more than this many nodes.
+	threadBudget := 2 * maxTasks
 	err := forEachTask(k, off, initTask, func(task uint64) error {
 		p, err := r.process(task)
 		if err != nil {
@@ -79,7 +82,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		var threads []Process
 		if off.TaskSignal.Known() && off.TaskThreadNode.Known() && off.SignalThreadHd.Known() {
 			n := 0
-			err := k.ForEachThread(off, task, func(th uint64) error {
+			err := forEachThread(k, off, task, &threadBudget, func(th uint64) error {
 				n++
 				if !opts.Threads || th == task {
 					return nil
@@ -92,8 +95,11 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 				threads = append(threads, tp)
 				return nil
 			})
-			// init_task's thread list is fine; a task exiting while
-			// we look may not be: count what was seen.
+			// A task exiting while we look may have a broken thread
+			// list; its count stays unknown (0).
+			if errors.Is(err, ErrBudget) {
+				return fmt.Errorf("processes: threads: %w", err)
+			}
 			if err == nil {
 				p.Threads = n
 			}

@@ -33,7 +33,17 @@ const (
 	signalWindow = 0x400
 	// pidMax is PID_MAX_LIMIT on 64-bit (include/linux/threads.h).
 	pidMax = 4 * 1024 * 1024
+	// solveBudget bounds the reads of one solve (each list node, task
+	// window or page-table check counts one per started page), so
+	// memory crafted to pass the cheap checks at every offset cannot
+	// make it run for long. A real guest needs about ten per task
+	// (Debian 6.1 with 100 tasks: 1050); the bound allows 25,000 tasks
+	// and at worst about 1 GiB read.
+	solveBudget = 1 << 18
 )
+
+// ErrBudget is wrapped when the solver gave up after solveBudget reads.
+var ErrBudget = errors.New("solver read budget exhausted (memory looks crafted to make it search)")
 
 // PF_KTHREAD marks kernel threads in task_struct.flags
 // (include/linux/sched.h; the value has not changed since 2.6.27).
@@ -44,6 +54,8 @@ type solver struct {
 	k    *Kernel
 	off  *Offsets
 	miss *UnsolvedError
+
+	budget int
 
 	init *taskImage
 	// tasks are the thread-group leaders on init_task.tasks, init_task
@@ -84,7 +96,17 @@ func SolveOffsets(k *Kernel) (*Offsets, error) {
 }
 
 func solveOffsets(k *Kernel, initTask, modules uint64) (*Offsets, error) {
-	s := &solver{k: k, off: &Offsets{}, miss: &UnsolvedError{}, byBase: make(map[uint64]*taskImage)}
+	return solveWithin(k, initTask, modules, solveBudget)
+}
+
+// solveWithin solves with the given read budget.
+func solveWithin(k *Kernel, initTask, modules uint64, budget int) (*Offsets, error) {
+	s := &solver{k: k, off: &Offsets{}, miss: &UnsolvedError{}, byBase: make(map[uint64]*taskImage), budget: budget}
+	defer func() {
+		if k.logf != nil {
+			k.logf("offsets solver: %d of %d reads used", budget-s.budget, budget)
+		}
+	}()
 	b, err := s.read(initTask, taskWindow)
 	if err != nil {
 		return nil, fmt.Errorf("solve offsets: read init_task at %#x: %w", initTask, err)
@@ -148,7 +170,24 @@ func (s *solver) step(member string, f func() error) {
 // range is not readable (a task at the end of guest RAM) it returns what
 // could be read, at least one page.
 func (s *solver) read(va uint64, n int) ([]byte, error) {
+	if err := s.spend(1 + n/0x1000); err != nil {
+		return nil, err
+	}
 	return readUpTo(s.k, va, n)
+}
+
+// spend takes n from the read budget.
+func (s *solver) spend(n int) error {
+	s.budget -= n
+	if s.budget < 0 {
+		return ErrBudget
+	}
+	return nil
+}
+
+// list is listNodes within the solver's budget.
+func (s *solver) list(head uint64, limit int) ([]uint64, error) {
+	return listNodes(s.k, head, limit, &s.budget)
 }
 
 func readUpTo(k *Kernel, va uint64, n int) ([]byte, error) {
@@ -197,8 +236,9 @@ func (k *Kernel) kernelPtr(v uint64) bool {
 // listNodes walks the circular list whose head is at head and returns the
 // addresses of its nodes, head excluded. Every link is checked both ways
 // (next->prev == this); a list that does not come back to head within
-// limit nodes, revisits a node or breaks a link is an error.
-func listNodes(k *Kernel, head uint64, limit int) ([]uint64, error) {
+// limit nodes, revisits a node or breaks a link is an error. Each node
+// read takes one from *budget when budget is not nil.
+func listNodes(k *Kernel, head uint64, limit int, budget *int) ([]uint64, error) {
 	var nodes []uint64
 	seen := make(map[uint64]bool)
 	prev := head
@@ -217,6 +257,11 @@ func listNodes(k *Kernel, head uint64, limit int) ([]uint64, error) {
 			return nil, fmt.Errorf("list at %#x: node %#x appears twice (the list does not lead back to its head)", head, cur)
 		}
 		seen[cur] = true
+		if budget != nil {
+			if *budget--; *budget < 0 {
+				return nil, ErrBudget
+			}
+		}
 		var b [16]byte
 		if err := k.ReadVirt(b[:], cur); err != nil {
 			return nil, fmt.Errorf("list at %#x: node %d: %w", head, len(nodes), err)

@@ -109,11 +109,17 @@ func (s *solver) solveMM() error {
 			continue
 		}
 		for g := 0; g+8 <= len(first); g += 8 {
+			if s.spend(1) != nil {
+				return ErrBudget
+			}
 			if !s.k.looksLikePGD(le64(first, g), half) {
 				continue
 			}
 			all := true
 			for _, mm := range mms {
+				if s.spend(1) != nil {
+					return ErrBudget
+				}
 				p, err := s.k.ReadU64(mm + uint64(g))
 				if err != nil || !s.k.looksLikePGD(p, half) {
 					all = false

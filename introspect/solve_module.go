@@ -61,7 +61,7 @@ func modulePair(b []byte, off int) (base uint64, size uint32, ok bool) {
 // (kallsyms "modules"). With no module loaded nothing can be solved, and
 // nothing is needed: the list is empty.
 func (s *solver) solveModules(head uint64) error {
-	nodes, err := listNodes(s.k, head, maxModules)
+	nodes, err := s.list(head, maxModules)
 	if err != nil {
 		return fmt.Errorf("modules list: %w", err)
 	}

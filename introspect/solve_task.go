@@ -2,6 +2,7 @@ package introspect
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 )
 
@@ -56,12 +57,18 @@ func (s *solver) solveTasks() error {
 		if n, err := s.k.ReadU64(prev); err != nil || n != head {
 			continue
 		}
-		nodes, err := listNodes(s.k, head, maxTasks)
+		nodes, err := s.list(head, maxTasks)
+		if errors.Is(err, ErrBudget) {
+			return err
+		}
 		if err != nil || len(nodes) < 2 {
 			continue
 		}
 		// Every node must be a task: a name at the comm offset. A few
 		// tasks may have renamed themselves to non-ASCII names.
+		if err := s.spend(len(nodes)); err != nil {
+			return err
+		}
 		bad := 0
 		for _, n := range nodes {
 			var b [16]byte
@@ -180,7 +187,7 @@ func (s *solver) checkThreads(t, sig, head int) ([]*taskImage, bool) {
 			return nil, false
 		}
 		h := sp + uint64(head)
-		nodes, err := listNodes(s.k, h, maxTasks-total)
+		nodes, err := s.list(h, maxTasks-total)
 		if err != nil || len(nodes) == 0 {
 			return nil, false
 		}

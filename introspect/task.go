@@ -31,7 +31,7 @@ func forEachTask(k *Kernel, off *Offsets, initTask uint64, f func(task uint64) e
 	if err := f(initTask); err != nil {
 		return err
 	}
-	nodes, err := listNodes(k, initTask+lo, maxTasks)
+	nodes, err := listNodes(k, initTask+lo, maxTasks, nil)
 	if err != nil {
 		return fmt.Errorf("tasks: %w", err)
 	}
@@ -47,6 +47,13 @@ func forEachTask(k *Kernel, off *Offsets, initTask uint64, f func(task uint64) e
 // the task at leader, the leader first (for_each_thread: the list headed
 // by signal->thread_head through task_struct.thread_node, Linux 3.14+).
 func (k *Kernel) ForEachThread(off *Offsets, leader uint64, f func(task uint64) error) error {
+	return forEachThread(k, off, leader, nil, f)
+}
+
+// forEachThread is ForEachThread taking each list node from *budget when
+// budget is not nil: a walk over all groups must be bounded in total, not
+// per group, as forged groups could all share one huge list.
+func forEachThread(k *Kernel, off *Offsets, leader uint64, budget *int, f func(task uint64) error) error {
 	if !off.TaskSignal.Known() || !off.TaskThreadNode.Known() || !off.SignalThreadHd.Known() {
 		return fmt.Errorf("threads: signal/thread_node: %w", ErrOffsetsMissing)
 	}
@@ -54,7 +61,7 @@ func (k *Kernel) ForEachThread(off *Offsets, leader uint64, f func(task uint64) 
 	if err != nil {
 		return fmt.Errorf("threads of %#x: signal: %w", leader, err)
 	}
-	nodes, err := listNodes(k, sig+uint64(off.SignalThreadHd.Value), maxTasks)
+	nodes, err := listNodes(k, sig+uint64(off.SignalThreadHd.Value), maxTasks, budget)
 	if err != nil {
 		return fmt.Errorf("threads of %#x: %w", leader, err)
 	}
