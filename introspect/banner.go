@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"strconv"
+	"strings"
 )
 
 // linux_banner (init/version-timestamp.c) is "Linux version <release>
@@ -90,17 +91,30 @@ func (k *Kernel) findBanner() error {
 	if _, err := k.Mem.ReadAt(img, int64(k.PhysBase)); err != nil {
 		return fmt.Errorf("read kernel image: %w", err)
 	}
+	var fallback string
+	var fv KernelVersion
 	for off := 0; off < len(img); {
 		i := bytes.Index(img[off:], bannerPrefix)
 		if i < 0 {
 			break
 		}
 		off += i
-		if banner, v, err := parseBanner(img[off:]); err == nil && bytes.Contains([]byte(banner), []byte(" #")) {
-			k.Banner, k.Version = banner, v
-			return nil
+		// init/version.c keeps a weak first-link-pass banner whose build
+		// number is missing ("... # SMP"); the real one has "#<n>".
+		if banner, v, err := parseBanner(img[off:]); err == nil {
+			if i := strings.Index(banner, " #"); i >= 0 && i+2 < len(banner) && banner[i+2] >= '0' && banner[i+2] <= '9' {
+				k.Banner, k.Version = banner, v
+				return nil
+			}
+			if fallback == "" {
+				fallback, fv = banner, v
+			}
 		}
 		off++
+	}
+	if fallback != "" {
+		k.Banner, k.Version = fallback, fv
+		return nil
 	}
 	return fmt.Errorf("linux_banner: %w", ErrNotFound)
 }

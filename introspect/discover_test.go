@@ -235,6 +235,52 @@ func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, wantBTF boo
 		t.Logf("Discover with %d vCPUs' registers: %v", len(d.cpus), time.Since(start))
 		checkKernel(t, d, k, wantBTF)
 	})
+	t.Run("text symbols only", func(t *testing.T) {
+		// Without CONFIG_KALLSYMS_ALL: no init_top_pgt, page_offset_base,
+		// linux_banner or __start_BTF; found by structure instead.
+		full, err := Discover(d.core, DiscoverOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		k, err := discover(d.core, DiscoverOptions{Log: t.Logf}, textOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("Discover with text symbols only: %v", time.Since(start))
+		if _, ok := k.Symbol("init_task"); ok {
+			t.Fatal("filter kept data symbols")
+		}
+		for _, c := range []struct {
+			name      string
+			got, want uint64
+		}{
+			{"TextVA", k.TextVA, full.TextVA},
+			{"PhysBase", k.PhysBase, full.PhysBase},
+			{"PGD", k.PGD, full.PGD},
+			{"Levels", uint64(k.Levels), uint64(full.Levels)},
+			{"page_offset_base", k.PageOffsetBase, full.PageOffsetBase},
+			{"vmalloc_base", k.VmallocBase, full.VmallocBase},
+			{"vmemmap_base", k.VmemmapBase, full.VmemmapBase},
+		} {
+			if c.got != c.want {
+				t.Errorf("%s = %#x, with all symbols %#x", c.name, c.got, c.want)
+			}
+		}
+		if k.Banner != full.Banner {
+			t.Errorf("banner %q, with all symbols %q", k.Banner, full.Banner)
+		}
+		if (k.BTF != nil) != (full.BTF != nil) {
+			t.Errorf("BTF found: %v, with all symbols: %v", k.BTF != nil, full.BTF != nil)
+		}
+		if k.BTF != nil {
+			a, err1 := k.MemberOffset("task_struct", "tasks")
+			b, err2 := full.MemberOffset("task_struct", "tasks")
+			if a != b || err1 != nil || err2 != nil {
+				t.Errorf("task_struct.tasks %d (%v), with all symbols %d (%v)", a, err1, b, err2)
+			}
+		}
+	})
 	t.Run("cross-check", func(t *testing.T) {
 		// A CR3 that contradicts memory must be reported.
 		bad := append([]guestmem.CPU(nil), d.cpus...)

@@ -350,3 +350,22 @@ func TestKallsymsRejects(t *testing.T) {
 		})
 	}
 }
+
+// textOnly returns the symbols of s that scripts/kallsyms keeps without
+// --all-symbols (CONFIG_KALLSYMS_ALL off): those in _stext.._etext and
+// _sinittext.._einittext.
+func textOnly(s *Kallsyms) *Kallsyms {
+	f := &Kallsyms{names: s.names, tokens: s.tokens, layout: s.layout, relative: s.relative, tableOff: s.tableOff}
+	get := func(n string) uint64 { v, _ := s.Lookup(n); return v }
+	ranges := [][2]uint64{{get("_stext"), get("_etext")}, {get("_sinittext"), get("_einittext")}}
+	for i, a := range s.addrs {
+		for _, r := range ranges {
+			if a >= r[0] && a <= r[1] && r[0] != 0 {
+				f.entry = append(f.entry, s.entry[i])
+				f.addrs = append(f.addrs, a)
+				break
+			}
+		}
+	}
+	return f
+}

@@ -166,6 +166,12 @@ func (k *Kernel) VirtToPhys(va uint64) (uint64, error) {
 // Discover finds the guest Linux kernel in mem: no profile and no
 // registers needed. CPUs in opts, when given, are used to cross-check.
 func Discover(mem guestmem.Memory, opts DiscoverOptions) (*Kernel, error) {
+	return discover(mem, opts, nil)
+}
+
+// discover is Discover; tests pass filter to drop symbols, as a kernel
+// without CONFIG_KALLSYMS_ALL (text symbols only) would.
+func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) *Kallsyms) (*Kernel, error) {
 	logf := opts.Log
 	if logf == nil {
 		logf = func(string, ...any) {}
@@ -174,6 +180,9 @@ func Discover(mem guestmem.Memory, opts DiscoverOptions) (*Kernel, error) {
 	h, err := findKallsyms(mem, regions, codeHint(mem, opts.CPUs), logf)
 	if err != nil {
 		return nil, fmt.Errorf("discover kernel: %w", err)
+	}
+	if filter != nil {
+		h.syms = filter(h.syms)
 	}
 	k := &Kernel{Mem: mem, Syms: h.syms, logf: logf}
 	if err := k.locateImage(h, regions); err != nil {

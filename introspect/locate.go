@@ -288,37 +288,46 @@ func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint
 			level3 = append(level3, gpa)
 		}
 	}
-	// Among the tables pointing at level3_kernel_pgt (init_top_pgt and
-	// early_top_pgt both do), take the one that maps the most: the
-	// kernel's PGD also holds the direct map, vmalloc and vmemmap.
-	best, bestUsed, levels := uint64(0), -1, 4
+	// Every process's PGD (live, or freed with its kernel half intact)
+	// points at level3_kernel_pgt too. init_top_pgt is the one in the
+	// image, in the same head_64.S block as the tables below it: take
+	// the candidate closest before its child table, with no user
+	// mappings (early_top_pgt, also there, keeps only its last entry).
+	best, bestUsed, levels := uint64(0), -1<<30, 4
 	for _, l3 := range level3 {
 		for gpa, p := range pages {
 			if !pointsTo(p, 511, l3) {
 				continue
 			}
-			top, lv := gpa, 4
+			top, child, lv := gpa, l3, 4
 			// 5-level paging: this is level4_kernel_pgt (a P4D), and the
 			// PGD points at it in turn.
 			for g5, p5 := range pages {
 				if pointsTo(p5, 511, gpa) {
-					top, lv = g5, 5
+					top, child, lv = g5, gpa, 5
 					p = p5
 					break
 				}
 			}
 			used := 0
-			for i := 256; i < 512; i++ {
-				if binary.LittleEndian.Uint64(p[8*i:])&ptePresent != 0 {
+			for i := 0; i < 512; i++ {
+				present := binary.LittleEndian.Uint64(p[8*i:])&ptePresent != 0
+				switch {
+				case present && i < 256:
+					used = -1 << 20
+				case present:
 					used++
 				}
+			}
+			if top < child && child-top <= 64<<10 {
+				used += 1 << 10 // next to its child table
 			}
 			if used > bestUsed {
 				best, bestUsed, levels = top, used, lv
 			}
 		}
 	}
-	if bestUsed < 0 {
+	if bestUsed == -1<<30 {
 		return 0, 0, fmt.Errorf("kernel page-table root (init_top_pgt): %w", ErrNotFound)
 	}
 	return best, levels, nil
