@@ -289,6 +289,116 @@ func TestDebianGuest(t *testing.T) {
 	t.Run("Export", func(t *testing.T) {
 		checkExports(t, k, solved)
 	})
+
+	// The same guest from a dump (QEMU dump-guest-memory), still paused.
+	t.Run("Dump", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "guest.core")
+		if err := g.Dump(path); err != nil {
+			t.Fatalf("dump: %v", err)
+		}
+		core, err := guestmem.OpenCore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer core.Close()
+		kd, err := Discover(core, DiscoverOptions{})
+		if err != nil {
+			t.Fatalf("Discover on the dump: %v", err)
+		}
+		off, err := SolveOffsets(kd)
+		if off == nil {
+			t.Fatalf("SolveOffsets on the dump: %v", err)
+		}
+		if !equalOffsets(off, solved) {
+			t.Errorf("offsets from the dump differ from the live ones:\n%+v\n%+v", off, solved)
+		}
+		ps, err := kd.Processes(off, ProcessOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		comparePS(t, ps, g.PS())
+		ms, err := kd.Modules(off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		compareModules(t, ms, guestMods)
+	})
+}
+
+func equalOffsets(a, b *Offsets) bool {
+	am, bm := a.Members(), b.Members()
+	for i := range am {
+		if am[i].Value != bm[i].Value || am[i].Known() != bm[i].Known() {
+			return false
+		}
+	}
+	return true
+}
+
+// BenchmarkProcesses measures a process listing of the paused Debian
+// test guest through the live TCG memory source (the `ps` latency), with
+// and without command lines, and the first contact: discovery, offsets and
+// the first listing.
+func BenchmarkProcesses(b *testing.B) {
+	p, err := testlinux.Guests()
+	if err != nil {
+		b.Skip(err)
+	}
+	g, err := testlinux.Boot(context.Background(), testlinux.Options{Kernel: p.DebianKernel})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer g.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	q, err := guestmem.DialQMP(ctx, g.SpareQMP())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	mem := guestmem.NewTCG(q, g.Pid, false)
+	g.QMP("stop", nil)
+	defer g.QMP("cont", nil)
+	var k *Kernel
+	var off *Offsets
+	b.Run("FirstContact", func(b *testing.B) {
+		for b.Loop() {
+			k, err = Discover(mem, DiscoverOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			off, err = FindOffsets(k)
+			if off == nil {
+				b.Fatal(err)
+			}
+			if _, err := k.Processes(off, ProcessOptions{NoCmdline: true}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	for _, c := range []struct {
+		name string
+		opts ProcessOptions
+	}{{"NoCmdline", ProcessOptions{NoCmdline: true}}, {"Cmdline", ProcessOptions{}}, {"Threads", ProcessOptions{Threads: true, NoCmdline: true}}} {
+		b.Run(c.name, func(b *testing.B) {
+			n := 0
+			for b.Loop() {
+				ps, err := k.Processes(off, c.opts)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n = len(ps)
+			}
+			b.ReportMetric(float64(n), "procs")
+		})
+	}
+	b.Run("Solve", func(b *testing.B) {
+		for b.Loop() {
+			if off, _ := SolveOffsets(k); off == nil || !off.TaskPID.Known() {
+				b.Fatal("solve failed")
+			}
+		}
+	})
 }
 
 // TestGokrazyGuest checks the solver on a 7.x kernel without BTF: every
