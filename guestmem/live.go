@@ -14,6 +14,7 @@ import (
 type Live struct {
 	vm    *tracer.VM
 	write bool
+	memfd memfdRAM // read-only mappings of memfd-backed guest RAM (memfd.go)
 }
 
 // NewLive returns the live source for vm. Writes are refused unless
@@ -38,9 +39,10 @@ func (l *Live) slots() []procRange {
 // Regions lists guest RAM and ROM as KVM maps it.
 func (l *Live) Regions() []Region { return rangesToRegions(l.slots()) }
 
-// ReadAt reads guest physical memory.
+// ReadAt reads guest physical memory: by copying from our read-only
+// mapping where guest RAM is a memfd, else with process_vm_readv.
 func (l *Live) ReadAt(p []byte, gpa int64) (int, error) {
-	return readRanges(l.vm.Pid(), l.slots(), p, gpa)
+	return l.memfd.readAt(l.vm.Pid(), l.slots(), p, gpa)
 }
 
 // WriteAt writes guest physical memory (only with allowWrite).

@@ -1,0 +1,349 @@
+package guestmem
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/tracer"
+)
+
+// The live tests run QEMU under a tracer inside the test process. The
+// tracer launches QEMU through a shim: it re-executes its own binary with
+// tracer.ShimArg. This init turns the test binary into that shim; it runs
+// on the main thread, as RunShim requires.
+func init() {
+	if len(os.Args) > 1 && os.Args[1] == tracer.ShimArg {
+		tracer.RunShim(os.Args[2:])
+	}
+}
+
+// liveGuest is the tiny test guest under an in-process tracer.
+//
+// While one runs, the test process must start no other child: the tracer's
+// waitpid(-1) would reap it.
+type liveGuest struct {
+	tr   *tracer.Tracer
+	live *Live
+	qmp  *QMP
+}
+
+// guestOptions choose how startLiveGuest runs the tiny guest.
+type guestOptions struct {
+	memfd   bool   // guest RAM from memory-backend-memfd
+	cmdline string // the guest's command line ("" spins)
+}
+
+// needKVMGuest skips when QEMU or KVM is missing (or fails when CI says KVM
+// must be there) and returns the QEMU binary and the built tiny guest.
+func needKVMGuest(tb testing.TB) (qemu, kernel string) {
+	tb.Helper()
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		tb.Skip("qemu-system-x86_64 not installed (run 'just setup')")
+	}
+	if err := testguest.KVMAvailable(); err != nil {
+		if os.Getenv("KVMSCOPE_REQUIRE_KVM") == "1" {
+			tb.Fatalf("KVMSCOPE_REQUIRE_KVM=1 but %v", err)
+		}
+		tb.Skipf("needs /dev/kvm: %v", err)
+	}
+	kernel, err = testguest.Build()
+	if err != nil {
+		tb.Fatalf("build tiny guest: %v", err)
+	}
+	return qemu, kernel
+}
+
+// startLiveGuest boots the tiny guest under the tracer with a QMP socket,
+// waits until it is in long mode with its patterns written, and stops it at
+// the end of the test.
+func startLiveGuest(tb testing.TB, o guestOptions) *liveGuest {
+	tb.Helper()
+	qemu, kernel := needKVMGuest(tb)
+	qmpPath := filepath.Join(tb.TempDir(), "qmp.sock")
+	args := testguest.KernelArgs(kernel, 1, "kvm", o.cmdline)
+	if o.memfd {
+		args = withMemfdRAM(args)
+	}
+	args = append(args, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
+	tr, err := tracer.Start(tracer.Config{Path: qemu, Argv: append([]string{qemu}, args...), Log: zerolog.Nop()})
+	if err != nil {
+		tb.Fatalf("start QEMU under the tracer: %v", err)
+	}
+	g := &liveGuest{tr: tr, live: NewLive(tr.VM(), true)}
+	tb.Cleanup(func() { g.stop(tb) })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if g.qmp, err = DialQMP(ctx, qmpPath); err != nil {
+		tb.Fatal(err)
+	}
+	for {
+		var b [8]byte
+		if _, err := g.live.ReadAt(b[:], testguest.ReadyGPA); err == nil && binary.LittleEndian.Uint64(b[:]) == testguest.ReadyValue {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			tb.Fatalf("the tiny guest did not get ready: %v", ctx.Err())
+		case <-tr.Done():
+			tb.Fatalf("QEMU exited before the guest got ready (status %d)", tracer.ExitCode(tr.ExitStatus()))
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return g
+}
+
+// withMemfdRAM makes QEMU back guest RAM with a memfd:
+// -object memory-backend-memfd and -machine memory-backend= (QEMU >= 5.0).
+func withMemfdRAM(args []string) []string {
+	out := make([]string, 0, len(args)+2)
+	for i := 0; i < len(args); i++ {
+		out = append(out, args[i])
+		if args[i] == "-machine" && i+1 < len(args) {
+			i++
+			out = append(out, args[i]+",memory-backend=guestram")
+		}
+	}
+	return append(out, "-object", fmt.Sprintf("memory-backend-memfd,id=guestram,size=%dM", testguest.MemoryMiB))
+}
+
+func (g *liveGuest) stop(tb testing.TB) {
+	g.live.Close()
+	if g.qmp != nil {
+		g.qmp.Close()
+	}
+	g.tr.Signal(syscall.SIGTERM)
+	select {
+	case <-g.tr.Done():
+	case <-time.After(20 * time.Second):
+		g.tr.Signal(syscall.SIGKILL)
+		<-g.tr.Done()
+	}
+}
+
+// ramRange is guest RAM above 1 MiB, one slot with the tiny guest's 64 MiB.
+const (
+	ramLo = 0x100000
+	ramHi = testguest.MemoryMiB << 20
+)
+
+func TestLiveMemfd(t *testing.T) {
+	g := startLiveGuest(t, guestOptions{memfd: true})
+	l := g.live
+
+	regs, err := l.MemfdRegions()
+	if err != nil {
+		t.Fatalf("MemfdRegions: %v", err)
+	}
+	covers := func(lo, hi uint64) bool {
+		for _, r := range regs {
+			if r.GPA <= lo && hi <= r.GPA+r.Size {
+				return true
+			}
+		}
+		return false
+	}
+	if !covers(0, 0xa0000) || !covers(ramLo, ramHi) {
+		t.Fatalf("memfd-mapped regions %+v do not cover guest RAM (slots %+v)", regs, l.slots())
+	}
+	for _, r := range regs {
+		if r.Name != "memfd:guestram" && r.Name != "memfd:memory-backend-memfd" {
+			t.Errorf("region %+v: want the memfd's name", r)
+		}
+	}
+
+	// The pattern pages read back through the mapping.
+	for i := 0; i < testguest.PatternPages; i++ {
+		b := make([]byte, testguest.PageSize)
+		if _, err := l.ReadAt(b, int64(testguest.PatternGPA+i*testguest.PageSize)); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(b, testguest.PatternFor(i)) {
+			t.Fatalf("pattern page %d through the memfd mapping = %q...", i, b[:32])
+		}
+	}
+
+	// The mapping is live, not a copy: the guest's counter advances in it.
+	c0 := readU64(t, l, testguest.CounterGPA)
+	deadline := time.Now().Add(10 * time.Second)
+	for readU64(t, l, testguest.CounterGPA) == c0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("counter stuck at %d in the memfd mapping", c0)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	// What QEMU writes (process_vm_writev into its own mapping) shows in
+	// ours, and both read paths agree over all of RAM above 1 MiB except
+	// the status page, where the counter moves.
+	buf := make([]byte, 4<<20)
+	rand.New(rand.NewSource(1)).Read(buf)
+	const at = 16 << 20
+	if _, err := l.WriteAt(buf, at); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(buf))
+	if _, err := l.ReadAt(got, at); err != nil || !bytes.Equal(got, buf) {
+		t.Fatalf("read back of a 4 MiB write through the mapping differs (err %v)", err)
+	}
+	viaMap := make([]byte, ramHi-ramLo)
+	viaProc := make([]byte, ramHi-ramLo)
+	if _, err := l.ReadAt(viaMap, ramLo); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readRanges(g.tr.VM().Pid(), l.slots(), viaProc, ramLo); err != nil {
+		t.Fatal(err)
+	}
+	status := testguest.StatusGPA - ramLo
+	clear(viaMap[status : status+testguest.PageSize])
+	clear(viaProc[status : status+testguest.PageSize])
+	if !bytes.Equal(viaMap, viaProc) {
+		t.Fatal("memfd mapping and process_vm_readv disagree on guest RAM")
+	}
+
+	// Reads crossing from a mapped slot into a hole and out of RAM fail
+	// like process_vm_readv's path does.
+	var he *HoleError
+	if _, err := l.ReadAt(make([]byte, 16), ramHi-8); !errors.As(err, &he) || he.GPA != ramHi {
+		t.Errorf("read across the end of RAM: err %v, want a hole at %#x", err, ramHi)
+	}
+}
+
+func TestLiveAnonymousRAMIsNotMapped(t *testing.T) {
+	g := startLiveGuest(t, guestOptions{})
+	regs, err := g.live.MemfdRegions()
+	if err != nil || len(regs) != 0 {
+		t.Fatalf("MemfdRegions on anonymous guest RAM = %+v, %v; want none", regs, err)
+	}
+	b := make([]byte, testguest.PageSize)
+	if _, err := g.live.ReadAt(b, testguest.PatternGPA); err != nil || !bytes.Equal(b, testguest.PatternFor(0)) {
+		t.Fatalf("pattern page 0 through process_vm_readv = %q..., %v", b[:32], err)
+	}
+}
+
+func readU64(t *testing.T, m Memory, gpa uint64) uint64 {
+	t.Helper()
+	var b [8]byte
+	if _, err := m.ReadAt(b[:], int64(gpa)); err != nil {
+		t.Fatal(err)
+	}
+	return binary.LittleEndian.Uint64(b[:])
+}
+
+// A memfd truncated under our mapping raises SIGBUS on access; copyMapped
+// must turn that into an error.
+func TestCopyMappedFault(t *testing.T) {
+	fd, err := unix.MemfdCreate("kvmscope-test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Skipf("memfd_create: %v", err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, 2*4096); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.Mmap(fd, 0, 2*4096, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(mem)
+	dst := make([]byte, len(mem))
+	if err := copyMapped(dst, mem); err != nil {
+		t.Fatalf("copy before truncation: %v", err)
+	}
+	if err := unix.Ftruncate(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := copyMapped(dst, mem); err == nil {
+		t.Fatal("copy from a truncated memfd succeeded; want a fault error")
+	}
+}
+
+const sampleMaps = `55d0c6a00000-55d0c6a27000 r--p 00000000 fe:01 1312845                    /usr/bin/qemu-system-x86_64
+7f1ef41fe000-7f1ef81fe000 rw-s 00000000 00:01 94                         /memfd:memory-backend-memfd (deleted)
+7f1ef81fe000-7f1ef83fe000 rw-p 00000000 00:00 0 
+7f1ef8400000-7f1ef8600000 rw-s 00200000 00:01 95                         /memfd:with space name (deleted)
+7ffd2b3b1000-7ffd2b3d2000 rw-p 00000000 00:00 0                          [stack]
+`
+
+func TestParseProcMaps(t *testing.T) {
+	ms, err := parseProcMaps(strings.NewReader(sampleMaps))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) != 5 {
+		t.Fatalf("got %d mappings: %+v", len(ms), ms)
+	}
+	want := procMapping{Start: 0x7f1ef41fe000, End: 0x7f1ef81fe000, Perms: "rw-s", Major: 0, Minor: 1, Inode: 94, Path: "/memfd:memory-backend-memfd (deleted)"}
+	if ms[1] != want || !ms[1].isSharedMemfd() {
+		t.Errorf("memfd line = %+v, want %+v", ms[1], want)
+	}
+	if ms[2].Path != "" || ms[2].isSharedMemfd() {
+		t.Errorf("anonymous line = %+v", ms[2])
+	}
+	if ms[3].Offset != 0x200000 || ms[3].Path != "/memfd:with space name (deleted)" || ms[0].Major != 0xfe {
+		t.Errorf("lines = %+v", ms)
+	}
+	if m, ok := findMapping(ms, 0x7f1ef41fe000+0x100000, 0x3f00000); !ok || m != want {
+		t.Errorf("findMapping inside = %+v, %v", m, ok)
+	}
+	if _, ok := findMapping(ms, 0x7f1ef41fe000+0x100000, 0x4000000); ok {
+		t.Error("findMapping accepted a range running past the mapping")
+	}
+	if _, ok := findMapping(ms, 0x1000, 0x1000); ok {
+		t.Error("findMapping found an unmapped address")
+	}
+
+	// Our own maps parse, and every line comes back.
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := parseProcMaps(bytes.NewReader(b))
+	if err != nil {
+		t.Fatalf("parse /proc/self/maps: %v", err)
+	}
+	if n := bytes.Count(b, []byte("\n")); len(own) != n {
+		t.Errorf("parsed %d of %d lines of /proc/self/maps", len(own), n)
+	}
+
+	for _, bad := range []string{"zz-1 rw-p 0 0:0 0", "2-1 rw-p 0 0:0 0", "1-2 rw 0 0:0 0", "1-2 rw-p 0 00 0", "1-2 rw-p 0 0:0 x", "1-2 rw-p q 0:0 0", strings.Repeat("a", maxMapsLine+1)} {
+		if _, err := parseProcMaps(strings.NewReader(bad + "\n")); err == nil {
+			t.Errorf("parseProcMaps(%.40q) accepted a bad line", bad)
+		}
+	}
+}
+
+func FuzzParseProcMaps(f *testing.F) {
+	f.Add(sampleMaps)
+	f.Add("1-2 rw-s 0 0:1 7 /memfd:x (deleted)\n")
+	f.Add("ffffffffffffffff-0 ---- 0 :  ")
+	f.Fuzz(func(t *testing.T, s string) {
+		ms, err := parseProcMaps(strings.NewReader(s))
+		if err != nil {
+			return
+		}
+		for _, m := range ms {
+			if m.End < m.Start {
+				t.Fatalf("mapping %+v ends before it starts", m)
+			}
+			if got, ok := findMapping(ms, m.Start, m.End-m.Start); ok && (got.Start > m.Start || got.End < m.End) {
+				t.Fatalf("findMapping(%+v) = %+v", m, got)
+			}
+		}
+	})
+}
