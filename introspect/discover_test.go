@@ -21,15 +21,16 @@ import (
 
 // discoverGuest is one booted, stopped guest and its memory dump.
 type discoverGuest struct {
-	g    *testlinux.Guest
+	levels int // paging levels the guest runs with
+	g      *testlinux.Guest
 	core *guestmem.Core
 	cpus []guestmem.CPU
 }
 
-func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string) *discoverGuest {
+func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string) *discoverGuest {
 	t.Helper()
 	p := testlinux.Require(t)
-	g, err := testlinux.Boot(context.Background(), testlinux.Options{Kernel: kernel(p), Timeout: 180 * time.Second})
+	g, err := testlinux.Boot(context.Background(), testlinux.Options{Kernel: kernel(p), ExtraArgs: qemuArgs, Timeout: 180 * time.Second})
 	if err != nil {
 		t.Fatalf("boot %s: %v", kernel(p), err)
 	}
@@ -51,7 +52,13 @@ func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string) *discove
 	if err != nil {
 		t.Fatalf("CPUs from core: %v", err)
 	}
-	return &discoverGuest{g: g, core: core, cpus: cpus}
+	levels := 4
+	for _, a := range qemuArgs {
+		if strings.Contains(a, "la57") {
+			levels = 5
+		}
+	}
+	return &discoverGuest{levels: levels, g: g, core: core, cpus: cpus}
 }
 
 var gpaRe = regexp.MustCompile(`gpa:\s*(0x[0-9a-fA-F]+|[0-9]+)`)
@@ -147,8 +154,8 @@ func checkKernel(t *testing.T, d *discoverGuest, k *Kernel, wantBTF bool) {
 	if pgd, ok := truth["init_top_pgt"]; ok && k.PGD != k.PhysBase+(pgd-text) {
 		t.Errorf("PGD = %#x, init_top_pgt is at %#x", k.PGD, k.PhysBase+(pgd-text))
 	}
-	if k.Levels != 4 {
-		t.Errorf("Levels = %d, QEMU's default CPU has no LA57", k.Levels)
+	if k.Levels != d.levels {
+		t.Errorf("Levels = %d, want %d", k.Levels, d.levels)
 	}
 	// The per-CPU area (GS base in the kernel) is in the direct map.
 	for _, c := range d.cpus {
@@ -215,8 +222,8 @@ func checkKernel(t *testing.T, d *discoverGuest, k *Kernel, wantBTF bool) {
 	t.Logf("task_struct: %d bytes, tasks at %d, comm at %d", size, tasks, comm)
 }
 
-func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, wantBTF bool) {
-	d := bootForDiscover(t, kernel)
+func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string, wantBTF bool) {
+	d := bootForDiscover(t, kernel, qemuArgs)
 	t.Run("core", func(t *testing.T) {
 		start := time.Now()
 		k, err := Discover(d.core, DiscoverOptions{Log: t.Logf})
@@ -301,8 +308,14 @@ func memSize(m guestmem.Memory) uint64 {
 	return n
 }
 
-func TestDiscoverDebian(t *testing.T)  { testDiscover(t, testlinux.Debian, true) }
-func TestDiscoverGokrazy(t *testing.T) { testDiscover(t, testlinux.Gokrazy, false) }
+func TestDiscoverDebian(t *testing.T)  { testDiscover(t, testlinux.Debian, nil, true) }
+func TestDiscoverGokrazy(t *testing.T) { testDiscover(t, testlinux.Gokrazy, nil, false) }
+
+// TestDiscoverDebianLA57 boots the Debian kernel (CONFIG_X86_5LEVEL) on a
+// vCPU with 5-level paging, which TCG emulates.
+func TestDiscoverDebianLA57(t *testing.T) {
+	testDiscover(t, testlinux.Debian, []string{"-cpu", "qemu64,+la57"}, true)
+}
 
 // BenchmarkDiscover measures discovery on a dump of the Debian guest.
 func BenchmarkDiscover(b *testing.B) {

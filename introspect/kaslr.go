@@ -189,9 +189,6 @@ func (k *Kernel) findBases() error {
 	if err := k.checkDirectMap("default"); err == nil {
 		return nil
 	}
-	if k.Levels != 4 {
-		return fmt.Errorf("page_offset_base: not in kallsyms and not the default for %d-level paging", k.Levels)
-	}
 	return k.basesFromPGD()
 }
 
@@ -208,37 +205,23 @@ func (k *Kernel) checkDirectMap(from string) error {
 	return nil
 }
 
-// basesFromPGD finds the randomized regions in the kernel half of a
-// 4-level PGD. kernel_randomize_memory places, in this order and each
-// 1 GiB-aligned, the direct map, vmalloc and vmemmap between
-// 0xffff888000000000 and the CPU entry area; each region starts with
-// mappings (physical address 0; the first vmalloc allocations; the
-// struct pages of the first memory section), so each base is the first
-// mapped gigabyte after the previous region.
+// basesFromPGD finds the randomized regions in the kernel half of the
+// PGD. kernel_randomize_memory places, in this order and each aligned
+// (1 GiB with 4 levels, 512 GiB with 5), the direct map, vmalloc and
+// vmemmap between __PAGE_OFFSET_BASE and the CPU entry area; each region
+// starts with mappings (physical address 0; the first vmalloc
+// allocations; the struct pages of the first memory section), so each
+// base is the first mapped gigabyte after the previous region.
 func (k *Kernel) basesFromPGD() error {
-	const (
-		start       = 0xffff888000000000
-		end         = 0xfffffe0000000000
-		vmallocSize = 32 << 40 // VMALLOC_SIZE_TB for 4-level paging
-	)
+	const cpuEntryArea = 0xfffffe0000000000
+	start, vmallocSize := uint64(0xffff888000000000), uint64(32<<40) // VMALLOC_SIZE_TB
+	if k.Levels == 5 {
+		start, vmallocSize = 0xff11000000000000, 12800<<40
+	}
 	var mapped []uint64
-	for va := uint64(start); va < end && len(mapped) < 1<<16; {
-		pgdE, err := k.pte(k.PGD, int(va>>39&511))
-		if err != nil {
-			return err
-		}
-		if pgdE&ptePresent == 0 {
-			va = (va>>39 + 1) << 39
-			continue
-		}
-		pudE, err := k.pte(pgdE&pteAddrMask, int(va>>30&511))
-		if err != nil {
-			return err
-		}
-		if pudE&ptePresent != 0 {
-			mapped = append(mapped, va)
-		}
-		va += 1 << 30
+	budget := maxPTEReads
+	if err := k.mappedGiB(k.PGD, k.Levels, 0, start, cpuEntryArea, &mapped, &budget); err != nil {
+		return err
 	}
 	if len(mapped) == 0 {
 		return fmt.Errorf("page_offset_base: kernel half of PGD %#x maps nothing", k.PGD)
@@ -262,6 +245,48 @@ func (k *Kernel) basesFromPGD() error {
 		return fmt.Errorf("vmalloc/vmemmap regions not found in PGD %#x", k.PGD)
 	}
 	return k.checkDirectMap("page-table layout")
+}
+
+// Bounds on the walk of basesFromPGD: forged page tables can mark every
+// entry present.
+const (
+	maxMappedGiB = 1 << 16
+	maxPTEReads  = 1 << 20
+)
+
+// mappedGiB appends to out, in order, the 1 GiB-aligned virtual
+// addresses in [start, end) that the table at gpa (at level lv, covering
+// addresses from base) maps something in.
+func (k *Kernel) mappedGiB(gpa uint64, lv int, base, start, end uint64, out *[]uint64, budget *int) error {
+	shift := uint(12 + 9*(lv-1))
+	for i := 0; i < 512 && len(*out) < maxMappedGiB; i++ {
+		va := base | uint64(i)<<shift
+		if lv == k.Levels && i >= 256 {
+			va |= ^uint64(0) << (shift + 9) // sign-extend the kernel half
+		}
+		size := uint64(1) << shift
+		if va+size-1 < start || va >= end {
+			continue
+		}
+		if *budget--; *budget < 0 {
+			return fmt.Errorf("page tables under %#x: more than %d entries", k.PGD, maxPTEReads)
+		}
+		e, err := k.pte(gpa, i)
+		if err != nil {
+			return err
+		}
+		if e&ptePresent == 0 {
+			continue
+		}
+		if lv == 3 || e&ptePS != 0 {
+			*out = append(*out, va)
+			continue
+		}
+		if err := k.mappedGiB(e&pteAddrMask, lv-1, va, start, end, out, budget); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // pte reads entry i of the page table at gpa, flags included.

@@ -293,38 +293,44 @@ func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint
 	// image, in the same head_64.S block as the tables below it: take
 	// the candidate closest before its child table, with no user
 	// mappings (early_top_pgt, also there, keeps only its last entry).
-	best, bestUsed, levels := uint64(0), -1<<30, 4
+	type cand struct {
+		top, child uint64
+		levels     int
+		page       []byte
+	}
+	var cands []cand
 	for _, l3 := range level3 {
 		for gpa, p := range pages {
 			if !pointsTo(p, 511, l3) {
 				continue
 			}
-			top, child, lv := gpa, l3, 4
-			// 5-level paging: this is level4_kernel_pgt (a P4D), and the
-			// PGD points at it in turn.
+			cands = append(cands, cand{gpa, l3, 4, p})
+			// With 5-level paging this is level4_kernel_pgt (a P4D) and
+			// the PGDs point at it in turn.
 			for g5, p5 := range pages {
-				if pointsTo(p5, 511, gpa) {
-					top, child, lv = g5, gpa, 5
-					p = p5
-					break
+				if pointsTo(p5, 511, gpa) && len(cands) < 1<<12 {
+					cands = append(cands, cand{g5, gpa, 5, p5})
 				}
 			}
-			used := 0
-			for i := 0; i < 512; i++ {
-				present := binary.LittleEndian.Uint64(p[8*i:])&ptePresent != 0
-				switch {
-				case present && i < 256:
-					used = -1 << 20
-				case present:
-					used++
-				}
+		}
+	}
+	best, bestUsed, levels := uint64(0), -1<<30, 4
+	for _, c := range cands {
+		used := 0
+		for i := 0; i < 512; i++ {
+			present := binary.LittleEndian.Uint64(c.page[8*i:])&ptePresent != 0
+			switch {
+			case present && i < 256:
+				used = -1 << 20
+			case present:
+				used++
 			}
-			if top < child && child-top <= 64<<10 {
-				used += 1 << 10 // next to its child table
-			}
-			if used > bestUsed {
-				best, bestUsed, levels = top, used, lv
-			}
+		}
+		if c.top < c.child && c.child-c.top <= 64<<10 {
+			used += 1 << 10 // next to its child table
+		}
+		if used > bestUsed {
+			best, bestUsed, levels = c.top, used, c.levels
 		}
 	}
 	if bestUsed == -1<<30 {
