@@ -23,8 +23,8 @@ import (
 type discoverGuest struct {
 	levels int // paging levels the guest runs with
 	g      *testlinux.Guest
-	core *guestmem.Core
-	cpus []guestmem.CPU
+	core   *guestmem.Core
+	cpus   []guestmem.CPU
 }
 
 func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string) *discoverGuest {
