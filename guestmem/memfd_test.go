@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -37,9 +38,10 @@ func init() {
 // While one runs, the test process must start no other child: the tracer's
 // waitpid(-1) would reap it.
 type liveGuest struct {
-	tr   *tracer.Tracer
-	live *Live
-	qmp  *QMP
+	tr      *tracer.Tracer
+	live    *Live
+	qmp     *QMP
+	stopped sync.Once
 }
 
 // guestOptions choose how startLiveGuest runs the tiny guest.
@@ -122,18 +124,23 @@ func withMemfdRAM(args []string) []string {
 	return append(out, "-object", fmt.Sprintf("memory-backend-memfd,id=guestram,size=%dM", testguest.MemoryMiB))
 }
 
+// stop ends QEMU and waits until the tracer has no task left, so that
+// another guest may be started. Calling it again does nothing.
 func (g *liveGuest) stop(tb testing.TB) {
-	g.live.Close()
-	if g.qmp != nil {
-		g.qmp.Close()
-	}
-	g.tr.Signal(syscall.SIGTERM)
-	select {
-	case <-g.tr.Done():
-	case <-time.After(20 * time.Second):
-		g.tr.Signal(syscall.SIGKILL)
-		<-g.tr.Done()
-	}
+	g.stopped.Do(func() {
+		g.live.Close()
+		if g.qmp != nil {
+			g.qmp.Close()
+		}
+		g.tr.Signal(syscall.SIGTERM)
+		select {
+		case <-g.tr.Done():
+		case <-time.After(20 * time.Second):
+			tb.Errorf("QEMU ignored SIGTERM for 20 s; killing it")
+			g.tr.Signal(syscall.SIGKILL)
+			<-g.tr.Done()
+		}
+	})
 }
 
 // ramRange is guest RAM above 1 MiB, one slot with the tiny guest's 64 MiB.
