@@ -85,11 +85,13 @@ func (k *Kernel) findBanner() error {
 			return fmt.Errorf("linux_banner at %#x: %w", va, err)
 		}
 		k.Banner, k.Version = banner, v
+		k.Found["banner"] = "linux_banner"
 		return nil
 	}
-	img := make([]byte, k.imageSize)
-	if _, err := k.Mem.ReadAt(img, int64(k.PhysBase)); err != nil {
-		return fmt.Errorf("read kernel image: %w", err)
+	k.Found["banner"] = "image scan"
+	img, err := k.imageBytes()
+	if err != nil {
+		return err
 	}
 	var fallback string
 	var fv KernelVersion

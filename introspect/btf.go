@@ -71,6 +71,7 @@ func carveBTF(b []byte) ([]byte, error) {
 // loadBTF reads and parses the kernel's BTF, when it has one.
 func (k *Kernel) loadBTF() error {
 	var raw []byte
+	from := "__start_BTF"
 	start, ok1 := k.Symbol("__start_BTF")
 	stop, ok2 := k.Symbol("__stop_BTF")
 	switch {
@@ -90,11 +91,11 @@ func (k *Kernel) loadBTF() error {
 	default:
 		// No data symbols (CONFIG_KALLSYMS_ALL off): look for the header
 		// in the image.
-		img := make([]byte, k.imageSize)
-		if _, err := k.Mem.ReadAt(img, int64(k.PhysBase)); err != nil {
-			return fmt.Errorf("read kernel image: %w", err)
+		img, err := k.imageBytes()
+		if err != nil {
+			return err
 		}
-		var err error
+		from = "image scan"
 		if raw, err = carveBTF(img); err != nil {
 			k.logf("BTF: none in the image")
 			return nil
@@ -105,7 +106,8 @@ func (k *Kernel) loadBTF() error {
 		return fmt.Errorf("parse %d bytes of BTF: %w", len(raw), err)
 	}
 	k.BTF = spec
-	k.logf("BTF: %d bytes", len(raw))
+	k.Found["btf"] = from
+	k.logf("BTF: %d bytes (%s)", len(raw), from)
 	return nil
 }
 

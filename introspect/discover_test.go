@@ -21,16 +21,17 @@ import (
 
 // discoverGuest is one booted, stopped guest and its memory dump.
 type discoverGuest struct {
-	levels int // paging levels the guest runs with
+	levels int  // paging levels the guest runs with
+	kaslr  bool // booted with KASLR
 	g      *testlinux.Guest
 	core   *guestmem.Core
 	cpus   []guestmem.CPU
 }
 
-func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string) *discoverGuest {
+func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string, cmdline string) *discoverGuest {
 	t.Helper()
 	p := testlinux.Require(t)
-	g, err := testlinux.Boot(context.Background(), testlinux.Options{Kernel: kernel(p), ExtraArgs: qemuArgs, Timeout: 180 * time.Second})
+	g, err := testlinux.Boot(context.Background(), testlinux.Options{Kernel: kernel(p), ExtraArgs: qemuArgs, Append: cmdline, Timeout: 180 * time.Second})
 	if err != nil {
 		t.Fatalf("boot %s: %v", kernel(p), err)
 	}
@@ -58,7 +59,7 @@ func bootForDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs
 			levels = 5
 		}
 	}
-	return &discoverGuest{levels: levels, g: g, core: core, cpus: cpus}
+	return &discoverGuest{levels: levels, kaslr: !strings.Contains(cmdline, "nokaslr"), g: g, core: core, cpus: cpus}
 }
 
 var gpaRe = regexp.MustCompile(`gpa:\s*(0x[0-9a-fA-F]+|[0-9]+)`)
@@ -96,8 +97,8 @@ func checkKernel(t *testing.T, d *discoverGuest, k *Kernel, wantBTF bool) {
 	if k.KASLRShift != int64(text-defaultTextVA) {
 		t.Errorf("KASLRShift = %#x", k.KASLRShift)
 	}
-	if k.KASLRShift == 0 {
-		t.Log("KASLR shift is 0 (possible, but the test wants KASLR on)")
+	if !d.kaslr && (k.KASLRShift != 0 || k.PageOffsetBase != defaultBases[k.Levels][0]) {
+		t.Errorf("nokaslr: shift %#x, page_offset_base %#x", k.KASLRShift, k.PageOffsetBase)
 	}
 	if pa := d.gva2gpa(t, text); k.PhysBase != pa {
 		t.Errorf("PhysBase = %#x, QEMU translates _text to %#x", k.PhysBase, pa)
@@ -222,15 +223,15 @@ func checkKernel(t *testing.T, d *discoverGuest, k *Kernel, wantBTF bool) {
 	t.Logf("task_struct: %d bytes, tasks at %d, comm at %d", size, tasks, comm)
 }
 
-func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string, wantBTF bool) {
-	d := bootForDiscover(t, kernel, qemuArgs)
+func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string, cmdline string, wantBTF bool) {
+	d := bootForDiscover(t, kernel, qemuArgs, cmdline)
 	t.Run("core", func(t *testing.T) {
 		start := time.Now()
 		k, err := Discover(d.core, DiscoverOptions{Log: t.Logf})
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("Discover on a %d MiB dump without registers: %v", memSize(d.core)>>20, time.Since(start))
+		t.Logf("Discover on a %d MiB dump without registers: %v; found: %v", memSize(d.core)>>20, time.Since(start), k.Found)
 		checkKernel(t, d, k, wantBTF)
 	})
 	t.Run("core+cpus", func(t *testing.T) {
@@ -254,7 +255,7 @@ func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("Discover with text symbols only: %v", time.Since(start))
+		t.Logf("Discover with text symbols only: %v; found: %v", time.Since(start), k.Found)
 		if _, ok := k.Symbol("init_task"); ok {
 			t.Fatal("filter kept data symbols")
 		}
@@ -308,13 +309,14 @@ func memSize(m guestmem.Memory) uint64 {
 	return n
 }
 
-func TestDiscoverDebian(t *testing.T)  { testDiscover(t, testlinux.Debian, nil, true) }
-func TestDiscoverGokrazy(t *testing.T) { testDiscover(t, testlinux.Gokrazy, nil, false) }
+func TestDiscoverDebian(t *testing.T)  { testDiscover(t, testlinux.Debian, nil, "", true) }
+func TestDiscoverGokrazy(t *testing.T) { testDiscover(t, testlinux.Gokrazy, nil, "", false) }
 
 // TestDiscoverDebianLA57 boots the Debian kernel (CONFIG_X86_5LEVEL) on a
-// vCPU with 5-level paging, which TCG emulates.
+// vCPU with 5-level paging, which TCG emulates, and without KASLR, so the
+// fixed 5-level memory layout is used.
 func TestDiscoverDebianLA57(t *testing.T) {
-	testDiscover(t, testlinux.Debian, []string{"-cpu", "qemu64,+la57"}, true)
+	testDiscover(t, testlinux.Debian, []string{"-cpu", "qemu64,+la57"}, "nokaslr", true)
 }
 
 // BenchmarkDiscover measures discovery on a dump of the Debian guest.

@@ -44,6 +44,8 @@ func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
 		}
 		k.TextVA = startKernelMap + uint64(l2.first)*pmdSize + k.PhysBase%pmdSize
 		ks.relocate(k.TextVA + (table - k.PhysBase))
+		k.Found["phys_base"] = "kallsyms (PC-relative offsets)"
+		k.Found["text_va"] = "level2_kernel_pgt"
 	} else {
 		// Absolute addresses (relocated at boot): _text's virtual
 		// address picks the entry of level2_kernel_pgt that maps it.
@@ -57,6 +59,8 @@ func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
 			return err
 		}
 		k.PhysBase = l2.pa + text%pmdSize
+		k.Found["text_va"] = "kallsyms _text"
+		k.Found["phys_base"] = "level2_kernel_pgt"
 	}
 	k.level2 = l2.gpa
 	k.KASLRShift = int64(k.TextVA - defaultTextVA)
@@ -94,12 +98,15 @@ func (k *Kernel) findPageTables(h *kallsymsHit, regions []guestmem.Region, cpus 
 		}
 		sym = "found by structure"
 	}
+	k.Found["pgd"] = sym
+	k.Found["paging_levels"] = "page-table shape"
 	// The levels: from a vCPU's CR4.LA57, else from the shape of the
 	// tables under the PGD's last entry (PGD → level3_kernel_pgt →
 	// level2_kernel_pgt with 4 levels, one more table with 5).
 	for _, c := range cpus {
 		if p := c.Paging(); p >= 4 {
 			levels = p
+			k.Found["paging_levels"] = "CR4.LA57"
 			break
 		}
 	}
@@ -202,6 +209,7 @@ func (k *Kernel) checkDirectMap(from string) error {
 		return fmt.Errorf("page_offset_base %#x (%s) maps physical %#x, not 0", k.PageOffsetBase, from, pa)
 	}
 	k.logf("page_offset_base %#x, vmalloc_base %#x, vmemmap_base %#x (%s)", k.PageOffsetBase, k.VmallocBase, k.VmemmapBase, from)
+	k.Found["page_offset_base"] = from
 	return nil
 }
 

@@ -23,41 +23,50 @@ const defaultTextVA = 0xffffffff81000000
 var ErrNotFound = errors.New("not found in guest memory")
 
 // Kernel is what Discover found out about the guest's Linux kernel.
+// Its exported values marshal to JSON for `kvmscope kernel --json`.
 type Kernel struct {
-	Mem guestmem.Memory
-	// AS is the kernel's address space: the kernel half of the PTI pair,
-	// rooted at swapper_pg_dir (init_top_pgt).
-	AS *guestmem.AddressSpace
+	Mem guestmem.Memory `json:"-"`
+	// AS is the kernel's address space, rooted at init_top_pgt
+	// (swapper_pg_dir), which holds no user mappings.
+	AS *guestmem.AddressSpace `json:"-"`
 	// PGD is the guest physical address of the kernel's top page table.
-	PGD uint64
+	PGD uint64 `json:"pgd"`
 	// PhysBase is the guest physical address of _text.
-	PhysBase uint64
+	PhysBase uint64 `json:"phys_base"`
 	// TextVA is the virtual address of _text, KASLR applied.
-	TextVA uint64
+	TextVA uint64 `json:"text_va"`
 	// KASLRShift is TextVA - 0xffffffff81000000.
-	KASLRShift int64
+	KASLRShift int64 `json:"kaslr_shift"`
 	// Bases of the direct map, struct page array and vmalloc area, which
 	// CONFIG_RANDOMIZE_MEMORY moves (arch/x86/mm/kaslr.c).
-	PageOffsetBase, VmemmapBase, VmallocBase uint64
+	PageOffsetBase uint64 `json:"page_offset_base"`
+	VmemmapBase    uint64 `json:"vmemmap_base"`
+	VmallocBase    uint64 `json:"vmalloc_base"`
 	// Levels is the number of page-table levels, 4 or 5 (LA57).
-	Levels int
+	Levels int `json:"paging_levels"`
 	// Banner is linux_banner, "Linux version ...", without the newline.
-	Banner  string
-	Version KernelVersion
-	Syms    *Kallsyms
+	Banner  string        `json:"banner"`
+	Version KernelVersion `json:"version"`
+	Syms    *Kallsyms     `json:"-"`
 	// BTF is the kernel's own type information, nil when it has none.
-	BTF *btf.Spec
+	BTF *btf.Spec `json:"-"`
+	// Found says where each of the values above came from, e.g.
+	// "pgd": "init_top_pgt" or "found by structure".
+	Found map[string]string `json:"found"`
 
 	// imageSize is the size of the image from _text: reads inside it
 	// need no page walk (it is mapped linearly).
 	imageSize uint64
+	image     []byte // the image, cached during Discover only
 	level2    uint64 // guest physical address of level2_kernel_pgt
 	logf      func(format string, args ...any)
 }
 
 // KernelVersion is the major.minor.patch of a Linux kernel.
 type KernelVersion struct {
-	Major, Minor, Patch int
+	Major int `json:"major"`
+	Minor int `json:"minor"`
+	Patch int `json:"patch"`
 }
 
 func (v KernelVersion) String() string {
@@ -184,7 +193,8 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 	if filter != nil {
 		h.syms = filter(h.syms)
 	}
-	k := &Kernel{Mem: mem, Syms: h.syms, logf: logf}
+	k := &Kernel{Mem: mem, Syms: h.syms, Found: map[string]string{"kallsyms": h.syms.Layout()}, logf: logf}
+	defer func() { k.image = nil }()
 	if err := k.locateImage(h, regions); err != nil {
 		return nil, fmt.Errorf("discover kernel image: %w", err)
 	}
@@ -203,4 +213,17 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 		logf("BTF: %v", err)
 	}
 	return k, nil
+}
+
+// imageBytes returns the kernel image (_text to its end) from physical
+// memory, read once per Discover.
+func (k *Kernel) imageBytes() ([]byte, error) {
+	if k.image == nil {
+		img := make([]byte, k.imageSize)
+		if _, err := k.Mem.ReadAt(img, int64(k.PhysBase)); err != nil {
+			return nil, fmt.Errorf("read kernel image: %w", err)
+		}
+		k.image = img
+	}
+	return k.image, nil
 }

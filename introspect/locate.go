@@ -267,9 +267,22 @@ func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, m
 // page whose last entry leads to level3_kernel_pgt, whose entry 510 is
 // level2_kernel_pgt. It returns the table and the paging levels.
 func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint64) (uint64, int, error) {
-	buf, base, err := readSpan(mem, regions, around, sat(around, imageWindow)&^(pageSize-1), around+imageWindow)
+	// head_64.S keeps init_top_pgt a few pages before level2_kernel_pgt:
+	// look there first, then around the kallsyms tables.
+	pgd, levels, near, err := findPGDIn(mem, regions, level2, sat(level2, 1<<20), level2+1<<20, level2)
+	if err == nil && near {
+		return pgd, levels, nil
+	}
+	pgd, levels, _, err = findPGDIn(mem, regions, around, sat(around, imageWindow), around+imageWindow, level2)
+	return pgd, levels, err
+}
+
+// findPGDIn is findPGD over the pages of [start, end); near reports that
+// the table found sits next to its child table.
+func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, end, level2 uint64) (pgd uint64, lv int, near bool, err error) {
+	buf, base, err := readSpan(mem, regions, around, start&^(pageSize-1), end)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, false, err
 	}
 	pointsTo := func(page []byte, idx int, target uint64) bool {
 		e := binary.LittleEndian.Uint64(page[8*idx:])
@@ -334,9 +347,9 @@ func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint
 		}
 	}
 	if bestUsed == -1<<30 {
-		return 0, 0, fmt.Errorf("kernel page-table root (init_top_pgt): %w", ErrNotFound)
+		return 0, 0, false, fmt.Errorf("kernel page-table root (init_top_pgt): %w", ErrNotFound)
 	}
-	return best, levels, nil
+	return best, levels, bestUsed >= 1<<10, nil
 }
 
 // codeHint returns the physical 2 MiB page of the kernel code a vCPU is
