@@ -71,38 +71,73 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	var out []Process
 	// All thread lists together may not hold more than this many nodes.
 	threadBudget := 2 * maxTasks
-	err := forEachTask(k, off, initTask, func(task uint64) error {
-		p, err := r.process(task)
+	threadsKnown := off.TaskSignal.Known() && off.TaskThreadNode.Known() && off.SignalThreadHd.Known()
+	parents := map[int]uint64{} // index in out -> real_parent
+	tgids := map[uint64]int{}   // task -> tgid
+	// Walk init_task's tasks list (for_each_process) with the reads that
+	// fetch each task's members: each task's bytes hold its tasks links,
+	// checked both ways as listNodes does.
+	lo := uint64(off.TaskTasks.Value)
+	head := initTask + lo
+	seen := map[uint64]bool{}
+	cur, prevNode := initTask, uint64(0)
+	var initB []byte
+	for {
+		if len(seen) >= maxTasks+1 {
+			return nil, fmt.Errorf("processes: tasks list at %#x: more than %d nodes", head, maxTasks)
+		}
+		seen[cur] = true
+		b, err := r.read(cur)
 		if err != nil {
-			return err
+			return nil, fmt.Errorf("processes: %w", err)
+		}
+		if cur == initTask {
+			initB = b
+		} else if pr := r.u64(b, off.TaskTasks.Value+8); pr != prevNode {
+			return nil, fmt.Errorf("processes: tasks list at %#x: node %#x: prev is %#x, want %#x", head, cur+lo, pr, prevNode)
+		}
+		p := r.process(cur, b)
+		if parent, ok := r.field(b, off.TaskRealParent, 8); ok {
+			parents[len(out)] = parent
+		}
+		if p.TGID >= 0 {
+			tgids[cur] = p.TGID
 		}
 		if !opts.NoCmdline {
-			p.Cmdline = r.cmdline(task)
+			p.Cmdline = r.cmdline(cur, b)
 		}
 		var threads []Process
-		if off.TaskSignal.Known() && off.TaskThreadNode.Known() && off.SignalThreadHd.Known() {
-			n := 0
-			err := forEachThread(k, off, task, &threadBudget, func(th uint64) error {
-				n++
-				if !opts.Threads || th == task {
+		if threadsKnown {
+			n, single := r.singleThread(b)
+			if !single {
+				n = 0
+				err := forEachThread(k, off, cur, &threadBudget, func(th uint64) error {
+					n++
+					if !opts.Threads || th == cur {
+						return nil
+					}
+					tb, err := r.read(th)
+					if err != nil {
+						return err
+					}
+					tp := r.process(th, tb)
+					if parent, ok := r.field(tb, off.TaskRealParent, 8); ok {
+						parents[len(out)+1+len(threads)] = parent
+					}
+					tp.Cmdline = p.Cmdline
+					threads = append(threads, tp)
 					return nil
+				})
+				// A task exiting while we look may have a broken
+				// thread list; its count stays unknown (0).
+				if errors.Is(err, ErrBudget) {
+					return nil, fmt.Errorf("processes: threads: %w", err)
 				}
-				tp, err := r.process(th)
 				if err != nil {
-					return err
+					n = 0
 				}
-				tp.Cmdline = p.Cmdline
-				threads = append(threads, tp)
-				return nil
-			})
-			// A task exiting while we look may have a broken thread
-			// list; its count stays unknown (0).
-			if errors.Is(err, ErrBudget) {
-				return fmt.Errorf("processes: threads: %w", err)
 			}
-			if err == nil {
-				p.Threads = n
-			}
+			p.Threads = n
 		}
 		for i := range threads {
 			threads[i].Threads = p.Threads
@@ -110,12 +145,32 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		out = append(out, p)
 		out = append(out, threads...)
 		if len(out) > maxTasks {
-			return fmt.Errorf("processes: more than %d tasks", maxTasks)
+			return nil, fmt.Errorf("processes: more than %d tasks", maxTasks)
 		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
+		next := r.u64(b, off.TaskTasks.Value)
+		if next == head {
+			break
+		}
+		if !k.kernelPtr(next) || next < lo {
+			return nil, fmt.Errorf("processes: tasks list at %#x: node %d: %#x is not a kernel address", head, len(seen), next)
+		}
+		if seen[next-lo] {
+			return nil, fmt.Errorf("processes: tasks list at %#x: node %#x appears twice (the list does not lead back to its head)", head, next)
+		}
+		prevNode, cur = cur+lo, next-lo
+	}
+	if pr := r.u64(initB, off.TaskTasks.Value+8); pr != cur+lo {
+		return nil, fmt.Errorf("processes: tasks list at %#x: head's prev %#x is not the last node %#x", head, pr, cur+lo)
+	}
+	// PPid is the tgid of real_parent, most often a task seen above.
+	if off.TaskTGID.Known() {
+		for i, parent := range parents {
+			if g, ok := tgids[parent]; ok {
+				out[i].PPID = g
+			} else if v, err := k.ReadU32(parent + uint64(off.TaskTGID.Value)); err == nil {
+				out[i].PPID = int(v)
+			}
+		}
 	}
 	return out, nil
 }
@@ -125,19 +180,20 @@ type taskReader struct {
 	k      *Kernel
 	off    *Offsets
 	lo, hi int64
-	creds  map[uint64][3]int // cred address -> uid, gid, euid
-	egids  map[uint64]int
+	creds  map[uint64][4]int // cred address -> uid, gid, euid, egid
+	pgds   map[uint64]uint64 // mm -> physical PGD (threads share an mm)
 }
 
 func newTaskReader(k *Kernel, off *Offsets) *taskReader {
-	r := &taskReader{k: k, off: off, lo: 1 << 62, creds: map[uint64][3]int{}, egids: map[uint64]int{}}
+	r := &taskReader{k: k, off: off, lo: 1 << 62, creds: map[uint64][4]int{}, pgds: map[uint64]uint64{}}
 	for _, m := range []struct {
 		o Offset
 		n int64
 	}{
 		{off.TaskComm, 16}, {off.TaskPID, 4}, {off.TaskTGID, 4}, {off.TaskRealParent, 8},
 		{off.TaskMM, 8}, {off.TaskRealCred, 8}, {off.TaskCred, 8}, {off.TaskFlags, 4},
-		{off.TaskState, 4}, {off.TaskStartTime, 8},
+		{off.TaskState, 4}, {off.TaskStartTime, 8}, {off.TaskTasks, 16},
+		{off.TaskSignal, 8}, {off.TaskThreadNode, 16},
 	} {
 		if m.o.Known() {
 			r.lo = min(r.lo, m.o.Value)
@@ -158,20 +214,57 @@ func (r *taskReader) field(b []byte, o Offset, size int) (uint64, bool) {
 	return le64(b, i), true
 }
 
+func (r *taskReader) u64(b []byte, off int64) uint64 { return le64(b, int(off-r.lo)) }
+
 // read returns the task's bytes from r.lo to r.hi.
 func (r *taskReader) read(task uint64) ([]byte, error) {
 	b := make([]byte, r.hi-r.lo)
-	if err := r.k.ReadVirt(b, task+uint64(r.lo)); err != nil {
+	if err := r.k.readContig(b, task+uint64(r.lo)); err != nil {
 		return nil, fmt.Errorf("read task_struct at %#x: %w", task, err)
 	}
 	return b, nil
 }
 
-func (r *taskReader) process(task uint64) (Process, error) {
-	b, err := r.read(task)
-	if err != nil {
-		return Process{}, err
+// singleThread reports from the task's own bytes whether its thread list
+// holds only the task: its thread_node links both lead to its signal
+// struct's thread_head.
+func (r *taskReader) singleThread(b []byte) (int, bool) {
+	o := r.off
+	h := r.u64(b, o.TaskSignal.Value) + uint64(o.SignalThreadHd.Value)
+	if r.u64(b, o.TaskThreadNode.Value) == h && r.u64(b, o.TaskThreadNode.Value+8) == h {
+		return 1, true
 	}
+	return 0, false
+}
+
+// readCred reads the ids of the cred at va in one read (-1 when unknown).
+func (r *taskReader) readCred(va uint64) [4]int {
+	ids := [4]int{-1, -1, -1, -1}
+	o := r.off
+	members := []Offset{o.CredUID, o.CredGID, o.CredEUID, o.CredEGID}
+	lo, hi := int64(1<<62), int64(0)
+	for _, m := range members {
+		if m.Known() {
+			lo, hi = min(lo, m.Value), max(hi, m.Value+4)
+		}
+	}
+	if hi == 0 || hi-lo > credWindow {
+		return ids
+	}
+	b := make([]byte, hi-lo)
+	if err := r.k.ReadVirt(b, va+uint64(lo)); err != nil {
+		return ids
+	}
+	for i, m := range members {
+		if m.Known() {
+			ids[i] = int(le32(b, int(m.Value-lo)))
+		}
+	}
+	return ids
+}
+
+// process decodes the task's bytes b.
+func (r *taskReader) process(task uint64, b []byte) Process {
 	o := r.off
 	p := Process{Task: task, TGID: -1, PPID: -1, UID: -1, GID: -1, EUID: -1, EGID: -1, State: "?"}
 	ci := int(o.TaskComm.Value - r.lo)
@@ -184,12 +277,6 @@ func (r *taskReader) process(task uint64) (Process, error) {
 	p.PID = int(v)
 	if v, ok := r.field(b, o.TaskTGID, 4); ok {
 		p.TGID = int(v)
-	}
-	if parent, ok := r.field(b, o.TaskRealParent, 8); ok && o.TaskTGID.Known() {
-		// PPid is the parent's tgid.
-		if v, err := r.k.ReadU32(parent + uint64(o.TaskTGID.Value)); err == nil {
-			p.PPID = int(v)
-		}
 	}
 	mm, haveMM := r.field(b, o.TaskMM, 8)
 	if flags, ok := r.field(b, o.TaskFlags, 4); ok {
@@ -210,55 +297,45 @@ func (r *taskReader) process(task uint64) (Process, error) {
 	if cred, ok := r.field(b, credOff, 8); ok && cred != 0 {
 		ids, ok := r.creds[cred]
 		if !ok {
-			ids = [3]int{-1, -1, -1}
-			for i, m := range []Offset{o.CredUID, o.CredGID, o.CredEUID} {
-				if m.Known() {
-					if v, err := r.k.ReadU32(cred + uint64(m.Value)); err == nil {
-						ids[i] = int(v)
-					}
-				}
-			}
-			if o.CredEGID.Known() {
-				if v, err := r.k.ReadU32(cred + uint64(o.CredEGID.Value)); err == nil {
-					r.egids[cred] = int(v)
-				}
-			}
+			ids = r.readCred(cred)
 			r.creds[cred] = ids
 		}
-		p.UID, p.GID, p.EUID = ids[0], ids[1], ids[2]
-		if g, ok := r.egids[cred]; ok {
-			p.EGID = g
-		}
+		p.UID, p.GID, p.EUID, p.EGID = ids[0], ids[1], ids[2], ids[3]
 	}
 	if haveMM && mm != 0 && o.MMPgd.Known() {
-		if pgd, err := r.k.ReadPtr(mm + uint64(o.MMPgd.Value)); err == nil {
-			if pa, err := r.k.VirtToPhys(pgd); err == nil {
-				p.PGD = pa
+		pa, ok := r.pgds[mm]
+		if !ok {
+			if pgd, err := r.k.ReadPtr(mm + uint64(o.MMPgd.Value)); err == nil {
+				pa, _ = r.k.VirtToPhys(pgd)
 			}
+			r.pgds[mm] = pa
 		}
+		p.PGD = pa
 	}
-	return p, nil
+	return p
 }
 
 // cmdline reads argv from mm->arg_start..arg_end through the process's own
 // page tables (proc_pid_cmdline_read without the setproctitle cases).
-func (r *taskReader) cmdline(task uint64) []string {
+func (r *taskReader) cmdline(task uint64, b []byte) []string {
 	o := r.off
 	if !o.TaskMM.Known() || !o.MMPgd.Known() || !o.MMArgStart.Known() || !o.MMArgEnd.Known() {
 		return nil
 	}
-	mm, err := r.k.ReadPtr(task + uint64(o.TaskMM.Value))
-	if err != nil || mm == 0 {
+	mm, _ := r.field(b, o.TaskMM, 8)
+	if mm == 0 {
 		return nil
 	}
-	pgd, err1 := r.k.ReadPtr(mm + uint64(o.MMPgd.Value))
-	start, err2 := r.k.ReadU64(mm + uint64(o.MMArgStart.Value))
-	end, err3 := r.k.ReadU64(mm + uint64(o.MMArgEnd.Value))
-	if err1 != nil || err2 != nil || err3 != nil || end <= start || start >= r.k.userTop() {
+	pa, ok := r.pgds[mm]
+	if !ok || pa == 0 {
 		return nil
 	}
-	pa, err := r.k.VirtToPhys(pgd)
-	if err != nil {
+	var args [16]byte
+	if err := r.k.ReadVirt(args[:], mm+uint64(o.MMArgStart.Value)); err != nil || o.MMArgEnd.Value != o.MMArgStart.Value+8 {
+		return nil
+	}
+	start, end := le64(args[:], 0), le64(args[:], 8)
+	if end <= start || start >= r.k.userTop() {
 		return nil
 	}
 	n := min(end-start, maxCmdline)
@@ -303,4 +380,31 @@ func stateLetter(v uint32) string {
 	default:
 		return "?"
 	}
+}
+
+// readContig reads len(p) bytes at kernel virtual address va with one
+// memory read per physically contiguous run of pages (a task_struct in
+// the direct map is one run), where ReadVirt reads page by page: each
+// read of live guest memory is a system call.
+func (k *Kernel) readContig(p []byte, va uint64) error {
+	for len(p) > 0 {
+		pa, err := k.VirtToPhys(va)
+		if err != nil {
+			return err
+		}
+		n := min(uint64(len(p)), 0x1000-va&0xfff)
+		for n < uint64(len(p)) {
+			next, err := k.VirtToPhys(va + n)
+			if err != nil || next != pa+n {
+				break
+			}
+			n += min(uint64(len(p))-n, 0x1000)
+		}
+		if _, err := k.Mem.ReadAt(p[:n], int64(pa)); err != nil {
+			return fmt.Errorf("read kernel va %#x (pa %#x): %w", va, pa, err)
+		}
+		p = p[n:]
+		va += n
+	}
+	return nil
 }
