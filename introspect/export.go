@@ -98,8 +98,8 @@ func (o *Offsets) JSON(k *Kernel) ([]byte, error) {
 	return json.MarshalIndent(doc, "", "  ")
 }
 
-// Volatility 3 Intermediate Symbol Format (ISF), version 6.2.0
-// (volatility3/schemas/schema-6.2.0.json).
+// Volatility 3 Intermediate Symbol Format (ISF), format 6.2.0
+// (volatility3/schemas/schema-6.3.0.json accepts 6.x).
 type isfDoc struct {
 	Metadata  isfMetadata             `json:"metadata"`
 	BaseTypes map[string]isfBaseType  `json:"base_types"`
@@ -111,6 +111,7 @@ type isfDoc struct {
 type isfMetadata struct {
 	Format   string            `json:"format"`
 	Producer map[string]string `json:"producer"`
+	Linux    map[string]any    `json:"linux"`
 }
 
 type isfBaseType struct {
@@ -134,6 +135,10 @@ type isfField struct {
 type isfSymbolDef struct {
 	Address uint64         `json:"address"`
 	Type    map[string]any `json:"type,omitempty"`
+	// ConstantData is the symbol's content, base64 (encoding/json's
+	// []byte encoding); Volatility matches linux_banner's against the
+	// banner it finds in memory.
+	ConstantData []byte `json:"constant_data,omitempty"`
 }
 
 func isfBase(name string) map[string]any { return map[string]any{"kind": "base", "name": name} }
@@ -184,7 +189,8 @@ var isfFieldTypes = map[string]map[string]any{
 // in System.map: Volatility finds the shift itself).
 func (o *Offsets) ISF(k *Kernel) ([]byte, error) {
 	doc := isfDoc{
-		Metadata: isfMetadata{Format: "6.2.0", Producer: map[string]string{"name": "kvmscope", "version": "1"}},
+		Metadata: isfMetadata{Format: "6.2.0", Producer: map[string]string{"name": "kvmscope", "version": "0.1.0"},
+			Linux: map[string]any{}},
 		BaseTypes: map[string]isfBaseType{
 			"char":               {"char", 1, true, "little"},
 			"int":                {"int", 4, true, "little"},
@@ -232,7 +238,11 @@ func (o *Offsets) ISF(k *Kernel) ([]byte, error) {
 		sort.Strings(names)
 		for _, s := range names {
 			if a, ok := k.Symbol(s); ok {
-				doc.Symbols[s] = isfSymbolDef{Address: uint64(int64(a) - k.KASLRShift), Type: types[s]}
+				d := isfSymbolDef{Address: uint64(int64(a) - k.KASLRShift), Type: types[s]}
+				if s == "linux_banner" && k.Banner != "" {
+					d.ConstantData = []byte(k.Banner + "\n\x00")
+				}
+				doc.Symbols[s] = d
 			}
 		}
 	}

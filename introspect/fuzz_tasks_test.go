@@ -24,14 +24,14 @@ const (
 	fThreadNd = 0x310
 )
 
-// sliceMem is guest physical memory held in a byte slice.
-type sliceMem []byte
+// forgedMem is guest physical memory held in a byte slice.
+type forgedMem []byte
 
-func (m sliceMem) Regions() []guestmem.Region {
+func (m forgedMem) Regions() []guestmem.Region {
 	return []guestmem.Region{{GPA: 0, Size: uint64(len(m))}}
 }
 
-func (m sliceMem) ReadAt(p []byte, gpa int64) (int, error) {
+func (m forgedMem) ReadAt(p []byte, gpa int64) (int, error) {
 	if gpa < 0 || gpa >= int64(len(m)) {
 		return 0, &guestmem.HoleError{GPA: uint64(gpa)}
 	}
@@ -43,7 +43,7 @@ func (m sliceMem) ReadAt(p []byte, gpa int64) (int, error) {
 }
 
 func fuzzKernel(mem []byte) *Kernel {
-	return &Kernel{Mem: sliceMem(mem), TextVA: fuzzBase, imageSize: uint64(len(mem)), Levels: 4,
+	return &Kernel{Mem: forgedMem(mem), TextVA: fuzzBase, imageSize: uint64(len(mem)), Levels: 4,
 		PageOffsetBase: 0xffff888000000000}
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -471,18 +472,29 @@ func checkExports(t *testing.T, k *Kernel, off *Offsets) {
 		t.Fatal(err)
 	}
 	var isf struct {
-		Metadata  struct{ Format string }
+		Metadata struct {
+			Format   string
+			Producer struct{ Version string }
+		}
 		UserTypes map[string]struct {
 			Size   int64
 			Fields map[string]struct{ Offset int64 }
 		} `json:"user_types"`
-		Symbols map[string]struct{ Address uint64 }
+		Symbols map[string]struct {
+			Address      uint64
+			ConstantData []byte `json:"constant_data"`
+		}
 	}
 	if err := json.Unmarshal(raw, &isf); err != nil {
 		t.Fatalf("ISF: %v", err)
 	}
-	if isf.Metadata.Format == "" {
-		t.Error("ISF: no metadata.format")
+	// volatility3/schemas/schema-6.3.0.json patterns.
+	if !regexp.MustCompile(`^6\.[0-9]+\.[0-9]+$`).MatchString(isf.Metadata.Format) ||
+		!regexp.MustCompile(`^[0-9]+\.[0-9]+\.[0-9]+$`).MatchString(isf.Metadata.Producer.Version) {
+		t.Errorf("ISF metadata %+v does not match the schema", isf.Metadata)
+	}
+	if got := string(isf.Symbols["linux_banner"].ConstantData); got != k.Banner+"\n\x00" {
+		t.Errorf("ISF linux_banner data %q, want the banner", got)
 	}
 	if got := isf.UserTypes["task_struct"].Fields["pid"].Offset; got != off.TaskPID.Value {
 		t.Errorf("ISF task_struct.pid = %d, want %d", got, off.TaskPID.Value)
