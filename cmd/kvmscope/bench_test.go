@@ -1,0 +1,236 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testguest"
+)
+
+// The benchmarks of issue 2 that need the kvmscope binary (scripts/bench.sh
+// prints them as a table). Ours and the baseline are measured interleaved
+// in the same run; each benchmark reports both and their ratio as metrics.
+
+// benchGuest returns QEMU and the built tiny guest, skipping when QEMU or
+// KVM is missing (failing when KVMSCOPE_REQUIRE_KVM=1).
+func benchGuest(b *testing.B) (qemu, kernel string) {
+	b.Helper()
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		b.Skip("qemu-system-x86_64 not installed (run 'just setup')")
+	}
+	if err := testguest.KVMAvailable(); err != nil {
+		if os.Getenv("KVMSCOPE_REQUIRE_KVM") == "1" {
+			b.Fatalf("KVMSCOPE_REQUIRE_KVM=1 but %v", err)
+		}
+		b.Skipf("needs /dev/kvm: %v", err)
+	}
+	if kernel, err = testguest.Build(); err != nil {
+		b.Fatalf("build tiny guest: %v", err)
+	}
+	return qemu, kernel
+}
+
+// envInt is the integer in environment variable name, else def.
+func envInt(b *testing.B, name string, def int) int {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	v, err := strconv.Atoi(s)
+	if err != nil || v < 1 {
+		b.Fatalf("%s=%q: want a positive integer", name, s)
+	}
+	return v
+}
+
+// BenchmarkGuestSlowdown is the guest's wall time under `kvmscope run`
+// against plain QEMU: the tiny guest does KVMSCOPE_BENCH_IO (default 40000)
+// port-I/O exits, each a KVM_RUN return to QEMU, and exits. Runs are
+// interleaved, KVMSCOPE_BENCH_REPS (default 5) of each, in rotating order.
+// For contrast the same runs under `strace -f -o /dev/null`, a tracer that
+// stops QEMU at every system call (KVM_RUN included), when strace is
+// installed. Metrics: median seconds of each, and the median of the
+// per-round ratios to plain QEMU (target <= 1.005 for kvmscope).
+func BenchmarkGuestSlowdown(b *testing.B) {
+	qemu, kernel := benchGuest(b)
+	n := envInt(b, "KVMSCOPE_BENCH_IO", 40000)
+	reps := envInt(b, "KVMSCOPE_BENCH_REPS", 5)
+	args := testguest.KernelArgs(kernel, 1, "kvm", fmt.Sprintf("io=%d", n))
+	sock := filepath.Join(b.TempDir(), "api.sock")
+	variants := []struct {
+		name string
+		argv []string
+	}{
+		{"qemu", append([]string{qemu}, args...)},
+		{"kvmscope", append([]string{kvmscopeBin, "--log-level", "error", "run", "--api", sock, "--", qemu}, args...)},
+	}
+	if strace, err := exec.LookPath("strace"); err == nil {
+		variants = append(variants, struct {
+			name string
+			argv []string
+		}{"strace", append([]string{strace, "-f", "-o", "/dev/null", qemu}, args...)})
+	} else {
+		b.Logf("strace not installed: no every-syscall tracer row")
+	}
+	run := func(argv []string) time.Duration {
+		cmd := exec.Command(argv[0], argv[1:]...)
+		t0 := time.Now()
+		err := cmd.Run()
+		d := time.Since(t0)
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != testguest.ExitStatus(0) {
+			b.Fatalf("%v: %v; want exit status %d (the guest finished its %d exits)", argv[:3], err, testguest.ExitStatus(0), n)
+		}
+		return d
+	}
+	// Warm up: binaries, firmware and guest into the page cache.
+	for _, v := range variants[:2] {
+		run(v.argv)
+	}
+	times := make([][]time.Duration, len(variants))
+	ratios := make([][]float64, len(variants))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < reps; r++ {
+			round := make([]time.Duration, len(variants))
+			for k := range variants {
+				j := (k + r) % len(variants) // rotate who goes first
+				round[j] = run(variants[j].argv)
+			}
+			for j := range variants {
+				times[j] = append(times[j], round[j])
+				ratios[j] = append(ratios[j], round[j].Seconds()/round[0].Seconds())
+			}
+		}
+	}
+	b.StopTimer()
+	for j, v := range variants {
+		b.ReportMetric(medianDuration(times[j]).Seconds(), v.name+"-s")
+		if j > 0 {
+			// The quartiles show how far the machine's noise lets the
+			// median be trusted.
+			b.ReportMetric(quantile(ratios[j], 0.5), v.name+"-ratio")
+			b.ReportMetric(quantile(ratios[j], 0.25), v.name+"-ratio-p25")
+			b.ReportMetric(quantile(ratios[j], 0.75), v.name+"-ratio-p75")
+		}
+	}
+	b.ReportMetric(float64(n), "io-exits")
+}
+
+// BenchmarkAPIRegisters is one vCPU's registers through the API (GET
+// /v1/vcpus on a 1-vCPU VM: kick, sync-regs copy, JSON over the unix socket)
+// against QMP `info registers` on the same running VM, parsed. Metrics:
+// median µs of each and the median of the rounds' speedups (target
+// >= 20).
+func BenchmarkAPIRegisters(b *testing.B) {
+	qemu, kernel := benchGuest(b)
+	dir := b.TempDir()
+	sock, qmpSock := filepath.Join(dir, "api.sock"), filepath.Join(dir, "qmp.sock")
+	args := append(testguest.KernelArgs(kernel, 1, "kvm", ""), "-qmp", "unix:"+qmpSock+",server=on,wait=off")
+	cmd := exec.Command(kvmscopeBin, append([]string{"--log-level", "error", "run", "--api", sock, "--", qemu}, args...)...)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	c := api.NewClient(sock)
+	ready := url.Values{"gpa": {fmt.Sprintf("%#x", testguest.ReadyGPA)}, "len": {"8"}}
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		body, err := c.GetRaw(ctx, "/v1/memory?"+ready.Encode())
+		if err == nil && len(body) == 8 && binary.LittleEndian.Uint64(body) == testguest.ReadyValue {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the tiny guest did not get ready under kvmscope run: %v", err)
+		}
+		select {
+		case <-done:
+			b.Fatal("kvmscope run exited early")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	q, err := guestmem.DialQMP(ctx, qmpSock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer q.Close()
+	const rounds = 100
+	var ours, base []time.Duration
+	var speedups []float64
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < rounds; r++ {
+			var vcpus []api.VCPU
+			t0 := time.Now()
+			if err := c.Get(ctx, "/v1/vcpus", &vcpus); err != nil {
+				b.Fatal(err)
+			}
+			t1 := time.Now()
+			out, err := q.HMP(ctx, "info registers")
+			if err != nil {
+				b.Fatal(err)
+			}
+			cpus, err := guestmem.ParseInfoRegisters(out)
+			t2 := time.Now()
+			if err != nil || len(cpus) != 1 || len(vcpus) != 1 {
+				b.Fatalf("got %d vCPUs from the API, %d from QMP (%v)", len(vcpus), len(cpus), err)
+			}
+			if vcpus[0].CR3 != testguest.PML4GPA || cpus[0].CR3 != testguest.PML4GPA {
+				b.Fatalf("CR3 %#x (API), %#x (QMP); want the tiny guest's %#x", vcpus[0].CR3, cpus[0].CR3, testguest.PML4GPA)
+			}
+			ours = append(ours, t1.Sub(t0))
+			base = append(base, t2.Sub(t1))
+			speedups = append(speedups, t2.Sub(t1).Seconds()/t1.Sub(t0).Seconds())
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(medianDuration(ours).Nanoseconds())/1e3, "ours-us")
+	b.ReportMetric(float64(medianDuration(base).Nanoseconds())/1e3, "qmp-us")
+	// The median of the rounds' ratios, which a busy machine disturbs
+	// less than a ratio of medians.
+	b.ReportMetric(quantile(speedups, 0.5), "speedup")
+}
+
+func medianDuration(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// quantile q (0..1) of fs, nearest rank.
+func quantile(fs []float64, q float64) float64 {
+	if len(fs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), fs...)
+	sort.Float64s(s)
+	return s[int(q*float64(len(s)-1)+0.5)]
+}

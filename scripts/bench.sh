@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The benchmarks of issue 2, printed as a table of ratios. Every ratio is
+# measured in one run with ours and its baseline interleaved, so a busy
+# machine slows both alike (the spread of the slowdown ratio is printed
+# too: on a loaded machine it can be wider than the 0.5% target).
+#
+#   scripts/bench.sh            run, print the table, exit 1 if a target is missed
+#   KVMSCOPE_BENCH_REPS=N       rounds of the guest-slowdown runs (default 5)
+#   KVMSCOPE_BENCH_IO=N         port-I/O exits per guest run (default 40000)
+#
+# Needs qemu-system-x86_64 and /dev/kvm (just setup); the every-syscall
+# contrast row needs strace. The raw `go test -bench` output goes to
+# .cache/bench.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .cache
+log=.cache/bench.log
+
+status=0
+go test -run '^$' -bench '^Benchmark(GuestSlowdown|APIRegisters|GuestRead|VCPURegisters)$' \
+  -benchtime 1x -count 1 -timeout 20m ./cmd/kvmscope ./guestmem 2>&1 |
+  grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
+  tee "$log" >&2 || status=1
+
+echo
+awk '
+# Collect "Benchmark<Name>[/sub]-P  N  T ns/op  V unit  V unit ..." lines.
+/^Benchmark/ {
+  name = $1; sub(/-[0-9]+$/, "", name); sub(/^Benchmark/, "", name)
+  for (i = 5; i + 1 <= NF; i += 2) m[name, $(i+1)] = $i
+  seen[name] = 1
+}
+function has(n, u) { return (n, u) in m }
+function row(label, n, ou, bu, fmt, unit, ru, op, target, spread,   r, res, o, b) {
+  if (!(n in seen) || !has(n, ru)) {
+    printf "%-44s %14s %14s %22s %9s  %s\n", label, "-", "-", "-", (op == "" ? "contrast" : op " " target), "MISSING"
+    if (op != "") failed = 1
+    return
+  }
+  o = sprintf(fmt " %s", m[n, ou], unit); b = sprintf(fmt " %s", m[n, bu], unit)
+  r = sprintf("%.3f", m[n, ru])
+  if (spread != "" && has(n, spread "-p25")) r = r sprintf(" [%.3f-%.3f]", m[n, spread "-p25"], m[n, spread "-p75"])
+  if (op == "") res = "-"
+  else if ((op == "<=" && m[n, ru] + 0 <= target + 0) || (op == ">=" && m[n, ru] + 0 >= target + 0)) res = "PASS"
+  else { res = "FAIL"; failed = 1 }
+  printf "%-44s %14s %14s %22s %9s  %s\n", label, o, b, r, (op == "" ? "contrast" : op " " target), res
+}
+END {
+  printf "%-44s %14s %14s %22s %9s  %s\n", "benchmark", "ours", "baseline", "ratio", "target", "result"
+  n = "GuestSlowdown"
+  row("guest wall time: kvmscope run / plain QEMU", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-ratio", "<=", "1.005", "kvmscope-ratio")
+  row("guest wall time: strace -f / plain QEMU", n, "strace-s", "qemu-s", "%.3f", "s", "strace-ratio", "", "", "strace-ratio")
+  row("vCPU registers: QMP / kvmscope (in-process)", "VCPURegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", ">=", "20", "")
+  row("vCPU registers: QMP / kvmscope (API)", "APIRegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", ">=", "20", "")
+  row("32 MiB read: process_vm_readv / memcpy", "GuestRead/procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", ">=", "0.5", "")
+  row("32 MiB read: memfd mapping / memcpy", "GuestRead/memfd", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", ">=", "0.5", "")
+  row("32 MiB read: memfd RAM via process_vm_readv", "GuestRead/memfd_procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "", "", "")
+  if ("GuestSlowdown" in seen) printf "\n(guest: tiny guest, %d port-I/O exits per run; slowdown ratio is the median of per-round ratios [quartiles])\n", m["GuestSlowdown", "io-exits"]
+  exit failed
+}' "$log" || status=1
+exit "$status"
