@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf/btf"
+
+	"github.com/kvmscope/kvmscope/guestmem"
 )
 
 // FuzzKallsyms feeds the kallsyms reader arbitrary "kernel image" bytes:
@@ -85,4 +87,73 @@ func FuzzBanner(f *testing.F) {
 			t.Fatalf("banner of %d bytes", len(s))
 		}
 	})
+}
+
+// FuzzDiscover runs the whole discovery over a synthetic kernel
+// (synthKernel) that the fuzzer damages: each patch picks one of the
+// structures discovery reads (kallsyms, page tables, banner, BTF, or
+// anywhere) and overwrites a few bytes there. Discover must fail with an
+// error or return a kernel whose accessors stay in bounds.
+func FuzzDiscover(f *testing.F) {
+	s := synthKernel(f)
+	f.Add([]byte{})
+	f.Add([]byte{0, 0x10, 0x00, 4, 0xff, 0xff, 0xff, 0xff})       // kallsyms
+	f.Add([]byte{1, 0x1f, 0xf8, 8, 0x63, 0, 0x90, 0, 0, 0, 0, 0}) // PGD[511]
+	f.Add([]byte{1, 0x20, 0xc0, 8, 0xe3, 0x01, 0, 0, 0, 0, 0, 0}) // level2 entry
+	f.Add([]byte{2, 0, 14, 2, '9', '9'})                          // banner
+	f.Add([]byte{3, 0, 8, 4, 0xff, 0xff, 0xff, 0x7f})             // BTF header
+	regions := [][2]uint64{
+		{s.syms, 0x10000},                // kallsyms tables
+		{s.pgd, 0x5000},                  // PGD, level3/level2_kernel_pgt, direct map
+		{synthPhysBase + 0x80000, 0x100}, // linux_banner
+		{synthPhysBase + 3<<20, 0x400},   // BTF
+		{0, synthMem},
+	}
+	f.Fuzz(func(t *testing.T, patch []byte) {
+		m := &patchedMem{base: s.mem}
+		for len(patch) >= 5 {
+			r := regions[int(patch[0])%len(regions)]
+			off := r[0] + (uint64(patch[1])<<16|uint64(patch[2])<<8|uint64(patch[3]))%r[1]
+			n := min(int(patch[4])%16, len(patch)-5)
+			m.patches = append(m.patches, memPatch{off, patch[5 : 5+n]})
+			patch = patch[5+n:]
+		}
+		k, err := Discover(m, DiscoverOptions{})
+		if err != nil {
+			return
+		}
+		k.Symbol("init_task")
+		k.SymbolAt(k.TextVA + 0x1234)
+		k.ReadU64(k.PageOffsetBase + 0x1000)
+		k.ReadU64(k.TextVA)
+		k.MemberOffset("task_struct", "tasks")
+		for i := 0; i < k.Syms.Len() && i < 32; i++ {
+			k.Syms.Symbol(i)
+		}
+	})
+}
+
+// patchedMem is base with a few byte ranges overwritten, without copying
+// base.
+type patchedMem struct {
+	base    sliceMem
+	patches []memPatch
+}
+
+type memPatch struct {
+	off  uint64
+	data []byte
+}
+
+func (m *patchedMem) Regions() []guestmem.Region { return m.base.Regions() }
+
+func (m *patchedMem) ReadAt(p []byte, gpa int64) (int, error) {
+	n, err := m.base.ReadAt(p, gpa)
+	for _, pt := range m.patches {
+		lo, hi := max(pt.off, uint64(gpa)), min(pt.off+uint64(len(pt.data)), uint64(gpa)+uint64(n))
+		if lo < hi {
+			copy(p[lo-uint64(gpa):hi-uint64(gpa)], pt.data[lo-pt.off:])
+		}
+	}
+	return n, err
 }
