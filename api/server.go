@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/introspect"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
@@ -38,6 +39,15 @@ type Server struct {
 	Log    zerolog.Logger
 	// Owner is the uid besides root that may connect (default: our euid).
 	Owner int
+	// Groups are gids whose members may connect too (primary or
+	// supplementary group of the peer). With groups the socket is 0660 and
+	// belongs to Groups[0] when we may give it that group.
+	Groups []int
+	// Metrics are served at GET /metrics (created by Listen when nil).
+	Metrics *Metrics
+	// Scanner, when set, serves the guest kernel's objects
+	// (/v1/kernel, /v1/processes, /v1/modules, /v1/offsets).
+	Scanner *introspect.Scanner
 
 	srv *http.Server
 	ln  net.Listener
@@ -56,14 +66,24 @@ func (s *Server) Listen(path string) error {
 	if err := removeStaleSocket(path); err != nil {
 		return err
 	}
-	// umask-independent 0600: create under a restrictive umask.
+	// umask-independent 0600 (0660 with groups): create under a
+	// restrictive umask.
+	mode := os.FileMode(0o600)
+	if len(s.Groups) > 0 {
+		mode = 0o660
+	}
 	old := unix.Umask(0o177)
 	ln, err := net.Listen("unix", path)
 	unix.Umask(old)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", path, err)
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	if len(s.Groups) > 0 {
+		if err := giveGroup(path, s.Groups); err != nil {
+			s.Log.Warn().Err(err).Msg("API socket group")
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
 		ln.Close()
 		return fmt.Errorf("chmod %s: %w", path, err)
 	}
@@ -71,16 +91,23 @@ func (s *Server) Listen(path string) error {
 	if s.Owner == 0 {
 		s.Owner = os.Geteuid()
 	}
+	if s.Metrics == nil {
+		s.Metrics = NewMetrics()
+	}
+	s.Metrics.MustRegister(newVMCollector(s.Target))
+	s.Target = meteredTarget{s.Target, s.Metrics}
 	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", s.Metrics.handler())
 	mux.HandleFunc("GET /v1/vm", s.getVM)
 	mux.HandleFunc("GET /v1/vcpus", s.getVCPUs)
 	mux.HandleFunc("GET /v1/memory", s.getMemory)
+	s.introspectRoutes(mux)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))
 	})
 	s.srv = &http.Server{
-		Handler:           s.authorize(mux),
+		Handler:           s.Metrics.instrument(s.authorize(mux)),
 		ReadHeaderTimeout: 5 * time.Second,
 		MaxHeaderBytes:    16 << 10,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
@@ -139,11 +166,11 @@ func peerCred(c net.Conn) *unix.Ucred {
 	return cred
 }
 
-// authorize lets root and the owner in.
+// authorize lets root, the owner and members of Groups in.
 func (s *Server) authorize(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cred, _ := r.Context().Value(credKey).(*unix.Ucred)
-		if cred == nil || (cred.Uid != 0 && int(cred.Uid) != s.Owner) {
+		if cred == nil || (cred.Uid != 0 && int(cred.Uid) != s.Owner && !peerInGroups(cred, s.Groups)) {
 			uid := -1
 			if cred != nil {
 				uid = int(cred.Uid)

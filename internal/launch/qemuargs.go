@@ -1,26 +1,27 @@
-package main
+package launch
 
 import (
 	"strings"
 )
 
-// qemuArgs is what kvmscope needs to know from QEMU's command line. It never
+// QEMUArgs is what kvmscope needs to know from QEMU's command line. It never
 // changes how QEMU parses it.
-type qemuArgs struct {
-	name      string // -name guest=NAME or -name NAME
-	daemonize bool
-	// probe is set for runs that print something and exit without a VM
-	// (-version, -help, "help" listings): they pass straight through.
-	probe bool
-	// accels lists the accelerators QEMU may use, in its order of
+type QEMUArgs struct {
+	Name      string // -name guest=NAME or -name NAME
+	Daemonize bool
+	// Probe is set for runs that print something and exit, or that run no
+	// guest: -version, -help, "help" listings, and libvirt's capability
+	// probe with "-machine none". They pass straight through.
+	Probe bool
+	// Accels lists the accelerators QEMU may use, in its order of
 	// preference (-accel, -machine accel=, or QEMU's default: tcg).
-	accels []string
+	Accels []string
 }
 
-// option returns the value of a QEMU option: QEMU accepts "-opt" and
-// "--opt", with the value as the next argument.
-func parseQEMUArgs(args []string) qemuArgs {
-	var q qemuArgs
+// ParseQEMUArgs reads QEMU's arguments (argv without argv[0]). QEMU accepts
+// "-opt" and "--opt", with the value as the next argument.
+func ParseQEMUArgs(args []string) QEMUArgs {
+	var q QEMUArgs
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if strings.HasPrefix(a, "--") {
@@ -32,34 +33,37 @@ func parseQEMUArgs(args []string) qemuArgs {
 		}
 		switch a {
 		case "-version", "-help", "-h":
-			q.probe = true
+			q.Probe = true
 		case "-daemonize":
-			q.daemonize = true
+			q.Daemonize = true
 		case "-name":
-			q.name = optValue(val, "guest")
+			q.Name = optValue(val, "guest")
 			i++
 		case "-accel":
-			q.accels = append(q.accels, optValue(val, "accel"))
+			q.Accels = append(q.Accels, optValue(val, "accel"))
 			i++
 		case "-enable-kvm":
-			q.accels = append(q.accels, "kvm")
+			q.Accels = append(q.Accels, "kvm")
 		case "-machine", "-M":
 			if acc := optKey(val, "accel"); acc != "" {
-				q.accels = append(q.accels, strings.Split(acc, ":")...)
+				q.Accels = append(q.Accels, strings.Split(acc, ":")...)
 			}
-			if optValue(val, "type") == "help" || val == "?" {
-				q.probe = true
+			switch optValue(val, "type") {
+			case "help", "?", "none":
+				// "none" is libvirt's capability probe: QEMU answers
+				// QMP queries and runs no guest.
+				q.Probe = true
 			}
 			i++
 		default:
 			// "-cpu help", "-device help" and the like list and exit.
 			if strings.HasPrefix(a, "-") && (val == "help" || val == "?") {
-				q.probe = true
+				q.Probe = true
 			}
 		}
 	}
-	if len(q.accels) == 0 {
-		q.accels = []string{"tcg"}
+	if len(q.Accels) == 0 {
+		q.Accels = []string{"tcg"}
 	}
 	return q
 }
@@ -110,9 +114,9 @@ func splitOpts(s string) []string {
 	return append(out, cur.String())
 }
 
-// mayUseTCG reports whether QEMU may end up running without KVM.
-func (q qemuArgs) mayUseTCG() bool {
-	for _, a := range q.accels {
+// MayUseTCG reports whether QEMU may end up running without KVM.
+func (q QEMUArgs) MayUseTCG() bool {
+	for _, a := range q.Accels {
 		if a == "tcg" {
 			return true
 		}
@@ -120,9 +124,9 @@ func (q qemuArgs) mayUseTCG() bool {
 	return false
 }
 
-// mayUseKVM reports whether QEMU may use KVM.
-func (q qemuArgs) mayUseKVM() bool {
-	for _, a := range q.accels {
+// MayUseKVM reports whether QEMU may use KVM.
+func (q QEMUArgs) MayUseKVM() bool {
+	for _, a := range q.Accels {
 		if a == "kvm" {
 			return true
 		}

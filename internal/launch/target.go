@@ -1,0 +1,104 @@
+package launch
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/tracer"
+	"github.com/rs/zerolog"
+)
+
+// runTarget is the api.Target of a VM launched under the tracer.
+type runTarget struct {
+	t        *tracer.Tracer
+	qa       QEMUArgs
+	log      zerolog.Logger
+	name     string
+	writable bool
+	live     *guestmem.Live
+	qmpPath  string
+	tcg      *guestmem.TCG // set once QMP answers and QEMU created no KVM VM
+	tcgReady chan struct{}
+}
+
+func newRunTarget(t *tracer.Tracer, qa QEMUArgs, writable bool, qmpPath string, log zerolog.Logger) *runTarget {
+	return &runTarget{t: t, qa: qa, log: log, writable: writable, live: guestmem.NewLive(t.VM(), writable), qmpPath: qmpPath, tcgReady: make(chan struct{})}
+}
+
+// connectQMP connects to the private QMP socket when QEMU has one.
+func (r *runTarget) connectQMP(done <-chan struct{}) {
+	if r.qmpPath == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	q, err := guestmem.DialQMP(ctx, r.qmpPath)
+	if err != nil {
+		r.log.Warn().Err(err).Msg("private QMP socket")
+		return
+	}
+	r.tcg = guestmem.NewTCG(q, r.t.QEMUPid, r.writable)
+	close(r.tcgReady)
+}
+
+// kvm reports whether QEMU runs the guest on KVM.
+func (r *runTarget) kvm() bool { return r.t.VM().Pid() != 0 }
+
+func (r *runTarget) Source() guestmem.Source {
+	if r.kvm() {
+		return r.live
+	}
+	select {
+	case <-r.tcgReady:
+		return r.tcg
+	default:
+		return notReady{}
+	}
+}
+
+func (r *runTarget) Describe() api.VM {
+	out := api.VM{Name: r.name, Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
+	vm := r.t.VM()
+	if r.kvm() {
+		out.Accel = "kvm"
+		out.Pid = vm.Pid()
+		for _, v := range vm.VCPUs() {
+			out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: v.ID, TID: v.TID})
+		}
+		for _, m := range vm.Memslots() {
+			out.Memslots = append(out.Memslots, api.Memslot{Slot: m.Slot, AddressSpace: m.AddressSpace(), GPA: api.Hex64(m.GPA), Size: api.Hex64(m.Size), HVA: api.Hex64(m.HVA), Flags: m.Flags, ReadOnly: m.ReadOnly, DirtyLog: m.DirtyLog})
+		}
+	} else {
+		out.Pid = r.t.QEMUPid()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if cpus, err := r.Source().CPUs(ctx); err == nil {
+			for _, c := range cpus {
+				out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: c.ID})
+			}
+		}
+	}
+	for _, rg := range r.Source().Regions() {
+		out.Regions = append(out.Regions, api.RegionOut{GPA: api.Hex64(rg.GPA), Size: api.Hex64(rg.Size), ReadOnly: rg.ReadOnly, Name: rg.Name})
+	}
+	return out
+}
+
+// notReady is the source before QEMU has created its VM or answered QMP.
+type notReady struct{}
+
+var errNotReady = errors.New("the VM is not running yet (QEMU has created no VM and its QMP socket is not answering)")
+
+func (notReady) ReadAt([]byte, int64) (int, error)            { return 0, errNotReady }
+func (notReady) Regions() []guestmem.Region                   { return nil }
+func (notReady) CPUs(context.Context) ([]guestmem.CPU, error) { return nil, errNotReady }
