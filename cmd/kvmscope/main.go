@@ -62,6 +62,11 @@ func newApp() *cli.App {
 			vmCommand(),
 			vcpusCommand(),
 			memCommand(),
+			psCommand(),
+			lsmodCommand(),
+			kernelCommand(),
+			offsetsCommand(),
+			dumpCommand(),
 		},
 	}
 }

@@ -1,0 +1,196 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/kvmscope/kvmscope/introspect"
+)
+
+// Kernel is the reply of GET /v1/kernel.
+type Kernel struct {
+	Banner         string              `json:"banner"`
+	Version        string              `json:"version"`
+	PhysBase       Hex64               `json:"phys_base"`
+	TextVA         Hex64               `json:"text_va"`
+	KASLRShift     Hex64               `json:"kaslr_shift"`
+	PGD            Hex64               `json:"pgd"`
+	PageOffsetBase Hex64               `json:"page_offset_base"`
+	VmemmapBase    Hex64               `json:"vmemmap_base"`
+	VmallocBase    Hex64               `json:"vmalloc_base"`
+	PagingLevels   int                 `json:"paging_levels"`
+	BTF            bool                `json:"btf"`
+	Symbols        int                 `json:"symbols"`
+	Found          map[string]string   `json:"found,omitempty"`
+	Offsets        []introspect.Member `json:"offsets"`
+	Unsolved       string              `json:"unsolved,omitempty"`
+}
+
+// KernelFrom describes a discovered kernel.
+func KernelFrom(k *introspect.Kernel, off *introspect.Offsets, offErr error) Kernel {
+	out := Kernel{
+		Banner: k.Banner, Version: k.Version.String(), PhysBase: Hex64(k.PhysBase), TextVA: Hex64(k.TextVA),
+		KASLRShift: Hex64(uint64(k.KASLRShift)), PGD: Hex64(k.PGD), PageOffsetBase: Hex64(k.PageOffsetBase),
+		VmemmapBase: Hex64(k.VmemmapBase), VmallocBase: Hex64(k.VmallocBase), PagingLevels: k.Levels,
+		BTF: k.BTF != nil, Found: k.Found, Offsets: off.Members(),
+	}
+	if k.Syms != nil {
+		out.Symbols = k.Syms.Len()
+	}
+	if offErr != nil {
+		out.Unsolved = offErr.Error()
+	}
+	return out
+}
+
+// Process is one element of GET /v1/processes: introspect.Process with
+// addresses as hex strings.
+type Process struct {
+	introspect.Process
+	PGD  Hex64 `json:"pgd,omitempty"`
+	Task Hex64 `json:"task"`
+}
+
+// ProcessesFrom converts a scan for the API.
+func ProcessesFrom(ps []introspect.Process) []Process {
+	out := make([]Process, len(ps))
+	for i, p := range ps {
+		out[i] = Process{Process: p, PGD: Hex64(p.PGD), Task: Hex64(p.Task)}
+	}
+	return out
+}
+
+// Module is one element of GET /v1/modules.
+type Module struct {
+	Name  string `json:"name"`
+	Base  Hex64  `json:"base"`
+	Size  uint64 `json:"size"`
+	State string `json:"state,omitempty"`
+	Addr  Hex64  `json:"addr"`
+}
+
+// ModulesFrom converts modules for the API.
+func ModulesFrom(ms []introspect.Module) []Module {
+	out := make([]Module, len(ms))
+	for i, m := range ms {
+		out[i] = Module{Name: m.Name, Base: Hex64(m.Base), Size: m.Size, State: m.State, Addr: Hex64(m.Addr)}
+	}
+	return out
+}
+
+func (s *Server) introspectRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /v1/kernel", s.getKernel)
+	mux.HandleFunc("GET /v1/processes", s.getProcesses)
+	mux.HandleFunc("GET /v1/modules", s.getModules)
+	mux.HandleFunc("GET /v1/offsets", s.getOffsets)
+}
+
+func (s *Server) scanner(w http.ResponseWriter) *introspect.Scanner {
+	if s.Scanner == nil {
+		httpError(w, http.StatusNotImplemented, "guest introspection is not available for this VM")
+	}
+	return s.Scanner
+}
+
+func introspectError(w http.ResponseWriter, err error) {
+	status := http.StatusUnprocessableEntity
+	if errors.Is(err, context.DeadlineExceeded) {
+		status = http.StatusGatewayTimeout
+	}
+	httpError(w, status, err.Error())
+}
+
+func (s *Server) getKernel(w http.ResponseWriter, r *http.Request) {
+	sc := s.scanner(w)
+	if sc == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	k, off, err := sc.Kernel(ctx)
+	if err != nil {
+		introspectError(w, err)
+		return
+	}
+	writeJSON(w, KernelFrom(k, off, sc.OffsetsError()))
+}
+
+func (s *Server) getProcesses(w http.ResponseWriter, r *http.Request) {
+	sc := s.scanner(w)
+	if sc == nil {
+		return
+	}
+	q := r.URL.Query()
+	if q.Get("cached") == "1" && q.Get("threads") != "1" {
+		if scan := sc.Latest(); scan != nil {
+			writeJSON(w, ProcessesFrom(scan.Processes))
+			return
+		}
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	scan, err := sc.Processes(ctx, introspect.ProcessOptions{Threads: q.Get("threads") == "1"}, q.Get("consistent") == "1")
+	if err != nil {
+		introspectError(w, err)
+		return
+	}
+	writeJSON(w, ProcessesFrom(scan.Processes))
+}
+
+func (s *Server) getModules(w http.ResponseWriter, r *http.Request) {
+	sc := s.scanner(w)
+	if sc == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	ms, err := sc.Modules(ctx)
+	if err != nil {
+		introspectError(w, err)
+		return
+	}
+	writeJSON(w, ModulesFrom(ms))
+}
+
+// getOffsets serves the offsets in a format other tools read:
+// json (ours), libvmi (a LibVMI config entry) or isf (Volatility 3).
+func (s *Server) getOffsets(w http.ResponseWriter, r *http.Request) {
+	sc := s.scanner(w)
+	if sc == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	k, off, err := sc.Kernel(ctx)
+	if err != nil {
+		introspectError(w, err)
+		return
+	}
+	b, ctype, err := FormatOffsets(k, off, r.URL.Query().Get("format"), r.URL.Query().Get("name"))
+	if err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", ctype)
+	w.Write(b)
+}
+
+// FormatOffsets renders offsets as json, libvmi or isf.
+func FormatOffsets(k *introspect.Kernel, off *introspect.Offsets, format, name string) ([]byte, string, error) {
+	switch format {
+	case "", "json":
+		b, err := off.JSON(k)
+		return b, "application/json", err
+	case "libvmi":
+		if name == "" {
+			name = "guest"
+		}
+		return []byte(off.LibVMI(k, name)), "text/plain", nil
+	case "isf":
+		b, err := off.ISF(k)
+		return b, "application/json", err
+	}
+	return nil, "", errors.New("bad format: want json, libvmi or isf")
+}

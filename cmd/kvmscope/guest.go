@@ -1,0 +1,323 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"os"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/urfave/cli/v2"
+)
+
+// The guest-kernel commands read either a live VM (--api/--vm) or an ELF
+// core (--core). A live VM is introspected inside `kvmscope run`, which
+// keeps what it discovered; a core is introspected here.
+
+var coreFlag = &cli.StringFlag{Name: "core", Usage: "read an ELF core (QEMU dump-guest-memory or kvmscope dump) instead of a live VM"}
+
+// guest is where the guest kernel's objects come from.
+type guest interface {
+	kernel(ctx context.Context) (api.Kernel, error)
+	processes(ctx context.Context, threads, consistent bool) ([]api.Process, error)
+	modules(ctx context.Context) ([]api.Module, error)
+	offsets(ctx context.Context, format, name string) ([]byte, error)
+	close()
+}
+
+func openGuest(c *cli.Context) (guest, error) {
+	if path := c.String("core"); path != "" {
+		if c.String("api") != "" || c.String("vm") != "" {
+			return nil, cli.Exit("give either --core or --api/--vm, not both", 2)
+		}
+		core, err := guestmem.OpenCore(path)
+		if err != nil {
+			return nil, cli.Exit(fmt.Sprintf("open core: %v", err), 1)
+		}
+		return &coreGuest{core: core, sc: introspect.NewScanner(core)}, nil
+	}
+	cl, err := client(c)
+	if err != nil {
+		return nil, err
+	}
+	return &liveGuest{c: cl}, nil
+}
+
+type liveGuest struct{ c *api.Client }
+
+func (g *liveGuest) kernel(ctx context.Context) (api.Kernel, error) {
+	var k api.Kernel
+	return k, g.c.Get(ctx, "/v1/kernel", &k)
+}
+
+func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]api.Process, error) {
+	q := url.Values{}
+	if threads {
+		q.Set("threads", "1")
+	}
+	if consistent {
+		q.Set("consistent", "1")
+	}
+	var ps []api.Process
+	return ps, g.c.Get(ctx, "/v1/processes?"+q.Encode(), &ps)
+}
+
+func (g *liveGuest) modules(ctx context.Context) ([]api.Module, error) {
+	var ms []api.Module
+	return ms, g.c.Get(ctx, "/v1/modules", &ms)
+}
+
+func (g *liveGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {
+	q := url.Values{"format": {format}, "name": {name}}
+	return g.c.GetRaw(ctx, "/v1/offsets?"+q.Encode())
+}
+
+func (g *liveGuest) close() {}
+
+type coreGuest struct {
+	core *guestmem.Core
+	sc   *introspect.Scanner
+}
+
+func (g *coreGuest) kernel(ctx context.Context) (api.Kernel, error) {
+	k, off, err := g.sc.Kernel(ctx)
+	if err != nil {
+		return api.Kernel{}, err
+	}
+	return api.KernelFrom(k, off, g.sc.OffsetsError()), nil
+}
+
+func (g *coreGuest) processes(ctx context.Context, threads, _ bool) ([]api.Process, error) {
+	// A core is consistent by nature.
+	scan, err := g.sc.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
+	if err != nil {
+		return nil, err
+	}
+	return api.ProcessesFrom(scan.Processes), nil
+}
+
+func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
+	ms, err := g.sc.Modules(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return api.ModulesFrom(ms), nil
+}
+
+func (g *coreGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {
+	k, off, err := g.sc.Kernel(ctx)
+	if err != nil {
+		return nil, err
+	}
+	b, _, err := api.FormatOffsets(k, off, format, name)
+	return b, err
+}
+
+func (g *coreGuest) close() { g.core.Close() }
+
+// guestAction wraps a command body with opening the guest and turning
+// errors into one line.
+func guestAction(body func(c *cli.Context, g guest, ctx context.Context) error) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		g, err := openGuest(c)
+		if err != nil {
+			return err
+		}
+		defer g.close()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		if err := body(c, g, ctx); err != nil {
+			if _, ok := err.(cli.ExitCoder); ok {
+				return err
+			}
+			return cli.Exit(err.Error(), 1)
+		}
+		return nil
+	}
+}
+
+func psCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "ps",
+		Usage: "list the guest's processes, read from its kernel's memory",
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag,
+			&cli.BoolFlag{Name: "threads", Usage: "list every thread, not one line per process"},
+			&cli.BoolFlag{Name: "tree", Usage: "show the process tree"},
+			&cli.BoolFlag{Name: "consistent", Usage: "pause the VM during the scan (live VMs)"},
+		},
+		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			ps, err := g.processes(ctx, c.Bool("threads"), c.Bool("consistent"))
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(ps)
+			}
+			if c.Bool("tree") {
+				printTree(ps)
+				return nil
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			if c.Bool("threads") {
+				fmt.Fprintln(tw, "PID\tTGID\tPPID\tUID\tGID\tSTAT\tCOMM\tCMDLINE")
+			} else {
+				fmt.Fprintln(tw, "PID\tPPID\tUID\tGID\tSTAT\tTHR\tCOMM\tCMDLINE")
+			}
+			for _, p := range ps {
+				cmd := strings.Join(p.Cmdline, " ")
+				if p.KThread {
+					cmd = "[" + p.Comm + "]"
+				}
+				if c.Bool("threads") {
+					fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", p.PID, p.TGID, p.PPID, p.UID, p.GID, p.State, p.Comm, cmd)
+				} else {
+					fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", p.PID, p.PPID, p.UID, p.GID, p.State, p.Threads, p.Comm, cmd)
+				}
+			}
+			return tw.Flush()
+		}),
+	}
+}
+
+// printTree prints processes as a tree by parent, like `ps -H` / pstree.
+func printTree(ps []api.Process) {
+	children := map[int][]api.Process{}
+	known := map[int]bool{}
+	for _, p := range ps {
+		known[p.TGID] = true
+	}
+	var roots []api.Process
+	for _, p := range ps {
+		if p.PPID == p.TGID || !known[p.PPID] {
+			roots = append(roots, p)
+			continue
+		}
+		children[p.PPID] = append(children[p.PPID], p)
+	}
+	seen := map[int]bool{}
+	var walk func(p api.Process, prefix string, last bool, depth int)
+	walk = func(p api.Process, prefix string, last bool, depth int) {
+		if seen[p.TGID] || depth > 256 {
+			return
+		}
+		seen[p.TGID] = true
+		branch, next := "├─ ", "│  "
+		if last {
+			branch, next = "└─ ", "   "
+		}
+		if depth == 0 {
+			branch, next = "", ""
+		}
+		fmt.Printf("%s%s%s(%d) uid=%d\n", prefix, branch, p.Comm, p.PID, p.UID)
+		kids := children[p.TGID]
+		sort.Slice(kids, func(i, j int) bool { return kids[i].PID < kids[j].PID })
+		for i, k := range kids {
+			walk(k, prefix+next, i == len(kids)-1, depth+1)
+		}
+	}
+	for _, r := range roots {
+		walk(r, "", true, 0)
+	}
+}
+
+func lsmodCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "lsmod",
+		Usage: "list the guest kernel's loaded modules",
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag},
+		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			ms, err := g.modules(ctx)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(ms)
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "MODULE\tSIZE\tBASE\tSTATE")
+			for _, m := range ms {
+				fmt.Fprintf(tw, "%s\t%d\t%#x\t%s\n", m.Name, m.Size, uint64(m.Base), m.State)
+			}
+			if len(ms) == 0 {
+				fmt.Fprintln(os.Stderr, "(no modules loaded)")
+			}
+			return tw.Flush()
+		}),
+	}
+}
+
+func kernelCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "kernel",
+		Usage: "describe the guest kernel: version, KASLR, page tables, where each offset came from",
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag},
+		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			k, err := g.kernel(ctx)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(k)
+			}
+			fmt.Printf("banner:            %s\n", k.Banner)
+			fmt.Printf("version:           %s\n", k.Version)
+			fmt.Printf("_text:             %#x (physical %#x)\n", uint64(k.TextVA), uint64(k.PhysBase))
+			fmt.Printf("KASLR shift:       %#x\n", uint64(k.KASLRShift))
+			fmt.Printf("kernel page table: %#x (%d levels)\n", uint64(k.PGD), k.PagingLevels)
+			fmt.Printf("page_offset_base:  %#x\nvmemmap_base:      %#x\nvmalloc_base:      %#x\n", uint64(k.PageOffsetBase), uint64(k.VmemmapBase), uint64(k.VmallocBase))
+			fmt.Printf("BTF:               %v\nkallsyms symbols:  %d\n\n", k.BTF, k.Symbols)
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "MEMBER\tOFFSET\tSOURCE\tHOW")
+			for _, m := range k.Offsets {
+				if !m.Known() {
+					fmt.Fprintf(tw, "%s\t-\tunknown\t\n", m.Name)
+					continue
+				}
+				fmt.Fprintf(tw, "%s\t%#x\t%s\t%s\n", m.Name, m.Value, m.Source, m.How)
+			}
+			tw.Flush()
+			if k.Unsolved != "" {
+				fmt.Printf("\nnot found: %s\n", k.Unsolved)
+			}
+			return nil
+		}),
+	}
+}
+
+func offsetsCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "offsets",
+		Usage: "print the structure offsets for other tools (LibVMI config, Volatility 3 ISF)",
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag,
+			&cli.StringFlag{Name: "format", Value: "json", Usage: "json, libvmi or isf"},
+			&cli.StringFlag{Name: "name", Usage: "domain name for the LibVMI config entry"},
+		},
+		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			switch c.String("format") {
+			case "json", "libvmi", "isf":
+			default:
+				return cli.Exit(fmt.Sprintf("bad --format %q: want json, libvmi or isf", c.String("format")), 2)
+			}
+			b, err := g.offsets(ctx, c.String("format"), c.String("name"))
+			if err != nil {
+				return err
+			}
+			if c.String("format") != "libvmi" && json.Valid(b) {
+				os.Stdout.Write(b)
+				if len(b) > 0 && b[len(b)-1] != '\n' {
+					fmt.Println()
+				}
+				return nil
+			}
+			_, err = os.Stdout.Write(b)
+			return err
+		}),
+	}
+}
