@@ -17,12 +17,14 @@ mkdir -p .cache
 log=.cache/bench.log
 
 status=0
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 go test -run '^$' -bench '^Benchmark(GuestSlowdown|APIRegisters|GuestRead|VCPURegisters)$' \
   -benchtime 1x -count 1 -timeout 20m ./cmd/kvmscope ./guestmem 2>&1 |
   grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
   tee "$log" >&2 || status=1
 
 echo
+echo "load average before: $load0; after: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
 awk '
 # Collect "Benchmark<Name>[/sub]-P  N  T ns/op  V unit  V unit ..." lines.
 /^Benchmark/ {
@@ -31,31 +33,39 @@ awk '
   seen[name] = 1
 }
 function has(n, u) { return (n, u) in m }
-function row(label, n, ou, bu, fmt, unit, ru, op, target, spread,   r, res, o, b) {
+# row prints one line: ours (metric ou) and baseline (bu) in unit, the ratio
+# (metric ru, printed with rfmt, with quartiles when ru-p25 exists), and
+# PASS/FAIL against target when op is <= or >=; op "" is a contrast row.
+function row(label, n, ou, bu, fmt, unit, ru, rfmt, op, target,   r, res, o, b, t) {
+  t = (op == "" ? "contrast" : op " " target)
   if (!(n in seen) || !has(n, ru)) {
-    printf "%-44s %14s %14s %22s %9s  %s\n", label, "-", "-", "-", (op == "" ? "contrast" : op " " target), "MISSING"
+    printf "%-48s %14s %14s %22s %9s  %s\n", label, "-", "-", "-", t, "MISSING"
     if (op != "") failed = 1
     return
   }
   o = sprintf(fmt " %s", m[n, ou], unit); b = sprintf(fmt " %s", m[n, bu], unit)
-  r = sprintf("%.3f", m[n, ru])
-  if (spread != "" && has(n, spread "-p25")) r = r sprintf(" [%.3f-%.3f]", m[n, spread "-p25"], m[n, spread "-p75"])
+  r = sprintf(rfmt, m[n, ru])
+  if (has(n, ru "-p25")) r = r sprintf(" [" rfmt "," rfmt "]", m[n, ru "-p25"], m[n, ru "-p75"])
   if (op == "") res = "-"
   else if ((op == "<=" && m[n, ru] + 0 <= target + 0) || (op == ">=" && m[n, ru] + 0 >= target + 0)) res = "PASS"
   else { res = "FAIL"; failed = 1 }
-  printf "%-44s %14s %14s %22s %9s  %s\n", label, o, b, r, (op == "" ? "contrast" : op " " target), res
+  printf "%-48s %14s %14s %22s %9s  %s\n", label, o, b, r, t, res
 }
 END {
-  printf "%-44s %14s %14s %22s %9s  %s\n", "benchmark", "ours", "baseline", "ratio", "target", "result"
+  printf "%-48s %14s %14s %22s %9s  %s\n", "benchmark", "ours", "baseline", "ratio [quartiles]", "target", "result"
   n = "GuestSlowdown"
-  row("guest wall time: kvmscope run / plain QEMU", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-ratio", "<=", "1.005", "kvmscope-ratio")
-  row("guest wall time: strace -f / plain QEMU", n, "strace-s", "qemu-s", "%.3f", "s", "strace-ratio", "", "", "strace-ratio")
-  row("vCPU registers: QMP / kvmscope (in-process)", "VCPURegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", ">=", "20", "")
-  row("vCPU registers: QMP / kvmscope (API)", "APIRegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", ">=", "20", "")
-  row("32 MiB read: process_vm_readv / memcpy", "GuestRead/procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", ">=", "0.5", "")
-  row("32 MiB read: memfd mapping / memcpy", "GuestRead/memfd", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", ">=", "0.5", "")
-  row("32 MiB read: memfd RAM via process_vm_readv", "GuestRead/memfd_procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "", "", "")
-  if ("GuestSlowdown" in seen) printf "\n(guest: tiny guest, %d port-I/O exits per run; slowdown ratio is the median of per-round ratios [quartiles])\n", m["GuestSlowdown", "io-exits"]
+  row("guest wall time: kvmscope run / plain QEMU", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-ratio", "%.3f", "<=", "1.005")
+  row("  per exit (io=0 boot subtracted)", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-exit-ratio", "%.3f", "", "")
+  row("  start-up cost, ms (io=0 boots)", n, "kvmscope-boot-s", "qemu-boot-s", "%.3f", "s", "kvmscope-startup-ms", "%+.0f", "", "")
+  row("  CPU time (QEMU + tracer)", n, "kvmscope-cpu-s", "qemu-cpu-s", "%.3f", "s", "kvmscope-cpu-ratio", "%.3f", "", "")
+  row("guest wall time: strace -f / plain QEMU", n, "strace-s", "qemu-s", "%.3f", "s", "strace-ratio", "%.3f", "", "")
+  row("  CPU time (QEMU + strace)", n, "strace-cpu-s", "qemu-cpu-s", "%.3f", "s", "strace-cpu-ratio", "%.3f", "", "")
+  row("vCPU registers: QMP / kvmscope (in-process)", "VCPURegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", "%.2f", ">=", "20")
+  row("vCPU registers: QMP / kvmscope (API, HTTP)", "APIRegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", "%.2f", ">=", "20")
+  row("32 MiB read: process_vm_readv / memcpy", "GuestRead/procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", ">=", "0.5")
+  row("32 MiB read: memfd mapping / memcpy", "GuestRead/memfd", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", ">=", "0.5")
+  row("32 MiB read: memfd RAM via process_vm_readv", "GuestRead/memfd_procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", "", "")
+  if ("GuestSlowdown" in seen) printf "\n(guest: tiny guest, %d port-I/O exits per run; ratios are medians of per-round ratios)\n", m["GuestSlowdown", "io-exits"]
   exit failed
 }' "$log" || status=1
 exit "$status"

@@ -60,73 +60,104 @@ func envInt(b *testing.B, name string, def int) int {
 // BenchmarkGuestSlowdown is the guest's wall time under `kvmscope run`
 // against plain QEMU: the tiny guest does KVMSCOPE_BENCH_IO (default 40000)
 // port-I/O exits, each a KVM_RUN return to QEMU, and exits. Runs are
-// interleaved, KVMSCOPE_BENCH_REPS (default 5) of each, in rotating order.
-// For contrast the same runs under `strace -f -o /dev/null`, a tracer that
+// interleaved, KVMSCOPE_BENCH_REPS (default 5) rounds, in rotating order.
+// For contrast the same run under `strace -f -o /dev/null`, a tracer that
 // stops QEMU at every system call (KVM_RUN included), when strace is
-// installed. Metrics: median seconds of each, and the median of the
-// per-round ratios to plain QEMU (target <= 1.005 for kvmscope).
+// installed. Each round also boots the guest with io=0 plainly and under
+// kvmscope, to split kvmscope's fixed start-up cost (two Go process starts,
+// the stops at the VM's creation and memslot calls) from the cost per exit.
+//
+// Metrics: median wall and CPU seconds of each run (CPU: user+sys of the
+// process and the descendants it waited for, QEMU included); the median
+// and quartiles of the per-round wall ratios to plain QEMU (target <= 1.005
+// for kvmscope); the same for CPU time; the per-exit ratio
+// (kvmscope(io=N)-kvmscope(io=0)) / (qemu(io=N)-qemu(io=0)); and the
+// start-up cost in ms.
 func BenchmarkGuestSlowdown(b *testing.B) {
 	qemu, kernel := benchGuest(b)
 	n := envInt(b, "KVMSCOPE_BENCH_IO", 40000)
 	reps := envInt(b, "KVMSCOPE_BENCH_REPS", 5)
-	args := testguest.KernelArgs(kernel, 1, "kvm", fmt.Sprintf("io=%d", n))
 	sock := filepath.Join(b.TempDir(), "api.sock")
-	variants := []struct {
+	argsN := testguest.KernelArgs(kernel, 1, "kvm", fmt.Sprintf("io=%d", n))
+	args0 := testguest.KernelArgs(kernel, 1, "kvm", "io=0")
+	wrap := []string{kvmscopeBin, "--log-level", "error", "run", "--api", sock, "--", qemu}
+	type variant struct {
 		name string
 		argv []string
-	}{
-		{"qemu", append([]string{qemu}, args...)},
-		{"kvmscope", append([]string{kvmscopeBin, "--log-level", "error", "run", "--api", sock, "--", qemu}, args...)},
+	}
+	variants := []variant{
+		{"qemu", append([]string{qemu}, argsN...)},
+		{"kvmscope", append(append([]string(nil), wrap...), argsN...)},
+		{"qemu-boot", append([]string{qemu}, args0...)},
+		{"kvmscope-boot", append(append([]string(nil), wrap...), args0...)},
 	}
 	if strace, err := exec.LookPath("strace"); err == nil {
-		variants = append(variants, struct {
-			name string
-			argv []string
-		}{"strace", append([]string{strace, "-f", "-o", "/dev/null", qemu}, args...)})
+		variants = append(variants, variant{"strace", append([]string{strace, "-f", "-o", "/dev/null", qemu}, argsN...)})
 	} else {
 		b.Logf("strace not installed: no every-syscall tracer row")
 	}
-	run := func(argv []string) time.Duration {
+	const (
+		vQEMU = iota
+		vKVMScope
+		vQEMUBoot
+		vKVMScopeBoot
+		vStrace
+	)
+	// run returns the wall and CPU time of one run.
+	run := func(argv []string) (wall, cpu time.Duration) {
 		cmd := exec.Command(argv[0], argv[1:]...)
 		t0 := time.Now()
 		err := cmd.Run()
-		d := time.Since(t0)
+		wall = time.Since(t0)
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) || ee.ExitCode() != testguest.ExitStatus(0) {
-			b.Fatalf("%v: %v; want exit status %d (the guest finished its %d exits)", argv[:3], err, testguest.ExitStatus(0), n)
+			b.Fatalf("%v: %v; want exit status %d (the guest finished its exits)", argv[:3], err, testguest.ExitStatus(0))
 		}
-		return d
+		if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+			cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+		}
+		return wall, cpu
 	}
 	// Warm up: binaries, firmware and guest into the page cache.
-	for _, v := range variants[:2] {
-		run(v.argv)
-	}
-	times := make([][]time.Duration, len(variants))
-	ratios := make([][]float64, len(variants))
+	run(variants[vQEMUBoot].argv)
+	run(variants[vKVMScopeBoot].argv)
+
+	walls := make([][]time.Duration, len(variants))
+	cpus := make([][]time.Duration, len(variants))
+	ratio := map[string][]float64{}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for r := 0; r < reps; r++ {
-			round := make([]time.Duration, len(variants))
+			wall := make([]time.Duration, len(variants))
+			cpu := make([]time.Duration, len(variants))
 			for k := range variants {
 				j := (k + r) % len(variants) // rotate who goes first
-				round[j] = run(variants[j].argv)
+				wall[j], cpu[j] = run(variants[j].argv)
+				walls[j] = append(walls[j], wall[j])
+				cpus[j] = append(cpus[j], cpu[j])
 			}
-			for j := range variants {
-				times[j] = append(times[j], round[j])
-				ratios[j] = append(ratios[j], round[j].Seconds()/round[0].Seconds())
+			add := func(name string, v float64) { ratio[name] = append(ratio[name], v) }
+			add("kvmscope-ratio", wall[vKVMScope].Seconds()/wall[vQEMU].Seconds())
+			add("kvmscope-cpu-ratio", cpu[vKVMScope].Seconds()/cpu[vQEMU].Seconds())
+			add("kvmscope-exit-ratio", (wall[vKVMScope]-wall[vKVMScopeBoot]).Seconds()/(wall[vQEMU]-wall[vQEMUBoot]).Seconds())
+			add("kvmscope-startup-ms", float64((wall[vKVMScopeBoot]-wall[vQEMUBoot]).Microseconds())/1e3)
+			if len(variants) > vStrace {
+				add("strace-ratio", wall[vStrace].Seconds()/wall[vQEMU].Seconds())
+				add("strace-cpu-ratio", cpu[vStrace].Seconds()/cpu[vQEMU].Seconds())
 			}
 		}
 	}
 	b.StopTimer()
 	for j, v := range variants {
-		b.ReportMetric(medianDuration(times[j]).Seconds(), v.name+"-s")
-		if j > 0 {
-			// The quartiles show how far the machine's noise lets the
-			// median be trusted.
-			b.ReportMetric(quantile(ratios[j], 0.5), v.name+"-ratio")
-			b.ReportMetric(quantile(ratios[j], 0.25), v.name+"-ratio-p25")
-			b.ReportMetric(quantile(ratios[j], 0.75), v.name+"-ratio-p75")
-		}
+		b.ReportMetric(medianDuration(walls[j]).Seconds(), v.name+"-s")
+		b.ReportMetric(medianDuration(cpus[j]).Seconds(), v.name+"-cpu-s")
+	}
+	for name, vs := range ratio {
+		b.ReportMetric(quantile(vs, 0.5), name)
+		// The quartiles show how far the machine's noise lets the
+		// median be trusted.
+		b.ReportMetric(quantile(vs, 0.25), name+"-p25")
+		b.ReportMetric(quantile(vs, 0.75), name+"-p75")
 	}
 	b.ReportMetric(float64(n), "io-exits")
 }
