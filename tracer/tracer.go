@@ -220,7 +220,10 @@ func (t *Tracer) exited(tid int, ws unix.WaitStatus) {
 func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
 	t.threads[tid] = true
 	sig := ws.StopSignal()
-	event := ws.TrapCause()
+	// The ptrace event is in bits 16-23 of the status. (x/sys/unix's
+	// TrapCause reports it only for SIGTRAP stops, but a group-stop under
+	// PTRACE_SEIZE is PTRACE_EVENT_STOP with the stopping signal.)
+	event := int(ws>>16) & 0xff
 	switch {
 	case sig == unix.SIGTRAP|0x80:
 		return t.syscallExitStop(tid)

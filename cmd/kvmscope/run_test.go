@@ -400,3 +400,29 @@ func TestLinuxBannerTCG(t *testing.T) {
 		t.Fatalf("TCG vcpus: %v, %+v", err, cpus)
 	}
 }
+
+// TestStopContHonoured: a SIGSTOP sent to QEMU (by a user, or by
+// `ps --consistent`) stops the guest under the tracer, and SIGCONT resumes
+// it; the tracer must not swallow the group-stop.
+func TestStopContHonoured(t *testing.T) {
+	r := startRun(t, nil, tinyGuest(t, 1, "")...)
+	pid := qemuPid(t, r)
+	c := r.client()
+	waitReady(t, c)
+	syscall.Kill(pid, syscall.SIGSTOP)
+	waitFor(t, 5*time.Second, "QEMU's threads to stop", func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		i := bytes.LastIndexByte(b, ')')
+		return i > 0 && len(b) > i+2 && (b[i+2] == 't' || b[i+2] == 'T')
+	})
+	time.Sleep(100 * time.Millisecond)
+	c1 := readU64(t, c, testguest.CounterGPA)
+	time.Sleep(300 * time.Millisecond)
+	if c2 := readU64(t, c, testguest.CounterGPA); c2 != c1 {
+		t.Errorf("counter moved from %d to %d while QEMU was stopped", c1, c2)
+	}
+	syscall.Kill(pid, syscall.SIGCONT)
+	waitFor(t, 10*time.Second, "the counter to move after SIGCONT", func() bool {
+		return readU64(t, c, testguest.CounterGPA) > c1
+	})
+}

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+)
+
+// TestGuestLinux boots real Linux guests under `kvmscope run` (TCG) and
+// checks that `kvmscope ps` agrees with the guest's own /proc table,
+// process for process, live and from a dump of the same guest; and that
+// kernel, offsets and lsmod work on both.
+func TestGuestLinux(t *testing.T) {
+	p := testlinux.Require(t)
+	for _, tc := range []struct {
+		name   string
+		kernel string
+		btf    bool
+	}{
+		{"debian-6.1", p.DebianKernel, true},
+		{"gokrazy-7.x", p.GokrazyKernel, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(t.TempDir(), "api.sock")
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			g, err := testlinux.Boot(ctx, testlinux.Options{
+				Kernel:  tc.kernel,
+				Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
+			})
+			if err != nil {
+				t.Fatalf("boot under kvmscope run: %v", err)
+			}
+			defer g.Close()
+
+			live := psJSON(t, "--api", sock)
+			checkPS(t, "live", live, g.PS())
+
+			// The kernel and where each offset came from.
+			out, errOut, code := kvmscope(t, "kernel", "--api", sock, "--json")
+			if code != 0 {
+				t.Fatalf("kvmscope kernel: %s", errOut)
+			}
+			var k api.Kernel
+			if err := json.Unmarshal([]byte(out), &k); err != nil {
+				t.Fatal(err)
+			}
+			if k.BTF != tc.btf || !strings.HasPrefix(k.Banner, "Linux version "+g.Release()) {
+				t.Errorf("kernel: btf %v banner %q; want btf %v and release %s", k.BTF, k.Banner, tc.btf, g.Release())
+			}
+			wantSource := "solved"
+			if tc.btf {
+				wantSource = "btf"
+			}
+			for _, m := range k.Offsets {
+				if m.Name == "task_struct.tasks" && m.Source != wantSource {
+					t.Errorf("task_struct.tasks came from %q, want %q", m.Source, wantSource)
+				}
+			}
+			for _, f := range []string{"json", "isf"} {
+				out, errOut, code := kvmscope(t, "offsets", "--api", sock, "--format", f)
+				if code != 0 || !json.Valid([]byte(out)) {
+					t.Errorf("offsets --format %s: code %d, valid JSON %v, %s", f, code, json.Valid([]byte(out)), errOut)
+				}
+			}
+			if out, errOut, code := kvmscope(t, "offsets", "--api", sock, "--format", "libvmi", "--name", "vm1"); code != 0 || !strings.Contains(out, "linux_tasks") {
+				t.Errorf("offsets --format libvmi: code %d\n%s%s", code, out, errOut)
+			}
+			if _, errOut, code := kvmscope(t, "lsmod", "--api", sock, "--json"); code != 0 {
+				t.Errorf("lsmod: %s", errOut)
+			}
+			// A consistent scan pauses QEMU and resumes it.
+			checkPS(t, "consistent", psJSON(t, "--api", sock, "--consistent"), g.PS())
+
+			// The same guest from a dump written by kvmscope dump.
+			core := filepath.Join(t.TempDir(), "guest.core")
+			if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code != 0 {
+				t.Fatalf("kvmscope dump: %s", errOut)
+			}
+			checkPS(t, "dump", psJSON(t, "--core", core), g.PS())
+			if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code == 0 || !strings.Contains(errOut, "exists") {
+				t.Errorf("dump over an existing file: code %d, %q", code, errOut)
+			}
+		})
+	}
+}
+
+func psJSON(t *testing.T, args ...string) []api.Process {
+	t.Helper()
+	out, errOut, code := kvmscope(t, append([]string{"ps", "--json"}, args...)...)
+	if code != 0 {
+		t.Fatalf("kvmscope ps %v: code %d: %s", args, code, errOut)
+	}
+	var ps []api.Process
+	if err := json.Unmarshal([]byte(out), &ps); err != nil {
+		t.Fatalf("ps --json: %v", err)
+	}
+	return ps
+}
+
+// checkPS compares our process list with the guest's own. User processes
+// must match exactly; kernel threads may come and go (workqueue workers)
+// and /proc shows a worker's current work after its comm.
+func checkPS(t *testing.T, what string, ours []api.Process, guest []testlinux.Proc) {
+	t.Helper()
+	byPID := map[int]api.Process{}
+	for _, p := range ours {
+		byPID[p.PID] = p
+	}
+	users := 0
+	for _, g := range guest {
+		kthread := g.PID == 2 || g.PPID == 2
+		o, ok := byPID[g.PID]
+		if !ok {
+			if !kthread {
+				t.Errorf("%s: guest process %d %q not listed", what, g.PID, g.Comm)
+			}
+			continue
+		}
+		if kthread {
+			continue
+		}
+		users++
+		if o.Comm != g.Comm || o.PPID != g.PPID || o.UID != g.UID || o.GID != g.GID || o.KThread {
+			t.Errorf("%s: pid %d = comm %q ppid %d uid %d gid %d kthread %v; guest says %q ppid %d uid %d gid %d",
+				what, g.PID, o.Comm, o.PPID, o.UID, o.GID, o.KThread, g.Comm, g.PPID, g.UID, g.GID)
+		}
+	}
+	if users < 40 {
+		t.Errorf("%s: only %d user processes compared; the guest starts over 40", what, users)
+	}
+	// Nothing we list is invented: every user process we see, the guest saw.
+	inGuest := map[int]bool{}
+	for _, g := range guest {
+		inGuest[g.PID] = true
+	}
+	for _, o := range ours {
+		if !o.KThread && o.PID != 0 && !inGuest[o.PID] {
+			t.Errorf("%s: we list user process %d %q the guest does not", what, o.PID, o.Comm)
+		}
+	}
+}
