@@ -31,9 +31,9 @@ test: setup
     go test -count=1 -timeout 40m ./... 2>&1 | tee .cache/test.log
     scripts/check-skips.sh .cache/test.log
 
-# Benchmarks, printed as ratios measured in the same run.
+# Benchmarks, printed as a table of ratios measured in the same run.
 bench: setup build
-    go test -run '^$' -bench . -benchtime 1x -count 1 ./... | tee .cache/bench.log
+    scripts/bench.sh
 
 # Run each fuzz target for a short while (FUZZTIME, default 20s).
 fuzz fuzztime="20s":
