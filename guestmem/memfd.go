@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Guest RAM that QEMU backs with a memfd (-object memory-backend-memfd,
@@ -38,6 +39,9 @@ type memfdRAM struct {
 	files map[procMapping]*memfdFile // our mappings, by QEMU's mapping
 	err   error                      // why memfd-backed RAM could not be mapped
 	built bool
+	// faults counts copies from a mapping that faulted (the memfd shrank
+	// under us) and were served by process_vm_readv instead.
+	faults atomic.Uint64
 }
 
 // memfdView is the part of a mapped memfd that backs one memslot; data is
@@ -296,10 +300,18 @@ func (m *memfdRAM) readAt(pid int, rs []procRange, p []byte, gpa int64) (int, er
 		off := addr - r.GPA
 		n := min(uint64(len(p)-done), r.Size-off, maxIO)
 		dst := p[done : done+int(n)]
-		if v := views[i].data; v != nil && copyMapped(dst, v[off:off+n]) == nil {
-			// Served from the mapping.
-		} else if err := procIO(pid, r.HVA+off, dst, false); err != nil {
-			return done, fmt.Errorf("guest physical %#x: %w", addr, err)
+		served := false
+		if v := views[i].data; v != nil {
+			if copyMapped(dst, v[off:off+n]) == nil {
+				served = true
+			} else {
+				m.faults.Add(1)
+			}
+		}
+		if !served {
+			if err := procIO(pid, r.HVA+off, dst, false); err != nil {
+				return done, fmt.Errorf("guest physical %#x: %w", addr, err)
+			}
 		}
 		done += int(n)
 		addr += n

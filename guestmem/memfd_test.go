@@ -231,6 +231,61 @@ func TestLiveMemfd(t *testing.T) {
 	}
 }
 
+// Readers copying from the mappings while the slot table keeps changing
+// (QEMU changes memslots all through boot): a refresh must never unmap a
+// range a reader is copying from. Run with -race too.
+func TestMemfdRefreshWhileReading(t *testing.T) {
+	g := startLiveGuest(t, guestOptions{memfd: true})
+	pid, rs := g.tr.VM().Pid(), g.live.slots()
+	// A second table in which the slot holding the pattern pages runs
+	// 4 KiB past the end of QEMU's memfd mapping: no mapping holds it, so
+	// it is read with process_vm_readv (same bytes), and every switch
+	// between the tables unmaps or maps the memfd again.
+	rs2 := append([]procRange(nil), rs...)
+	i, ok := findRangeIndex(rs2, testguest.PatternGPA)
+	if !ok {
+		t.Fatalf("no slot holds %#x: %+v", testguest.PatternGPA, rs)
+	}
+	rs2[i].Size += testguest.PageSize
+	var m memfdRAM
+	defer m.close()
+	const readers, rounds = 4, 200
+	errc := make(chan error, readers)
+	for w := 0; w < readers; w++ {
+		go func(w int) {
+			b := make([]byte, testguest.PatternPages*testguest.PageSize)
+			for i := 0; i < rounds; i++ {
+				table := rs
+				if (i+w)%2 == 1 {
+					table = rs2
+				}
+				if _, err := m.readAt(pid, table, b, testguest.PatternGPA); err != nil {
+					errc <- err
+					return
+				}
+				for p := 0; p < testguest.PatternPages; p++ {
+					if !bytes.Equal(b[p*testguest.PageSize:(p+1)*testguest.PageSize], testguest.PatternFor(p)) {
+						errc <- fmt.Errorf("reader %d round %d: pattern page %d differs", w, i, p)
+						return
+					}
+				}
+			}
+			errc <- nil
+		}(w)
+	}
+	for w := 0; w < readers; w++ {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := m.faults.Load(); n != 0 {
+		t.Fatalf("%d copies faulted: a mapping was unmapped under a reader", n)
+	}
+	if regs, err := m.regions(pid, rs); err != nil || len(regs) == 0 {
+		t.Fatalf("after the churn: memfd regions %+v, %v", regs, err)
+	}
+}
+
 func TestLiveAnonymousRAMIsNotMapped(t *testing.T) {
 	g := startLiveGuest(t, guestOptions{})
 	regs, err := g.live.MemfdRegions()
