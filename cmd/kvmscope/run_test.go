@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -425,4 +426,70 @@ func TestStopContHonoured(t *testing.T) {
 	waitFor(t, 10*time.Second, "the counter to move after SIGCONT", func() bool {
 		return readU64(t, c, testguest.CounterGPA) > c1
 	})
+}
+
+// TestUnprivileged: kvmscope needs no root; a user that may open /dev/kvm
+// (here: nobody, in group kvm, as libvirt-qemu is) runs a VM under it and
+// reads it.
+func TestUnprivileged(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to become another user")
+	}
+	needKVM(t)
+	kvmGroup, err := user.LookupGroup("kvm")
+	if err != nil {
+		t.Skipf("no kvm group (scripts/setup.sh creates it): %v", err)
+	}
+	gid, _ := strconv.Atoi(kvmGroup.Gid)
+	var st syscall.Stat_t
+	if syscall.Stat("/dev/kvm", &st) != nil || int(st.Gid) != gid || st.Mode&0o060 != 0o060 {
+		t.Skip("/dev/kvm is not group kvm rw (scripts/setup.sh sets it)")
+	}
+	elf, err := testguest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	os.Chmod(filepath.Dir(dir), 0o755) // t.TempDir's parent is 0700
+	os.Chmod(dir, 0o777)
+	os.Chmod(filepath.Dir(kvmscopeBin), 0o755)
+	kernel := filepath.Join(dir, "tinyguest.elf")
+	b, err := os.ReadFile(elf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(kernel, b, 0o644)
+	sock := filepath.Join(dir, "api.sock")
+	args := append([]string{"run", "--api", sock, "--", needQEMU(t)}, testguest.KernelArgs(kernel, 2, "kvm", "")...)
+	cmd := exec.Command(kvmscopeBin, args...)
+	cmd.Dir = dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{uint32(gid)}}}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r := &running{t: t, cmd: cmd, sock: sock, stderr: &stderr, done: make(chan struct{})}
+	go func() { r.err = cmd.Wait(); close(r.done) }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		r.wait(20 * time.Second)
+		if t.Failed() {
+			t.Logf("stderr: %s", stderr.String())
+		}
+	}()
+	c := r.client()
+	waitReady(t, c)
+	vm := getVM(t, c)
+	if len(vm.VCPUs) != 2 {
+		t.Fatalf("vm = %+v", vm)
+	}
+	st2, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", vm.Pid))
+	if !strings.Contains(string(st2), "Uid:\t65534") {
+		t.Errorf("QEMU does not run as uid 65534")
+	}
+	// Root may read it too (root and the owner).
+	if out, errOut, code := kvmscope(t, "vcpus", "--api", sock, "--json"); code != 0 || !strings.Contains(out, "0x104000") {
+		t.Errorf("root reading nobody's VM: %d %s", code, errOut)
+	}
 }
