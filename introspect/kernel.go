@@ -186,18 +186,21 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 		logf = func(string, ...any) {}
 	}
 	regions := mem.Regions()
-	h, err := findKallsyms(mem, regions, codeHint(mem, opts.CPUs), logf)
+	var k *Kernel
+	h, err := findKallsyms(mem, regions, codeHint(mem, opts.CPUs), logf, func(h *kallsymsHit) error {
+		if filter != nil {
+			h.syms = filter(h.syms)
+		}
+		k = &Kernel{Mem: mem, Syms: h.syms, Found: map[string]string{"kallsyms": h.syms.Layout()}, logf: logf}
+		if err := k.locateImage(h, regions); err != nil {
+			return fmt.Errorf("kernel image: %w", err)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("discover kernel: %w", err)
 	}
-	if filter != nil {
-		h.syms = filter(h.syms)
-	}
-	k := &Kernel{Mem: mem, Syms: h.syms, Found: map[string]string{"kallsyms": h.syms.Layout()}, logf: logf}
 	defer func() { k.image = nil }()
-	if err := k.locateImage(h, regions); err != nil {
-		return nil, fmt.Errorf("discover kernel image: %w", err)
-	}
 	if err := k.findPageTables(h, regions, opts.CPUs); err != nil {
 		return nil, fmt.Errorf("discover kernel page tables: %w", err)
 	}

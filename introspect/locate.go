@@ -106,17 +106,75 @@ type kallsymsHit struct {
 	hit, bufGPA uint64
 }
 
-// findKallsyms scans guest RAM for the kallsyms tables.
-func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, logf func(string, ...any)) (*kallsymsHit, error) {
-	buf := make([]byte, scanChunk+len(tokenDigits))
+// maxCandidates bounds the token-table candidates tried: each costs a
+// small read, and a guest could plant decoys.
+const maxCandidates = 1024
+
+// findKallsyms scans guest RAM for the kallsyms tables and hands each
+// table it can parse to accept, until accept takes one (returns nil).
+// Another kernel's image can be in guest memory too (a vmlinux in the
+// page cache); accept rejects a table that is not the running kernel's.
+//
+// Without a hint, the scan first samples one page every sampleStride for
+// something that looks like the tables' address array and searches
+// densely around those pages; then, if that found nothing, all of RAM
+// from hint on.
+func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, logf func(string, ...any), accept func(*kallsymsHit) error) (*kallsymsHit, error) {
 	var errs []error
-	tried := 0
-	for _, sp := range scanOrder(regions, hint) {
+	tried := map[uint64]bool{}
+	var found *kallsymsHit
+	try := func(hit uint64) (stop bool, err error) {
+		if tried[hit] {
+			return false, nil
+		}
+		tried[hit] = true
+		if len(tried) > maxCandidates {
+			return true, fmt.Errorf("kallsyms: more than %d false candidates", maxCandidates)
+		}
+		h, err := tryKallsyms(mem, regions, hit)
+		if err == nil {
+			err = accept(h)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("candidate at %#x: %w", hit, err))
+			return false, nil
+		}
+		logf("kallsyms: %d symbols (%s) at guest physical %#x", h.syms.Len(), h.syms.Layout(), hit)
+		found = h
+		return true, nil
+	}
+	var spans []span
+	// With a vCPU's hint the tables are a few MiB after it: no sampling.
+	for _, c := range sampleKallsyms(mem, regions, hint == 0) {
+		if r, ok := regionOf(regions, c); ok {
+			// The token table follows the address array by the names
+			// (before 6.4) or precedes it by little (6.4+).
+			spans = append(spans, span{max(sat(c, 4<<20), r.start), min(c+16<<20, r.end)})
+		}
+	}
+	spans = append(spans, scanOrder(regions, hint)...)
+	if err := scanSpans(mem, spans, try); err != nil {
+		return nil, err
+	}
+	if found != nil {
+		return found, nil
+	}
+	if len(errs) == 0 {
+		return nil, fmt.Errorf("kallsyms token table: %w (is CONFIG_KALLSYMS off?)", ErrNotFound)
+	}
+	return nil, fmt.Errorf("kallsyms: %w: %w", ErrNotFound, errors.Join(errs...))
+}
+
+// scanSpans calls try for every token-table hit in spans, in order,
+// until try says stop.
+func scanSpans(mem guestmem.Memory, spans []span, try func(hit uint64) (stop bool, err error)) error {
+	buf := make([]byte, scanChunk+len(tokenDigits))
+	for _, sp := range spans {
 		for pos := sp.start; pos < sp.end; pos += scanChunk {
 			n := min(uint64(len(buf)), sp.end-pos)
 			chunk := buf[:n]
 			if _, err := mem.ReadAt(chunk, int64(pos)); err != nil {
-				return nil, fmt.Errorf("scan guest physical %#x: %w", pos, err)
+				return fmt.Errorf("scan guest physical %#x: %w", pos, err)
 			}
 			for off := 0; ; {
 				i := bytes.Index(chunk[off:], tokenDigits)
@@ -132,31 +190,101 @@ func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, l
 				if p == 0 || chunk[p-1] != 0 {
 					continue
 				}
-				hit := pos + uint64(p)
-				tried++
-				if tried > 256 {
-					return nil, fmt.Errorf("kallsyms: too many false candidates (%d)", tried)
+				if stop, err := try(pos + uint64(p)); stop || err != nil {
+					return err
 				}
-				h, err := tryKallsyms(mem, regions, hit)
-				if err != nil {
-					errs = append(errs, fmt.Errorf("candidate at %#x: %w", hit, err))
-					continue
-				}
-				logf("kallsyms: %d symbols (%s) at guest physical %#x", h.syms.Len(), h.syms.Layout(), hit)
-				return h, nil
 			}
 		}
 	}
-	if len(errs) == 0 {
-		return nil, fmt.Errorf("kallsyms token table: %w (is CONFIG_KALLSYMS off?)", ErrNotFound)
+	return nil
+}
+
+const (
+	// sampleStride is the distance between sampled pages: the address
+	// array of a kernel with 30k symbols is 120 KiB.
+	sampleStride = 64 << 10
+	// maxSampleHits bounds the windows searched densely after sampling.
+	maxSampleHits = 4
+)
+
+// sampleKallsyms returns pages of guest RAM that look like
+// kallsyms_offsets (sorted 32-bit offsets: small steps, one direction)
+// or kallsyms_addresses (sorted kernel pointers), at most one per 16 MiB.
+func sampleKallsyms(mem guestmem.Memory, regions []guestmem.Region, enabled bool) []uint64 {
+	var hits []uint64
+	if !enabled {
+		return nil
 	}
-	return nil, fmt.Errorf("kallsyms: %w: %w", ErrNotFound, errors.Join(errs...))
+	page := make([]byte, pageSize)
+	for _, sp := range scanOrder(regions, 0) {
+		for a := (sp.start + sampleStride - 1) &^ (sampleStride - 1); a+pageSize <= sp.end; a += sampleStride {
+			if len(hits) > 0 && a < hits[len(hits)-1]+16<<20 {
+				continue
+			}
+			if _, err := mem.ReadAt(page, int64(a)); err != nil {
+				continue
+			}
+			if looksLikeAddresses(page) {
+				hits = append(hits, a)
+				if len(hits) == maxSampleHits {
+					return hits
+				}
+			}
+		}
+	}
+	return hits
+}
+
+// looksLikeAddresses reports whether page holds part of a sorted symbol
+// address array in one of the kallsyms layouts.
+func looksLikeAddresses(page []byte) bool {
+	// 32-bit offsets: base-relative ones grow, absolute-per-CPU ones
+	// (relative_base-1-addr) shrink, PC-relative ones grow by the gap
+	// between symbols less 4.
+	up, down, distinct := 0, 0, 0
+	prev := int32(binary.LittleEndian.Uint32(page))
+	for i := 4; i < len(page); i += 4 {
+		v := int32(binary.LittleEndian.Uint32(page[i:]))
+		d := int64(v) - int64(prev)
+		if d >= -4 && d < 1<<16 {
+			up++
+		}
+		if d <= 0 && d > -1<<16 {
+			down++
+		}
+		if d != 0 {
+			distinct++
+		}
+		prev = v
+	}
+	n := len(page)/4 - 1
+	if distinct > n/2 && (up >= n-8 || down >= n-8) {
+		return true
+	}
+	// 64-bit absolute addresses.
+	sorted, kernel, distinct := 0, 0, 0
+	p64 := binary.LittleEndian.Uint64(page)
+	for i := 8; i < len(page); i += 8 {
+		v := binary.LittleEndian.Uint64(page[i:])
+		if v >= p64 && v-p64 < 1<<16 {
+			sorted++
+		}
+		if v >= startKernelMap {
+			kernel++
+		}
+		if v != p64 {
+			distinct++
+		}
+		p64 = v
+	}
+	n = len(page)/8 - 1
+	return distinct > n/2 && sorted >= n-4 && kernel >= n-4
 }
 
 // tryKallsyms checks one token-table candidate cheaply, then reads the
 // image around it and parses the tables.
 func tryKallsyms(mem guestmem.Memory, regions []guestmem.Region, hit uint64) (*kallsymsHit, error) {
-	small, base, err := readSpan(mem, regions, hit, sat(hit, 1<<16), hit+1<<16)
+	small, base, err := readSpan(mem, regions, hit, sat(hit, 16<<10), hit+64<<10)
 	if err != nil {
 		return nil, err
 	}

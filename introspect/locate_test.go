@@ -1,6 +1,7 @@
 package introspect
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"testing"
@@ -207,4 +208,40 @@ func TestDiscoverSynthetic(t *testing.T) {
 			}
 		}
 	})
+}
+
+func TestLooksLikeAddresses(t *testing.T) {
+	page := func(f func(i int) uint32) []byte {
+		b := make([]byte, pageSize)
+		for i := 0; i < pageSize/4; i++ {
+			binary.LittleEndian.PutUint32(b[4*i:], f(i))
+		}
+		return b
+	}
+	page64 := func(f func(i int) uint64) []byte {
+		b := make([]byte, pageSize)
+		for i := 0; i < pageSize/8; i++ {
+			binary.LittleEndian.PutUint64(b[8*i:], f(i))
+		}
+		return b
+	}
+	gap := func(i int) uint32 { return uint32(i*37 + i*i%16) } // growing, uneven
+	for _, tc := range []struct {
+		name string
+		page []byte
+		want bool
+	}{
+		{"base-relative", page(func(i int) uint32 { return 0x100000 + gap(i) }), true},
+		{"absolute per-CPU (negative, shrinking)", page(func(i int) uint32 { return uint32(-0x200000 - int32(gap(i))) }), true},
+		{"PC-relative", page(func(i int) uint32 { return uint32(-0x1df0000 + int32(gap(i)) - 4*int32(i)) }), true},
+		{"absolute addresses", page64(func(i int) uint64 { return 0xffffffff81000000 + uint64(gap(i)) }), true},
+		{"zeros", make([]byte, pageSize), false},
+		{"all ones", bytes.Repeat([]byte{0xff}, pageSize), false},
+		{"text", bytes.Repeat([]byte("kallsyms_names "), pageSize/15+1)[:pageSize], false},
+		{"random-ish", page(func(i int) uint32 { return uint32(i * 2654435761) }), false},
+	} {
+		if got := looksLikeAddresses(tc.page); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
 }
