@@ -214,6 +214,9 @@ func alive(pid int) bool {
 func TestSIGTERMEndsQEMU(t *testing.T) {
 	r := startRun(t, nil, tinyGuest(t, 2, "")...)
 	pid := qemuPid(t, r)
+	// QEMU installs its SIGTERM handler during start-up; before that the
+	// signal kills it, with or without kvmscope. Wait until the guest runs.
+	waitReady(t, r.client())
 	r.cmd.Process.Signal(syscall.SIGTERM)
 	code := r.wait(20 * time.Second)
 	if alive(pid) {
@@ -338,6 +341,7 @@ func TestOtherUIDRefused(t *testing.T) {
 	// open the socket file: the server must still refuse it by SO_PEERCRED.
 	os.Chmod(filepath.Dir(kvmscopeBin), 0o755)
 	os.Chmod(filepath.Dir(r.sock), 0o755)
+	os.Chmod(filepath.Dir(filepath.Dir(r.sock)), 0o755) // t.TempDir's parent is 0700
 	asNobody := func() (string, int) {
 		cmd := exec.Command(kvmscopeBin, "vm", "--api", r.sock)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}

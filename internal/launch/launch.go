@@ -88,6 +88,11 @@ func Run(o Options) (int, error) {
 		}
 	}
 	qa := ParseQEMUArgs(o.Argv[1:])
+	if qa.Probe {
+		// A probe (-version, -help) prints and exits: its output must be
+		// exactly QEMU's, so say nothing unless something goes wrong.
+		o.Log = o.Log.Level(zerolog.WarnLevel)
+	}
 	if qa.Probe && o.PassProbes {
 		return 127, execQEMU(path, o.Argv)
 	}
