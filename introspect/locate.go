@@ -133,7 +133,9 @@ func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, l
 		}
 		h, err := tryKallsyms(mem, regions, hit)
 		if err == nil {
-			err = accept(h)
+			if err = accept(h); err != nil {
+				logf("kallsyms at guest physical %#x is not the running kernel's: %v", hit, err)
+			}
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("candidate at %#x: %w", hit, err))

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/kvmscope/kvmscope/guestmem"
@@ -187,6 +189,22 @@ func TestDiscoverSynthetic(t *testing.T) {
 		cpu.RIP = 0
 		if _, err := Discover(other, DiscoverOptions{CPUs: []guestmem.CPU{cpu}}); err == nil {
 			t.Error("CPU whose CR3 maps _text elsewhere was accepted")
+		}
+	})
+	t.Run("decoy table", func(t *testing.T) {
+		// Another kernel's kallsyms (a vmlinux in the page cache), found
+		// first by the scan, is not the running kernel's.
+		m := append(sliceMem(nil), s.mem...)
+		decoy := genTables(t, genSymbols(1000), genLayouts[1], 0)
+		copy(m[1<<20:], decoy)
+		var log strings.Builder
+		k, err := Discover(m, DiscoverOptions{Log: func(f string, a ...any) { fmt.Fprintf(&log, f+"\n", a...) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkSynth(t, s, k)
+		if !strings.Contains(log.String(), "not the running kernel's") {
+			t.Errorf("decoy not tried first:\n%s", log.String())
 		}
 	})
 	t.Run("damaged", func(t *testing.T) {
