@@ -152,6 +152,16 @@ func (k *Kernel) ReadU16(va uint64) (uint16, error) {
 // ReadPtr reads a kernel pointer at va.
 func (k *Kernel) ReadPtr(va uint64) (uint64, error) { return k.ReadU64(va) }
 
+// Reset drops the page-table translations cached in k.AS. A live guest
+// changes its page tables (vmalloc, modules, process PGDs): call Reset
+// before each scan so it sees them as they are now. What Discover found
+// (image, symbols, bases, BTF) stays valid while the guest runs.
+func (k *Kernel) Reset() {
+	if k.AS != nil {
+		k.AS.Reset()
+	}
+}
+
 // PhysToVirt returns the direct-map (page_offset_base) address of pa.
 func (k *Kernel) PhysToVirt(pa uint64) uint64 { return k.PageOffsetBase + pa }
 
