@@ -11,10 +11,12 @@ import (
 // is mapped as kernel image at fuzzBase (linear, no page tables), so every
 // pointer in it can point anywhere in it.
 const (
-	fuzzBase  = 0xffffffff81000000
-	fuzzMax   = 1 << 16
-	fuzzTask  = 0x2000 // stride of the forged task_structs in the seeds
-	fuzzMods  = 0xf000 // offset of the forged modules list head
+	fuzzBase = 0xffffffff81000000
+	// Small inputs keep the fuzzer's minimization quick; task windows
+	// may overlap the next task, as the solver allows.
+	fuzzMax   = 1 << 14
+	fuzzTask  = 0x400  // stride of the forged task_structs in the seeds
+	fuzzMods  = 0x3000 // offset of the forged modules list head
 	fTasks    = 0x100
 	fPID      = 0x180
 	fParent   = 0x190
@@ -79,57 +81,78 @@ func forgedTasks(n int) []byte {
 		put(b+fParent, va(0))
 		put(b+fParent+8, va(0))
 		copy(mem[b+fComm:], names[min(i, len(names)-1)])
-		// signal points at 0x800 in the task; its thread_head there
+		// signal points at 0x380 in the task; its thread_head there
 		// (+0x10) and the task's thread_node form a two-entry list.
-		sig := b + 0x800
+		sig := b + 0x380
 		put(b+fSignal, va(sig))
 		put(b+fThreadNd, va(sig+0x10))
 		put(b+fThreadNd+8, va(sig+0x10))
 		put(sig+0x10, va(b+fThreadNd))
 		put(sig+0x18, va(b+fThreadNd))
-		put(b+fCred, va(b+0xa00))
-		put(b+fCred+8, va(b+0xa00))
+		put(b+fCred, va(b+0x3c0))
+		put(b+fCred+8, va(b+0x3c0))
 	}
 	put(fuzzMods, va(fuzzMods))
 	put(fuzzMods+8, va(fuzzMods))
 	return mem
 }
 
-func FuzzTasks(f *testing.F) {
-	good := forgedTasks(5)
-	f.Add(good)
-	// A list that loops among its nodes without coming back to the head.
+// fuzzSeeds are forged task lists: a good one, a list that loops among
+// its nodes without coming back to the head, a node pointing to itself,
+// one thread list shared by every task, and empty memory.
+func fuzzSeeds(f *testing.F) {
+	f.Add(forgedTasks(5))
 	cyc := forgedTasks(5)
 	binary.LittleEndian.PutUint64(cyc[4*fuzzTask+fTasks:], fuzzBase+2*fuzzTask+fTasks)
 	f.Add(cyc)
-	// A node pointing to itself, and a broken back link.
 	self := forgedTasks(3)
 	binary.LittleEndian.PutUint64(self[fuzzTask+fTasks:], fuzzBase+fuzzTask+fTasks)
 	f.Add(self)
-	// A thread list shared by every task.
 	shared := forgedTasks(6)
 	for i := range 6 {
-		binary.LittleEndian.PutUint64(shared[i*fuzzTask+fSignal:], fuzzBase+0x800)
+		binary.LittleEndian.PutUint64(shared[i*fuzzTask+fSignal:], fuzzBase+0x380)
 	}
 	f.Add(shared)
 	f.Add([]byte{})
-	f.Add(make([]byte, 0x3000))
+	f.Add(make([]byte, 0x1000))
+}
 
+func fuzzMemory(data []byte) *Kernel {
+	if len(data) > fuzzMax {
+		data = data[:fuzzMax]
+	}
+	mem := make([]byte, max(len(data), fuzzMods+16))
+	copy(mem, data)
+	return fuzzKernel(mem)
+}
+
+// FuzzTasks runs the task, thread and module walkers on forged memory:
+// they must end in bounded time, with an error or a bounded list.
+//
+// Deleting bytes moves every forged structure, so the fuzzer's
+// minimization rarely shrinks an input and spends its full default 60 s
+// on each new one: run with -fuzzminimizetime=2s.
+func FuzzTasks(f *testing.F) {
+	fuzzSeeds(f)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if len(data) > fuzzMax {
-			data = data[:fuzzMax]
-		}
-		mem := make([]byte, max(len(data), fuzzMods+16))
-		copy(mem, data)
-		k := fuzzKernel(mem)
+		k := fuzzMemory(data)
 		ps, err := processes(k, fuzzOffsets(), fuzzBase, ProcessOptions{Threads: true})
-		if err == nil && len(ps) > maxTasks+1 {
-			t.Fatalf("%d processes from %d bytes", len(ps), len(mem))
+		if err == nil && len(ps) > 3*maxTasks {
+			t.Fatalf("%d processes from %d bytes", len(ps), len(data))
 		}
 		modulesAt(k, fuzzOffsets(), fuzzBase+fuzzMods)
-		// A small budget keeps each run short; the full one only scales
-		// the same bounded loops.
-		off, _ := solveWithin(k, fuzzBase, fuzzBase+fuzzMods, 1<<12)
+		k.ForEachThread(fuzzOffsets(), fuzzBase, func(uint64) error { return nil })
+	})
+}
+
+// FuzzSolveOffsets runs the offsets solver on forged memory, then the
+// walkers with whatever it found. A small budget keeps each run short; the
+// full budget only scales the same bounded loops.
+func FuzzSolveOffsets(f *testing.F) {
+	fuzzSeeds(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		k := fuzzMemory(data)
+		off, _ := solveWithin(k, fuzzBase, fuzzBase+fuzzMods, 1<<10)
 		if off != nil && off.TaskTasks.Known() {
 			processes(k, off, fuzzBase, ProcessOptions{Threads: true})
 		}

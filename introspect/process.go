@@ -72,8 +72,12 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	// All thread lists together may not hold more than this many nodes.
 	threadBudget := 2 * maxTasks
 	threadsKnown := off.TaskSignal.Known() && off.TaskThreadNode.Known() && off.SignalThreadHd.Known()
-	parents := map[int]uint64{} // index in out -> real_parent
-	tgids := map[uint64]int{}   // task -> tgid
+	type parentOf struct {
+		i      int // index in out
+		parent uint64
+	}
+	var parents []parentOf
+	tgids := map[uint64]int{} // task -> tgid
 	// Walk init_task's tasks list (for_each_process) with the reads that
 	// fetch each task's members: each task's bytes hold its tasks links,
 	// checked both ways as listNodes does.
@@ -98,7 +102,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		}
 		p := r.process(cur, b)
 		if parent, ok := r.field(b, off.TaskRealParent, 8); ok {
-			parents[len(out)] = parent
+			parents = append(parents, parentOf{len(out), parent})
 		}
 		if p.TGID >= 0 {
 			tgids[cur] = p.TGID
@@ -122,7 +126,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 					}
 					tp := r.process(th, tb)
 					if parent, ok := r.field(tb, off.TaskRealParent, 8); ok {
-						parents[len(out)+1+len(threads)] = parent
+						parents = append(parents, parentOf{len(out) + 1 + len(threads), parent})
 					}
 					tp.Cmdline = p.Cmdline
 					threads = append(threads, tp)
@@ -164,11 +168,11 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	}
 	// PPid is the tgid of real_parent, most often a task seen above.
 	if off.TaskTGID.Known() {
-		for i, parent := range parents {
-			if g, ok := tgids[parent]; ok {
-				out[i].PPID = g
-			} else if v, err := k.ReadU32(parent + uint64(off.TaskTGID.Value)); err == nil {
-				out[i].PPID = int(v)
+		for _, p := range parents {
+			if g, ok := tgids[p.parent]; ok {
+				out[p.i].PPID = g
+			} else if v, err := k.ReadU32(p.parent + uint64(off.TaskTGID.Value)); err == nil {
+				out[p.i].PPID = int(v)
 			}
 		}
 	}

@@ -56,6 +56,11 @@ type solver struct {
 	miss *UnsolvedError
 
 	budget int
+	// work bounds the CPU spent checking candidates (one unit per task
+	// per offset tried), as reads alone do not: many offsets can pass
+	// cheap tests on crafted memory, each costing a pass over all tasks.
+	work int
+	win  int // minWindow, once the tasks are known
 
 	init *taskImage
 	// tasks are the thread-group leaders on init_task.tasks, init_task
@@ -101,7 +106,8 @@ func solveOffsets(k *Kernel, initTask, modules uint64) (*Offsets, error) {
 
 // solveWithin solves with the given read budget.
 func solveWithin(k *Kernel, initTask, modules uint64, budget int) (*Offsets, error) {
-	s := &solver{k: k, off: &Offsets{}, miss: &UnsolvedError{}, byBase: make(map[uint64]*taskImage), budget: budget}
+	s := &solver{k: k, off: &Offsets{}, miss: &UnsolvedError{}, byBase: make(map[uint64]*taskImage),
+		budget: budget, work: budget << 11}
 	defer func() {
 		if k.logf != nil {
 			k.logf("offsets solver: %d of %d reads used", budget-s.budget, budget)
@@ -180,6 +186,15 @@ func (s *solver) read(va uint64, n int) ([]byte, error) {
 func (s *solver) spend(n int) error {
 	s.budget -= n
 	if s.budget < 0 {
+		return ErrBudget
+	}
+	return nil
+}
+
+// charge takes n from the work budget.
+func (s *solver) charge(n int) error {
+	s.work -= n
+	if s.work < 0 {
 		return ErrBudget
 	}
 	return nil
@@ -370,9 +385,15 @@ func solved(v int, how string) Offset {
 // minWindow is the shortest task image over the tasks: offsets beyond it
 // cannot be checked on every task.
 func (s *solver) minWindow() int {
+	if s.win != 0 {
+		return s.win
+	}
 	n := len(s.init.b)
 	for _, t := range s.tasks {
 		n = min(n, len(t.b))
+	}
+	if len(s.tasks) > 0 {
+		s.win = n
 	}
 	return n
 }

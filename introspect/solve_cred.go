@@ -38,6 +38,9 @@ func (s *solver) solveCred() error {
 	var ptrs []candidate
 	win := s.minWindow()
 	for o := 0; o+8 <= win; o += 8 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		if haveInitCred && le64(s.init.b, o) != initCred {
 			continue
 		}
@@ -73,6 +76,9 @@ func (s *solver) solveCred() error {
 			continue
 		}
 		for id := 4; id+4*credIDs <= credWindow; id += 4 {
+			if err := s.charge(len(s.tasks) + 8*len(s.kthreads)); err != nil {
+				return err
+			}
 			zero := true
 			for _, t := range s.kthreads {
 				for i := range credIDs {

@@ -75,6 +75,9 @@ func (s *solver) solveMM() error {
 	var found []pair
 	win := s.minWindow()
 	for o := 0; o+8 <= win; o += 8 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		if le64(initP.b, o) == 0 || !s.k.kernelPtr(le64(initP.b, o)) {
 			continue
 		}
@@ -109,6 +112,9 @@ func (s *solver) solveMM() error {
 			continue
 		}
 		for g := 0; g+8 <= len(first); g += 8 {
+			if err := s.charge(len(mms) + 1); err != nil {
+				return err
+			}
 			if s.spend(1) != nil {
 				return ErrBudget
 			}
@@ -170,6 +176,9 @@ func (s *solver) solveArgs() error {
 	top := s.k.userTop()
 	var cands []candidate
 	for a := 0; a+32 <= mmWindow; a += 8 {
+		if err := s.charge(len(mms) + 1); err != nil {
+			return err
+		}
 		ok := true
 		for _, t := range mms {
 			as, ae, es, ee := le64(t.mmB, a), le64(t.mmB, a+8), le64(t.mmB, a+16), le64(t.mmB, a+24)

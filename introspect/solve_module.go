@@ -86,6 +86,9 @@ func (s *solver) solveModules(head uint64) error {
 	// module.
 	var names []candidate
 	for n := 16; n+moduleNameLen <= 0x100; n++ {
+		if err := s.charge(len(imgs)); err != nil {
+			return err
+		}
 		ok := true
 		for _, b := range imgs {
 			if _, valid := moduleName(b[before+n:]); !valid || moduleNameChar(b[before+n-1]) {
@@ -106,6 +109,9 @@ func (s *solver) solveModules(head uint64) error {
 	// list node, the same in every module.
 	var lists []candidate
 	for q := before + nameC.off + moduleNameLen; q+8 <= 0x200; q += 8 {
+		if err := s.charge(len(imgs)); err != nil {
+			return err
+		}
 		var l uint64
 		ok := true
 		for i, b := range imgs {
@@ -148,6 +154,9 @@ func (s *solver) solveModules(head uint64) error {
 	start := before - L // struct module in imgs
 	var holds []candidate
 	for f := start + L + nameC.off + moduleNameLen; f+12 <= len(imgs[0]); f += 8 {
+		if err := s.charge(len(imgs)); err != nil {
+			return err
+		}
 		ok := true
 		for i, b := range imgs {
 			base, size, valid := modulePair(b, f)
@@ -170,6 +179,9 @@ func (s *solver) solveModules(head uint64) error {
 	// same shape one stride before it, and again one after it (rodata),
 	// is that array.
 	for d := 16; d <= 0x80; d += 8 {
+		if err := s.charge(len(imgs)); err != nil {
+			return err
+		}
 		ok := true
 		for _, b := range imgs {
 			_, _, t := modulePair(b, start+h.off-d)

@@ -45,6 +45,9 @@ func (s *solver) solveTasks() error {
 	var ok []found
 	var cands []candidate
 	for o := 0; o+16 <= len(s.init.b); o += 8 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		head := s.init.base + uint64(o)
 		next, prev := le64(s.init.b, o), le64(s.init.b, o+8)
 		if next == head || !s.k.kernelPtr(next) || !s.k.kernelPtr(prev) {
@@ -140,6 +143,9 @@ func (s *solver) solveThreads() error {
 			continue
 		}
 		for sig := 0; sig+8 <= win; sig += 8 {
+			if err := s.charge(1); err != nil {
+				return err
+			}
 			if sig >= t && sig < t+16 {
 				continue // thread_node's own links
 			}
@@ -179,6 +185,9 @@ func (s *solver) solveThreads() error {
 // checkThreads verifies a (thread_node, signal, thread_head) candidate on
 // every task and returns the threads that are not group leaders.
 func (s *solver) checkThreads(t, sig, head int) ([]*taskImage, bool) {
+	if s.charge(len(s.tasks)) != nil {
+		return nil, false
+	}
 	var threads []*taskImage
 	total := 0
 	for _, task := range s.tasks {
@@ -225,6 +234,9 @@ func (s *solver) checkThreads(t, sig, head int) ([]*taskImage, bool) {
 func (s *solver) solvePID() error {
 	var cands []candidate
 	for o := 0; o+4 <= s.minWindow(); o += 4 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		if le32(s.init.b, o) != 0 {
 			continue
 		}
@@ -309,6 +321,9 @@ func (s *solver) solveParent() error {
 	}
 	var cands []candidate
 	for o := 0; o+8 <= s.minWindow(); o += 8 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		if le64(s.init.b, o) != s.init.base || le64(initP.b, o) != s.init.base || le64(kthreadd.b, o) != s.init.base {
 			continue
 		}
@@ -337,6 +352,25 @@ func (s *solver) solveParent() error {
 	// and its descendants. Reparented orphans and zombies keep this true.
 	rpo := int(rp.off)
 	s.kthreads = []*taskImage{s.init, kthreadd}
+	// underInit memoizes whether a task descends from init, so deep or
+	// looping parent chains cost one visit per task.
+	underInit := map[*taskImage]bool{initP: true, s.init: false, kthreadd: false}
+	var descends func(t *taskImage, depth int) bool
+	descends = func(t *taskImage, depth int) bool {
+		if v, ok := underInit[t]; ok {
+			return v
+		}
+		underInit[t] = false // a loop in the chain reaches no init
+		p := s.byBase[le64(t.b, rpo)]
+		if p == nil || depth > len(s.tasks) {
+			return false
+		}
+		// Iterative enough: chains are bounded by the task count, and
+		// each task is resolved once.
+		v := descends(p, depth+1)
+		underInit[t] = v
+		return v
+	}
 	for _, t := range s.tasks {
 		if t == kthreadd || t == s.init {
 			continue
@@ -345,17 +379,8 @@ func (s *solver) solveParent() error {
 			s.kthreads = append(s.kthreads, t)
 			continue
 		}
-		// Walk up to init (bounded by the number of tasks).
-		cur := t
-		for range len(s.tasks) {
-			if cur == initP {
-				s.users = append(s.users, t)
-				break
-			}
-			cur = s.byBase[le64(cur.b, rpo)]
-			if cur == nil || cur == s.init {
-				break
-			}
+		if descends(t, 0) {
+			s.users = append(s.users, t)
 		}
 	}
 	return nil
@@ -370,6 +395,9 @@ func (s *solver) solveFlags() error {
 	}
 	var cands []candidate
 	for o := 0; o+4 <= s.minWindow(); o += 4 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		ok := true
 		for _, t := range s.kthreads {
 			v := le32(t.b, o)
@@ -438,6 +466,9 @@ func (s *solver) solveState() error {
 	// since), outside the part CONFIG_RANDSTRUCT shuffles. Stale copies
 	// of it elsewhere in the structure pass every value test.
 	for o := 0; o+4 <= min(stateHead, s.minWindow()); o += 4 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		if le32(s.init.b, o) != 0 || s.taken(o, 4) {
 			continue
 		}
@@ -492,6 +523,9 @@ func (s *solver) solveState() error {
 func (s *solver) solveStartTime() error {
 	var cands []candidate
 	for o := 0; o+8 <= s.minWindow(); o += 8 {
+		if err := s.charge(len(s.tasks) + 1); err != nil {
+			return err
+		}
 		if le64(s.init.b, o) != 0 || s.taken(o, 8) {
 			continue
 		}
