@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -226,21 +227,21 @@ func checkKernel(t *testing.T, d *discoverGuest, k *Kernel, wantBTF bool) {
 func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []string, cmdline string, wantBTF bool) {
 	d := bootForDiscover(t, kernel, qemuArgs, cmdline)
 	t.Run("core", func(t *testing.T) {
-		start := time.Now()
+		start, cpu0 := time.Now(), cpuTime()
 		k, err := Discover(d.core, DiscoverOptions{Log: t.Logf})
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("Discover on a %d MiB dump without registers: %v; found: %v", memSize(d.core)>>20, time.Since(start), k.Found)
+		t.Logf("Discover on a %d MiB dump without registers: %v (CPU %v); found: %v", memSize(d.core)>>20, time.Since(start), cpuTime()-cpu0, k.Found)
 		checkKernel(t, d, k, wantBTF)
 	})
 	t.Run("core+cpus", func(t *testing.T) {
-		start := time.Now()
+		start, cpu0 := time.Now(), cpuTime()
 		k, err := Discover(d.core, DiscoverOptions{CPUs: d.cpus})
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("Discover with %d vCPUs' registers: %v", len(d.cpus), time.Since(start))
+		t.Logf("Discover with %d vCPUs' registers: %v (CPU %v)", len(d.cpus), time.Since(start), cpuTime()-cpu0)
 		checkKernel(t, d, k, wantBTF)
 	})
 	t.Run("text symbols only", func(t *testing.T) {
@@ -289,6 +290,30 @@ func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []
 			}
 		}
 	})
+	t.Run("live", func(t *testing.T) {
+		// The same guest through the live TCG source (QEMU's memory read
+		// from its process, memory map from QMP), as `kvmscope run` sees it.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		q, err := guestmem.DialQMP(ctx, d.g.SpareQMP())
+		if err != nil {
+			t.Fatalf("QMP: %v", err)
+		}
+		defer q.Close()
+		mem := guestmem.NewTCG(q, d.g.Pid, false)
+		start, cpu0 := time.Now(), cpuTime()
+		k, err := Discover(mem, DiscoverOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("Discover on the live guest without registers: %v (CPU %v)", time.Since(start), cpuTime()-cpu0)
+		start, cpu0 = time.Now(), cpuTime()
+		if _, err := Discover(mem, DiscoverOptions{CPUs: d.cpus}); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("Discover on the live guest with registers: %v (CPU %v)", time.Since(start), cpuTime()-cpu0)
+		checkKernel(t, d, k, wantBTF)
+	})
 	t.Run("cross-check", func(t *testing.T) {
 		// A CR3 that contradicts memory must be reported.
 		bad := append([]guestmem.CPU(nil), d.cpus...)
@@ -299,6 +324,16 @@ func testDiscover(t *testing.T, kernel func(testlinux.Paths) string, qemuArgs []
 			t.Error("Discover accepted CPUs whose CR3 does not map the kernel")
 		}
 	})
+}
+
+// cpuTime is the CPU time this process used so far: wall time on a
+// shared 2-core test machine says little.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func memSize(m guestmem.Memory) uint64 {
