@@ -85,15 +85,15 @@ func NewMetrics() *Metrics {
 // MustRegister adds collectors of other features to the registry.
 func (m *Metrics) MustRegister(cs ...prometheus.Collector) { m.Registry.MustRegister(cs...) }
 
-// ObserveScan records one scan of the given kind that began at start.
-func (m *Metrics) ObserveScan(kind string, start time.Time, err error) {
+// ObserveScan records one scan of the given kind that took d.
+func (m *Metrics) ObserveScan(kind string, d time.Duration, err error) {
 	result := "ok"
 	if err != nil {
 		result = "error"
 		m.Errors.WithLabelValues("scan").Inc()
 	}
 	m.Scans.WithLabelValues(kind, result).Inc()
-	m.ScanDuration.WithLabelValues(kind).Observe(time.Since(start).Seconds())
+	m.ScanDuration.WithLabelValues(kind).Observe(d.Seconds())
 }
 
 // handler serves the registry in the Prometheus text format.
@@ -170,19 +170,16 @@ func (c *vmCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(size))
 }
 
-// meteredTarget counts every guest memory access made through the API
-// server's target, whoever makes it (memory endpoints or introspection).
-type meteredTarget struct {
-	Target
-	m *Metrics
-}
-
-func (t meteredTarget) Source() guestmem.Source {
-	src := t.Target.Source()
+// Meter returns src with every guest memory access counted in
+// GuestMemoryReadBytes, GuestMemoryWrittenBytes and Errors. A Target's
+// Source should return its sources metered, so that the API's memory reads
+// and introspection (API or scheduled scans) count alike. A writable
+// source stays a guestmem.Writer.
+func (m *Metrics) Meter(src guestmem.Source) guestmem.Source {
 	if w, ok := src.(guestmem.Writer); ok {
-		return meteredWriter{meteredSource{src, t.m}, w}
+		return meteredWriter{meteredSource{src, m}, w}
 	}
-	return meteredSource{src, t.m}
+	return meteredSource{src, m}
 }
 
 type meteredSource struct {

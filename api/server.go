@@ -43,7 +43,8 @@ type Server struct {
 	// supplementary group of the peer). With groups the socket is 0660 and
 	// belongs to Groups[0] when we may give it that group.
 	Groups []int
-	// Metrics are served at GET /metrics (created by Listen when nil).
+	// Metrics are served at GET /metrics (created by Listen when nil). The
+	// Target should meter its sources with Metrics.Meter.
 	Metrics *Metrics
 	// Scanner, when set, serves the guest kernel's objects
 	// (/v1/kernel, /v1/processes, /v1/modules, /v1/offsets).
@@ -95,7 +96,6 @@ func (s *Server) Listen(path string) error {
 		s.Metrics = NewMetrics()
 	}
 	s.Metrics.MustRegister(newVMCollector(s.Target))
-	s.Target = meteredTarget{s.Target, s.Metrics}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", s.Metrics.handler())
 	mux.HandleFunc("GET /v1/vm", s.getVM)

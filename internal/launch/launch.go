@@ -181,7 +181,10 @@ func Run(o Options) (int, error) {
 				log.Warn().Err(err).Msg("socket directory")
 			}
 		}
-		server = &api.Server{Target: target, Log: log, Groups: o.Groups, Scanner: newScanner(target)}
+		metrics := api.NewMetrics()
+		target.metrics = metrics
+		server = &api.Server{Target: target, Log: log, Groups: o.Groups, Scanner: newScanner(target), Metrics: metrics}
+		server.Scanner.OnScan = func(d time.Duration, err error) { metrics.ObserveScan("processes", d, err) }
 		if o.ScanInterval > 0 {
 			startScans(target, server.Scanner, o.ScanInterval, t.Done())
 		}

@@ -16,6 +16,7 @@ type runTarget struct {
 	t        *tracer.Tracer
 	qa       QEMUArgs
 	log      zerolog.Logger
+	metrics  *api.Metrics // counts guest memory accesses when set
 	name     string
 	writable bool
 	live     *guestmem.Live
@@ -55,6 +56,14 @@ func (r *runTarget) connectQMP(done <-chan struct{}) {
 func (r *runTarget) kvm() bool { return r.t.VM().Pid() != 0 }
 
 func (r *runTarget) Source() guestmem.Source {
+	src := r.source()
+	if r.metrics != nil {
+		return r.metrics.Meter(src)
+	}
+	return src
+}
+
+func (r *runTarget) source() guestmem.Source {
 	if r.kvm() {
 		return r.live
 	}
