@@ -94,3 +94,28 @@ func DefaultDir() string {
 
 // DefaultSocket is the socket path for a VM called name.
 func DefaultSocket(name string) string { return filepath.Join(DefaultDir(), name+".sock") }
+
+// Open fetches path and returns the body as a stream with its length (-1
+// when unknown), for large replies such as /v1/dump. The caller closes it.
+func (c *Client) Open(ctx context.Context, path string) (io.ReadCloser, int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://kvmscope"+path, nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	// No overall timeout: a dump of a large guest takes a while; ctx bounds it.
+	hc := &http.Client{Transport: c.http.Transport}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, 0, c.dialError(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
+		var e Error
+		if json.Unmarshal(body, &e) == nil && e.Error != "" {
+			return nil, 0, errors.New(e.Error)
+		}
+		return nil, 0, fmt.Errorf("%s: %s", path, resp.Status)
+	}
+	return resp.Body, resp.ContentLength, nil
+}

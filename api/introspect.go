@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"strconv"
 	"time"
 
+	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/introspect"
 )
 
@@ -85,6 +87,46 @@ func (s *Server) introspectRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/processes", s.getProcesses)
 	mux.HandleFunc("GET /v1/modules", s.getModules)
 	mux.HandleFunc("GET /v1/offsets", s.getOffsets)
+	mux.HandleFunc("GET /v1/dump", s.getDump)
+}
+
+// getDump streams the guest as an ELF core (guestmem.WriteCore). Unless
+// pause=0, the VM is paused for the dump, as QEMU's dump-guest-memory
+// does, so the kernel's lists in the dump are consistent; the registers
+// are sampled (fresh) just before the pause. The VM is resumed whatever
+// happens to the client.
+func (s *Server) getDump(w http.ResponseWriter, r *http.Request) {
+	src := s.Target.Source()
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	cpus, err := src.CPUs(ctx)
+	cancel()
+	if err != nil {
+		httpError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	if r.URL.Query().Get("pause") != "0" {
+		if s.Scanner == nil || s.Scanner.Pause == nil {
+			httpError(w, http.StatusNotImplemented, "this VM cannot be paused; ask for pause=0")
+			return
+		}
+		resume, err := s.Scanner.Pause(r.Context())
+		if err != nil {
+			httpError(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		defer resume()
+	}
+	size, err := guestmem.CoreSize(src, cpus)
+	if err != nil {
+		httpError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-elf-core")
+	w.Header().Set("Content-Length", strconv.FormatUint(size, 10))
+	if err := guestmem.WriteCore(w, src, cpus, nil); err != nil {
+		// Headers are gone: the short body tells the client.
+		s.Log.Warn().Err(err).Msg("dump")
+	}
 }
 
 func (s *Server) scanner(w http.ResponseWriter) *introspect.Scanner {

@@ -16,24 +16,13 @@ import (
 // does. progress, when set, is called with bytes written so far and the
 // total.
 func WriteCore(w io.Writer, mem Memory, cpus []CPU, progress func(done, total uint64)) error {
-	var regions []Region
-	var total uint64
-	for _, r := range mem.Regions() {
-		if r.ReadOnly || r.Size == 0 {
-			continue
-		}
-		regions = append(regions, r)
-		total += r.Size
+	l, err := newCoreLayout(mem, cpus)
+	if err != nil {
+		return err
 	}
-	if len(regions) == 0 {
-		return fmt.Errorf("write core: the guest has no RAM regions")
-	}
-	notes := coreNotes(cpus)
+	regions, notes, notesOff, dataOff, total := l.regions, l.notes, l.notesOff, l.dataOff, l.ram
 	const ehsize, phentsize = 64, 56
 	phnum := 1 + len(regions)
-	notesOff := uint64(ehsize + phentsize*phnum)
-	dataOff := alignUp(notesOff+uint64(len(notes)), 4096)
-
 	bw := bufio.NewWriterSize(w, 1<<20)
 	le := binary.LittleEndian
 	hdr := make([]byte, 0, dataOff)
@@ -92,6 +81,38 @@ func WriteCore(w io.Writer, mem Memory, cpus []CPU, progress func(done, total ui
 		}
 	}
 	return bw.Flush()
+}
+
+// coreLayout is where everything goes in a core file.
+type coreLayout struct {
+	regions           []Region
+	notes             []byte
+	notesOff, dataOff uint64
+	ram               uint64 // bytes of memory
+}
+
+func newCoreLayout(mem Memory, cpus []CPU) (coreLayout, error) {
+	var l coreLayout
+	for _, r := range mem.Regions() {
+		if r.ReadOnly || r.Size == 0 {
+			continue
+		}
+		l.regions = append(l.regions, r)
+		l.ram += r.Size
+	}
+	if len(l.regions) == 0 {
+		return l, fmt.Errorf("write core: the guest has no RAM regions")
+	}
+	l.notes = coreNotes(cpus)
+	l.notesOff = uint64(64 + 56*(1+len(l.regions)))
+	l.dataOff = alignUp(l.notesOff+uint64(len(l.notes)), 4096)
+	return l, nil
+}
+
+// CoreSize is the size of the file WriteCore writes for mem and cpus.
+func CoreSize(mem Memory, cpus []CPU) (uint64, error) {
+	l, err := newCoreLayout(mem, cpus)
+	return l.dataOff + l.ram, err
 }
 
 func alignUp(v, a uint64) uint64 { return (v + a - 1) &^ (a - 1) }

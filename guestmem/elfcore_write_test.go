@@ -51,6 +51,9 @@ func TestWriteCoreRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
+	if st, _ := os.Stat(path); st == nil || uint64(st.Size()) != must(CoreSize(mem, cpus)) {
+		t.Errorf("file size %v, CoreSize %d", st.Size(), must(CoreSize(mem, cpus)))
+	}
 	if last != 0xa0000+3<<20 {
 		t.Errorf("progress ended at %d", last)
 	}
@@ -80,4 +83,11 @@ func TestWriteCoreRoundTrip(t *testing.T) {
 	if back[1].Mode() != "real" || back[1].CSBase != 0xffff0000 {
 		t.Errorf("CPU 1 back = %+v", back[1])
 	}
+}
+
+func must(v uint64, err error) uint64 {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

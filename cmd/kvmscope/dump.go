@@ -3,12 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"time"
 
-	"github.com/kvmscope/kvmscope/api"
-	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 )
@@ -20,6 +19,7 @@ func dumpCommand() *cli.Command {
 		Flags: []cli.Flag{apiFlag, vmFlag,
 			&cli.StringFlag{Name: "output", Aliases: []string{"o"}, Usage: "core file to write", Required: true},
 			&cli.BoolFlag{Name: "force", Usage: "replace an existing file"},
+			&cli.BoolFlag{Name: "live", Usage: "do not pause the VM while dumping (faster for the guest, but the kernel's lists may be torn)"},
 		},
 		Action: func(c *cli.Context) error {
 			out := c.String("output")
@@ -30,20 +30,19 @@ func dumpCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour)
 			defer cancel()
-			mem, err := api.NewRemoteMemory(ctx, cl)
+			// The server pauses the VM for the dump (unless --live) and
+			// resumes it whatever happens to us.
+			path := "/v1/dump"
+			if c.Bool("live") {
+				path += "?pause=0"
+			}
+			body, size, err := cl.Open(ctx, path)
 			if err != nil {
 				return cli.Exit(err.Error(), 1)
 			}
-			var vcpus []api.VCPU
-			if err := cl.Get(ctx, "/v1/vcpus", &vcpus); err != nil {
-				return cli.Exit(err.Error(), 1)
-			}
-			cpus := make([]guestmem.CPU, len(vcpus))
-			for i, v := range vcpus {
-				cpus[i] = cpuFromAPI(v)
-			}
+			defer body.Close()
 			// Write next to the target and rename at the end: a failed or
 			// interrupted dump leaves nothing half-written under its name.
 			tmp, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".part-*")
@@ -51,19 +50,17 @@ func dumpCommand() *cli.Command {
 				return cli.Exit(fmt.Sprintf("create %s: %v", out, err), 1)
 			}
 			defer os.Remove(tmp.Name())
-			progress := func(done, total uint64) {}
-			if term.IsTerminal(int(os.Stderr.Fd())) {
-				last := time.Time{}
-				progress = func(done, total uint64) {
-					if time.Since(last) > 100*time.Millisecond || done == total {
-						fmt.Fprintf(os.Stderr, "\rdump: %d/%d MiB (%d%%)", done>>20, total>>20, done*100/max(total, 1))
-						last = time.Now()
-					}
-				}
+			var src io.Reader = body
+			tty := term.IsTerminal(int(os.Stderr.Fd()))
+			if tty {
+				src = &progressReader{r: body, total: size}
 			}
-			err = guestmem.WriteCore(tmp, mem, cpus, progress)
-			if term.IsTerminal(int(os.Stderr.Fd())) {
+			n, err := io.Copy(tmp, src)
+			if tty {
 				fmt.Fprintln(os.Stderr)
+			}
+			if err == nil && size >= 0 && n != size {
+				err = fmt.Errorf("the dump ended after %d of %d bytes", n, size)
 			}
 			if err == nil {
 				err = tmp.Sync()
@@ -83,11 +80,24 @@ func dumpCommand() *cli.Command {
 	}
 }
 
-func cpuFromAPI(v api.VCPU) guestmem.CPU {
-	c := guestmem.CPU{ID: v.ID, RIP: uint64(v.RIP), RSP: uint64(v.RSP), RFLAGS: uint64(v.RFLAGS),
-		CR0: uint64(v.CR0), CR2: uint64(v.CR2), CR3: uint64(v.CR3), CR4: uint64(v.CR4), EFER: uint64(v.EFER),
-		CSBase: uint64(v.CSBase), DSBase: uint64(v.DSBase), SSBase: uint64(v.SSBase), FSBase: uint64(v.FSBase), GSBase: uint64(v.GSBase)}
-	// The API gives the mode, not the CS bits it came from.
-	c.CSL = v.Mode == "long"
-	return c
+// progressReader prints how much of the dump has arrived.
+type progressReader struct {
+	r     io.Reader
+	total int64
+	done  int64
+	last  time.Time
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	p.done += int64(n)
+	if time.Since(p.last) > 100*time.Millisecond || err != nil {
+		if p.total > 0 {
+			fmt.Fprintf(os.Stderr, "\rdump: %d/%d MiB (%d%%)", p.done>>20, p.total>>20, p.done*100/p.total)
+		} else {
+			fmt.Fprintf(os.Stderr, "\rdump: %d MiB", p.done>>20)
+		}
+		p.last = time.Now()
+	}
+	return n, err
 }

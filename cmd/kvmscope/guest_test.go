@@ -84,6 +84,8 @@ func TestGuestLinux(t *testing.T) {
 				t.Fatalf("kvmscope dump: %s", errOut)
 			}
 			checkPS(t, "dump", psJSON(t, "--core", core), g.PS())
+			// The guest runs on after a dump (the dump paused it).
+			checkPS(t, "after dump", psJSON(t, "--api", sock), g.PS())
 			if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code == 0 || !strings.Contains(errOut, "exists") {
 				t.Errorf("dump over an existing file: code %d, %q", code, errOut)
 			}
