@@ -2,6 +2,8 @@ package introspect
 
 import (
 	"encoding/binary"
+	"errors"
+	"strings"
 	"testing"
 
 	"github.com/kvmscope/kvmscope/guestmem"
@@ -183,5 +185,28 @@ func TestForgedTasks(t *testing.T) {
 	off, _ := solveOffsets(k, fuzzBase, fuzzBase+fuzzMods)
 	if off == nil || off.TaskComm.Value != fComm || off.TaskTasks.Value != fTasks {
 		t.Fatalf("solver on forged tasks: %+v", off)
+	}
+}
+
+// TestSolverNeverGuesses checks that the solver stops with the candidates
+// when the constraints leave more than one offset: here a copy of every
+// pid elsewhere in the forged tasks.
+func TestSolverNeverGuesses(t *testing.T) {
+	mem := forgedTasks(5)
+	for i := range 5 {
+		binary.LittleEndian.PutUint32(mem[i*fuzzTask+0x240:], uint32(i))
+	}
+	off, err := solveOffsets(fuzzKernel(mem), fuzzBase, fuzzBase+fuzzMods)
+	if err == nil || !errors.Is(err, ErrAmbiguous) {
+		t.Fatalf("solver chose among equal candidates: %+v, err %v", off, err)
+	}
+	for _, want := range []string{"task_struct.pid", "0x180", "0x184", "0x240"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %s", err, want)
+		}
+	}
+	var ue *UnsolvedError
+	if !errors.As(err, &ue) {
+		t.Errorf("error %T is not an *UnsolvedError", err)
 	}
 }

@@ -94,7 +94,14 @@ func (o *Offsets) Members() []Member {
 // hold every member that was found.
 type UnsolvedError struct {
 	Members map[string]string
+	// cause is the error of a step every later one needed, if any.
+	cause error
 }
+
+// Unwrap returns the error that stopped the solver early, so
+// errors.Is(err, ErrAmbiguous) tells a choice the constraints could not
+// make.
+func (e *UnsolvedError) Unwrap() error { return e.cause }
 
 func (e *UnsolvedError) Error() string {
 	names := make([]string, 0, len(e.Members))

@@ -89,8 +89,11 @@ type taskImage struct {
 // from constraints on the members' values (docs/offsets.md). It needs the
 // kallsyms symbol init_task, and modules for the module offsets. Members
 // the constraints do not single out are left unknown and named, with the
-// candidates, in the returned *UnsolvedError; the other offsets are still
-// returned.
+// candidates, in the returned *UnsolvedError (errors.Is ErrAmbiguous when
+// several offsets fit); the offsets found are still returned. When the
+// steps everything depends on fail (comm, tasks, pid, real_parent) the
+// later members are not tried. The result is nil only when init_task
+// cannot be read.
 func SolveOffsets(k *Kernel) (*Offsets, error) {
 	initTask, ok := k.Symbol("init_task")
 	if !ok {
@@ -123,17 +126,17 @@ func solveWithin(k *Kernel, initTask, modules uint64, budget int) (*Offsets, err
 	// other tasks before the tasks list is found, nor about kernel
 	// threads before pid and real_parent tell which tasks they are.
 	if err := s.solveComm(); err != nil {
-		return nil, s.fatal("task_struct.comm", err)
+		return s.off, s.fatal("task_struct.comm", err)
 	}
 	if err := s.solveTasks(); err != nil {
-		return nil, s.fatal("task_struct.tasks", err)
+		return s.off, s.fatal("task_struct.tasks", err)
 	}
 	s.step("task_struct.thread_node", s.solveThreads)
 	if err := s.solvePID(); err != nil {
-		return nil, s.fatal("task_struct.pid", err)
+		return s.off, s.fatal("task_struct.pid", err)
 	}
 	if err := s.solveParent(); err != nil {
-		return nil, s.fatal("task_struct.real_parent", err)
+		return s.off, s.fatal("task_struct.real_parent", err)
 	}
 	s.step("task_struct.mm", s.solveMM)
 	s.step("task_struct.flags", s.solveFlags)
@@ -151,10 +154,11 @@ func solveWithin(k *Kernel, initTask, modules uint64, budget int) (*Offsets, err
 	return s.off, s.miss.orNil()
 }
 
-// fatal wraps the error of a step every later step depends on.
+// fatal records the error of a step every later step depends on.
 func (s *solver) fatal(member string, err error) error {
 	s.miss.add(member, err)
-	return fmt.Errorf("solve offsets: %s: %w", member, err)
+	s.miss.cause = fmt.Errorf("solve offsets: %s: %w", member, err)
+	return s.miss
 }
 
 // step runs an independent step; its failure only leaves its members
