@@ -12,18 +12,21 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/launch"
 	"github.com/urfave/cli/v2"
 )
 
 var apiFlag = &cli.StringFlag{Name: "api", Usage: "API socket of a running 'kvmscope run'"}
-var vmFlag = &cli.StringFlag{Name: "vm", Usage: "VM name (QEMU's -name): uses its default socket"}
+var vmFlag = &cli.StringFlag{Name: "vm", Usage: "VM name (QEMU's -name, a libvirt domain's name): finds its socket in socket_dir of /etc/kvmscope/config.yaml, else kvmscope run's default directory"}
 var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print JSON"}
 
 // client returns the API client named by --api or --vm.
 func client(c *cli.Context) (*api.Client, error) {
 	sock := c.String("api")
 	if sock == "" && c.String("vm") != "" {
-		sock = api.DefaultSocket(c.String("vm"))
+		// The config's socket_dir (libvirt domains under kvmscope-qemu),
+		// then kvmscope run's default directory.
+		sock = launch.FindSocket(c.String("vm"))
 	}
 	if sock == "" {
 		return nil, cli.Exit("say which VM: --api SOCKET or --vm NAME", 2)
