@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -240,7 +241,7 @@ func TestWrapperServesAPI(t *testing.T) {
 	vmcmd := exec.Command(kvmscopeBin, "vm", "--vm", "wrapped", "--json")
 	vmcmd.Env = append(os.Environ(), "KVMSCOPE_CONFIG="+config)
 	if r := runCmd(t, vmcmd, 20*time.Second); r.code != 0 || !strings.Contains(r.stdout, `"name": "wrapped"`) {
-		t.Logf("kvmscope vm --vm wrapped (config-aware lookup not wired into the CLI yet?): code %d %s", r.code, r.stderr)
+		t.Errorf("kvmscope vm --vm wrapped with KVMSCOPE_CONFIG: code %d %s", r.code, r.stderr)
 	}
 	metrics := getMetrics(t, sock)
 	for _, want := range []string{"kvmscope_vcpus 1", `kvmscope_api_requests_total{code="200",path="/v1/vm"}`, "kvmscope_memslots 0",
@@ -310,4 +311,47 @@ func waitVCPUs(t *testing.T, sock string, n int) api.VM {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// TestWrapperDaemonize: a VM started through the wrapper with -daemonize
+// (not a probe) returns when QEMU's first process does, and its daemon
+// stays traced and served.
+func TestWrapperDaemonize(t *testing.T) {
+	qemu := needQEMU(t)
+	config, sockDir := writeConfig(t, "qemu: "+qemu+"\n")
+	pidfile := filepath.Join(t.TempDir(), "qemu.pid")
+	r := runCmd(t, wrapperCmd(config, append(tcgArgs("daemon"), "-daemonize", "-pidfile", pidfile)...), 30*time.Second)
+	if r.code != 0 {
+		t.Fatalf("kvmscope-qemu -daemonize: code %d\n%s", r.code, r.stderr)
+	}
+	b, err := os.ReadFile(pidfile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	fmt.Sscan(string(b), &pid)
+	if pid <= 0 || !alive(pid) {
+		t.Fatalf("pid file names %d, not a running QEMU", pid)
+	}
+	defer syscall.Kill(pid, syscall.SIGKILL)
+	if strings.Contains(procStatus(pid), "TracerPid:\t0\n") {
+		t.Fatalf("the QEMU daemon is not traced")
+	}
+	sock := filepath.Join(sockDir, "daemon.sock")
+	waitFile(t, sock, 20*time.Second)
+	if vm := waitVCPUs(t, sock, 1); vm.Pid != pid {
+		t.Errorf("API names pid %d, want the daemon %d", vm.Pid, pid)
+	}
+	syscall.Kill(pid, syscall.SIGTERM)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the detached tracer left %s", sock)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	checkEventLog(t, filepath.Join(sockDir, "daemon.log"), "daemon")
 }
