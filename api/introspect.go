@@ -83,11 +83,109 @@ func ModulesFrom(ms []introspect.Module) []Module {
 }
 
 func (s *Server) introspectRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/kernel", s.getKernel)
-	mux.HandleFunc("GET /v1/processes", s.getProcesses)
-	mux.HandleFunc("GET /v1/modules", s.getModules)
-	mux.HandleFunc("GET /v1/offsets", s.getOffsets)
+	mux.HandleFunc("GET /v1/kernel", s.withScanner(s.getKernel))
+	mux.HandleFunc("GET /v1/processes", s.withScanner(s.getProcesses))
+	mux.HandleFunc("GET /v1/modules", s.withScanner(s.getModules))
+	mux.HandleFunc("GET /v1/offsets", s.withScanner(s.getOffsets))
 	mux.HandleFunc("GET /v1/dump", s.getDump)
+}
+
+// scanFunc is the body of a handler that reads the guest kernel.
+type scanFunc func(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error
+
+// withScanner answers 501 for VMs without introspection, bounds the work
+// to 30 s, and turns the body's error into a 4xx/5xx reply.
+func (s *Server) withScanner(body scanFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.Scanner == nil {
+			httpError(w, http.StatusNotImplemented, "guest introspection is not available for this VM")
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		if err := body(ctx, s.Scanner, w, r); err != nil {
+			var bad badRequest
+			status := http.StatusUnprocessableEntity
+			switch {
+			case errors.As(err, &bad):
+				status = http.StatusBadRequest
+			case errors.Is(err, context.DeadlineExceeded):
+				status = http.StatusGatewayTimeout
+			}
+			httpError(w, status, err.Error())
+		}
+	}
+}
+
+// badRequest marks an error in the request itself.
+type badRequest struct{ error }
+
+func (s *Server) getKernel(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
+	k, off, err := sc.Kernel(ctx)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, KernelFrom(k, off, sc.OffsetsError()))
+	return nil
+}
+
+func (s *Server) getProcesses(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	if q.Get("cached") == "1" && q.Get("threads") != "1" {
+		if scan := sc.Latest(); scan != nil {
+			writeJSON(w, ProcessesFrom(scan.Processes))
+			return nil
+		}
+	}
+	scan, err := sc.Processes(ctx, introspect.ProcessOptions{Threads: q.Get("threads") == "1"}, q.Get("consistent") == "1")
+	if err != nil {
+		return err
+	}
+	writeJSON(w, ProcessesFrom(scan.Processes))
+	return nil
+}
+
+func (s *Server) getModules(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
+	ms, err := sc.Modules(ctx)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, ModulesFrom(ms))
+	return nil
+}
+
+// getOffsets serves the offsets in a format other tools read:
+// json (ours), libvmi (a LibVMI config entry) or isf (Volatility 3).
+func (s *Server) getOffsets(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
+	k, off, err := sc.Kernel(ctx)
+	if err != nil {
+		return err
+	}
+	b, ctype, err := FormatOffsets(k, off, r.URL.Query().Get("format"), r.URL.Query().Get("name"))
+	if err != nil {
+		return badRequest{err}
+	}
+	w.Header().Set("Content-Type", ctype)
+	w.Write(b)
+	return nil
+}
+
+// FormatOffsets renders offsets as json, libvmi or isf.
+func FormatOffsets(k *introspect.Kernel, off *introspect.Offsets, format, name string) ([]byte, string, error) {
+	switch format {
+	case "", "json":
+		b, err := off.JSON(k)
+		return b, "application/json", err
+	case "libvmi":
+		if name == "" {
+			name = "guest"
+		}
+		return []byte(off.LibVMI(k, name)), "text/plain", nil
+	case "isf":
+		b, err := off.ISF(k)
+		return b, "application/json", err
+	}
+	return nil, "", errors.New("bad format: want json, libvmi or isf")
 }
 
 // getDump streams the guest as an ELF core (guestmem.WriteCore). Unless
@@ -127,112 +225,4 @@ func (s *Server) getDump(w http.ResponseWriter, r *http.Request) {
 		// Headers are gone: the short body tells the client.
 		s.Log.Warn().Err(err).Msg("dump")
 	}
-}
-
-func (s *Server) scanner(w http.ResponseWriter) *introspect.Scanner {
-	if s.Scanner == nil {
-		httpError(w, http.StatusNotImplemented, "guest introspection is not available for this VM")
-	}
-	return s.Scanner
-}
-
-func introspectError(w http.ResponseWriter, err error) {
-	status := http.StatusUnprocessableEntity
-	if errors.Is(err, context.DeadlineExceeded) {
-		status = http.StatusGatewayTimeout
-	}
-	httpError(w, status, err.Error())
-}
-
-func (s *Server) getKernel(w http.ResponseWriter, r *http.Request) {
-	sc := s.scanner(w)
-	if sc == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	k, off, err := sc.Kernel(ctx)
-	if err != nil {
-		introspectError(w, err)
-		return
-	}
-	writeJSON(w, KernelFrom(k, off, sc.OffsetsError()))
-}
-
-func (s *Server) getProcesses(w http.ResponseWriter, r *http.Request) {
-	sc := s.scanner(w)
-	if sc == nil {
-		return
-	}
-	q := r.URL.Query()
-	if q.Get("cached") == "1" && q.Get("threads") != "1" {
-		if scan := sc.Latest(); scan != nil {
-			writeJSON(w, ProcessesFrom(scan.Processes))
-			return
-		}
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	scan, err := sc.Processes(ctx, introspect.ProcessOptions{Threads: q.Get("threads") == "1"}, q.Get("consistent") == "1")
-	if err != nil {
-		introspectError(w, err)
-		return
-	}
-	writeJSON(w, ProcessesFrom(scan.Processes))
-}
-
-func (s *Server) getModules(w http.ResponseWriter, r *http.Request) {
-	sc := s.scanner(w)
-	if sc == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	ms, err := sc.Modules(ctx)
-	if err != nil {
-		introspectError(w, err)
-		return
-	}
-	writeJSON(w, ModulesFrom(ms))
-}
-
-// getOffsets serves the offsets in a format other tools read:
-// json (ours), libvmi (a LibVMI config entry) or isf (Volatility 3).
-func (s *Server) getOffsets(w http.ResponseWriter, r *http.Request) {
-	sc := s.scanner(w)
-	if sc == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	k, off, err := sc.Kernel(ctx)
-	if err != nil {
-		introspectError(w, err)
-		return
-	}
-	b, ctype, err := FormatOffsets(k, off, r.URL.Query().Get("format"), r.URL.Query().Get("name"))
-	if err != nil {
-		httpError(w, http.StatusBadRequest, err.Error())
-		return
-	}
-	w.Header().Set("Content-Type", ctype)
-	w.Write(b)
-}
-
-// FormatOffsets renders offsets as json, libvmi or isf.
-func FormatOffsets(k *introspect.Kernel, off *introspect.Offsets, format, name string) ([]byte, string, error) {
-	switch format {
-	case "", "json":
-		b, err := off.JSON(k)
-		return b, "application/json", err
-	case "libvmi":
-		if name == "" {
-			name = "guest"
-		}
-		return []byte(off.LibVMI(k, name)), "text/plain", nil
-	case "isf":
-		b, err := off.ISF(k)
-		return b, "application/json", err
-	}
-	return nil, "", errors.New("bad format: want json, libvmi or isf")
 }
