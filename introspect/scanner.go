@@ -110,6 +110,14 @@ func (s *Scanner) Processes(ctx context.Context, opts ProcessOptions, consistent
 	// within it and dropped after.
 	k.AS.Reset()
 	procs, err := k.Processes(off, opts)
+	if err != nil && !consistent {
+		// What was discovered may be stale (the guest rebooted into
+		// another kernel or KASLR slide): discover again, once.
+		s.kernel = nil
+		if k, off, err = s.discover(ctx); err == nil {
+			procs, err = k.Processes(off, opts)
+		}
+	}
 	if err != nil {
 		s.report(start, err)
 		return nil, err
