@@ -110,7 +110,7 @@ func (s *Scanner) Processes(ctx context.Context, opts ProcessOptions, consistent
 	// within it and dropped after.
 	k.AS.Reset()
 	procs, err := k.Processes(off, opts)
-	if err != nil && !consistent {
+	if err != nil {
 		// What was discovered may be stale (the guest rebooted into
 		// another kernel or KASLR slide): discover again, once.
 		s.kernel = nil
