@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"sync/atomic"
 
 	"github.com/kvmscope/kvmscope/tracer"
 )
@@ -15,6 +16,15 @@ type Live struct {
 	vm    *tracer.VM
 	write bool
 	memfd memfdRAM // read-only mappings of memfd-backed guest RAM (memfd.go)
+
+	// ranges caches slots() for one memslot generation: a scan makes
+	// thousands of small reads, and the table rarely changes after boot.
+	ranges atomic.Pointer[liveRanges]
+}
+
+type liveRanges struct {
+	gen    uint64
+	ranges []procRange
 }
 
 // NewLive returns the live source for vm. Writes are refused unless
@@ -24,6 +34,10 @@ func NewLive(vm *tracer.VM, allowWrite bool) *Live { return &Live{vm: vm, write:
 // slots returns the memslots of address space 0 (address space 1 is SMM
 // memory, which the guest OS does not see) as QEMU process ranges.
 func (l *Live) slots() []procRange {
+	gen := l.vm.MemslotGen()
+	if c := l.ranges.Load(); c != nil && c.gen == gen {
+		return c.ranges
+	}
 	ms := l.vm.Memslots()
 	out := make([]procRange, 0, len(ms))
 	for _, m := range ms {
@@ -33,6 +47,9 @@ func (l *Live) slots() []procRange {
 		out = append(out, procRange{GPA: m.GPA, Size: m.Size, HVA: m.HVA, ReadOnly: m.ReadOnly})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].GPA < out[j].GPA })
+	// gen was read before the table: if it changed since, the next call
+	// sees a newer gen and rebuilds.
+	l.ranges.Store(&liveRanges{gen: gen, ranges: out})
 	return out
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -23,6 +24,7 @@ type VM struct {
 	vmFD      int
 	createdAt time.Time
 	slots     memslotTable
+	slotGen   atomic.Uint64 // bumped at every memslot table change
 	vcpus     map[int]*VCPU // by vCPU id
 	byTID     map[int]*VCPU
 	changed   chan struct{} // closed and replaced at every change
@@ -68,6 +70,10 @@ func (v *VM) Memslots() []Memslot {
 	defer v.mu.Unlock()
 	return v.slots.sorted()
 }
+
+// MemslotGen changes whenever the memslot table does, so readers can cache
+// what they derive from Memslots.
+func (v *VM) MemslotGen() uint64 { return v.slotGen.Load() }
 
 // VCPUs lists the captured vCPUs ordered by id.
 func (v *VM) VCPUs() []VCPUInfo {
@@ -135,6 +141,7 @@ func (v *VM) reset() {
 	}
 	v.pidfd = -1
 	v.slots = memslotTable{}
+	v.slotGen.Add(1)
 	v.vcpus = map[int]*VCPU{}
 	v.byTID = map[int]*VCPU{}
 }
@@ -166,6 +173,7 @@ func (v *VM) memslotSet(vmFD int, m Memslot) {
 		return
 	}
 	v.slots.apply(m)
+	v.slotGen.Add(1)
 	v.log.Debug().Uint32("slot", m.Slot).Uint64("gpa", m.GPA).Uint64("size", m.Size).Uint32("flags", m.Flags).Msg("memslot")
 	v.notify()
 }
