@@ -18,6 +18,10 @@ var defaultBases = map[int][3]uint64{
 	5: {0xff11000000000000, 0xffa0000000000000, 0xffd4000000000000},
 }
 
+// maxImage bounds the kernel image size (a distribution kernel's is
+// 40-60 MiB with .bss); more comes from forged page tables.
+const maxImage = 256 << 20
+
 // locateImage finds the image's physical base and virtual address from
 // the kallsyms tables and level2_kernel_pgt.
 func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
@@ -67,6 +71,9 @@ func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
 	k.imageSize = uint64(l2.last-l2.first+1)*pmdSize - k.PhysBase%pmdSize
 	if end, ok := ks.Lookup("_end"); ok && end > k.TextVA && end-k.TextVA <= k.imageSize {
 		k.imageSize = end - k.TextVA
+	}
+	if k.imageSize > maxImage {
+		return fmt.Errorf("level2_kernel_pgt maps %d MiB from _text: not a kernel image", k.imageSize>>20)
 	}
 	if h.hit < k.PhysBase || h.hit-k.PhysBase >= k.imageSize {
 		return fmt.Errorf("kallsyms at %#x lies outside the image %#x+%#x that level2_kernel_pgt maps", h.hit, k.PhysBase, k.imageSize)

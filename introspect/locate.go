@@ -410,25 +410,39 @@ func findPGD(mem guestmem.Memory, regions []guestmem.Region, around, level2 uint
 // findPGDIn is findPGD over the pages of [start, end); near reports that
 // the table found sits next to its child table.
 func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, end, level2 uint64) (pgd uint64, lv int, near bool, err error) {
-	buf, base, err := readSpan(mem, regions, around, start&^(pageSize-1), end)
-	if err != nil {
-		return 0, 0, false, err
+	r, ok := regionOf(regions, around)
+	if !ok {
+		return 0, 0, false, fmt.Errorf("%#x is not in guest RAM", around)
 	}
-	pointsTo := func(page []byte, idx int, target uint64) bool {
-		e := binary.LittleEndian.Uint64(page[8*idx:])
-		return e&ptePresent != 0 && e&ptePS == 0 && e&pteAddrMask == target
-	}
+	start, end = max(start&^(pageSize-1), r.start), min(end, r.end)
+	// The window can be large: stream it in chunks, one pass per level.
+	buf := make([]byte, 2<<20)
+	var readErr error
 	pages := func(yield func(gpa uint64, page []byte) bool) {
-		for off := (pageSize - base%pageSize) % pageSize; off+pageSize <= uint64(len(buf)); off += pageSize {
-			if !yield(base+off, buf[off:off+pageSize]) {
+		for a := start; a < end; a += uint64(len(buf)) {
+			b := buf[:min(uint64(len(buf)), end-a)]
+			if _, err := mem.ReadAt(b, int64(a)); err != nil {
+				readErr = fmt.Errorf("read guest physical %#x: %w", a, err)
 				return
+			}
+			for off := 0; off+pageSize <= len(b); off += pageSize {
+				if !yield(a+uint64(off), b[off:off+pageSize]) {
+					return
+				}
 			}
 		}
 	}
-	var level3 []uint64
+	next := func(page []byte, idx int) uint64 {
+		e := binary.LittleEndian.Uint64(page[8*idx:])
+		if e&ptePresent == 0 || e&ptePS != 0 {
+			return 0
+		}
+		return e & pteAddrMask
+	}
+	level3 := map[uint64]bool{}
 	for gpa, p := range pages {
-		if pointsTo(p, 510, level2) {
-			level3 = append(level3, gpa)
+		if level2 != 0 && next(p, 510) == level2 {
+			level3[gpa] = true
 		}
 	}
 	// Every process's PGD (live, or freed with its kernel half intact)
@@ -441,21 +455,24 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 		levels     int
 		page       []byte
 	}
+	const maxCands = 4096
 	var cands []cand
-	for _, l3 := range level3 {
-		for gpa, p := range pages {
-			if !pointsTo(p, 511, l3) {
-				continue
-			}
-			cands = append(cands, cand{gpa, l3, 4, p})
-			// With 5-level paging this is level4_kernel_pgt (a P4D) and
-			// the PGDs point at it in turn.
-			for g5, p5 := range pages {
-				if pointsTo(p5, 511, gpa) && len(cands) < 1<<12 {
-					cands = append(cands, cand{g5, gpa, 5, p5})
-				}
-			}
+	tops := map[uint64]bool{}
+	for gpa, p := range pages {
+		if c := next(p, 511); c != 0 && level3[c] && len(cands) < maxCands {
+			cands = append(cands, cand{gpa, c, 4, bytes.Clone(p)})
+			tops[gpa] = true
 		}
+	}
+	// With 5-level paging those are level4_kernel_pgt (a P4D) and the
+	// PGDs point at them in turn.
+	for gpa, p := range pages {
+		if c := next(p, 511); c != 0 && tops[c] && len(cands) < 2*maxCands {
+			cands = append(cands, cand{gpa, c, 5, bytes.Clone(p)})
+		}
+	}
+	if readErr != nil {
+		return 0, 0, false, readErr
 	}
 	best, bestUsed, levels := uint64(0), -1<<30, 4
 	for _, c := range cands {
