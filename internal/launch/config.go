@@ -214,10 +214,22 @@ func SocketDirs() []string {
 func FindSocket(name string) string {
 	dirs := SocketDirs()
 	for _, d := range dirs {
-		p := filepath.Join(d, name+".sock")
+		p := filepath.Join(d, FileName(name)+".sock")
 		if fi, err := os.Stat(p); err == nil && fi.Mode()&os.ModeSocket != 0 {
 			return p
 		}
 	}
-	return filepath.Join(dirs[0], name+".sock")
+	return filepath.Join(dirs[0], FileName(name)+".sock")
+}
+
+// FileName is the VM name as used in socket and log file names: a name
+// from QEMU's command line must not reach outside the socket directory, so
+// '/' becomes '_' and a leading '.' becomes '_'.
+func FileName(name string) string {
+	name = strings.ReplaceAll(name, "/", "_")
+	name = strings.ReplaceAll(name, "\x00", "_")
+	if strings.HasPrefix(name, ".") {
+		name = "_" + name[1:]
+	}
+	return name
 }

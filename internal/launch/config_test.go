@@ -100,3 +100,17 @@ func TestFindSocket(t *testing.T) {
 		t.Errorf("SocketDirs = %q", d)
 	}
 }
+
+func TestFileName(t *testing.T) {
+	for in, want := range map[string]string{
+		"web-1":            "web-1",
+		"a/b":              "a_b",
+		"../../etc/passwd": "_._.._etc_passwd",
+		".hidden":          "_hidden",
+		"with space":       "with space",
+	} {
+		if got := FileName(in); got != want {
+			t.Errorf("FileName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

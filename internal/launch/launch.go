@@ -176,7 +176,7 @@ func Run(o Options) (int, error) {
 		target.name = qa.Name
 		sock := o.Socket
 		if sock == "" {
-			sock = filepath.Join(dir, name+".sock")
+			sock = filepath.Join(dir, FileName(name)+".sock")
 			if err := prepareDir(dir, o.Groups); err != nil {
 				log.Warn().Err(err).Msg("socket directory")
 			}
@@ -291,7 +291,7 @@ func openEventLog(dir, name string, groups []int) (*os.File, error) {
 	if err := prepareDir(dir, groups); err != nil {
 		return nil, err
 	}
-	p := filepath.Join(dir, name+".log")
+	p := filepath.Join(dir, FileName(name)+".log")
 	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_APPEND|unix.O_NOFOLLOW, 0o640)
 	if err != nil {
 		return nil, fmt.Errorf("open event log: %w", err)
