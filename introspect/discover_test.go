@@ -3,6 +3,7 @@ package introspect
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -346,6 +347,19 @@ func memSize(m guestmem.Memory) uint64 {
 
 func TestDiscoverDebian(t *testing.T)  { testDiscover(t, testlinux.Debian, nil, "", true) }
 func TestDiscoverGokrazy(t *testing.T) { testDiscover(t, testlinux.Gokrazy, nil, "", false) }
+
+// TestDiscoverDebian612 boots Debian's 6.12 cloud kernel (bookworm's
+// linux-image-6.12.*-cloud-amd64): the 6.4+ kallsyms layout with a
+// relative base and absolute per-CPU symbols. It is not fetched by
+// scripts/fetch-guests.sh yet; put its vmlinuz in
+// <guests>/debian-6.12/vmlinuz to run this test.
+func TestDiscoverDebian612(t *testing.T) {
+	kernel := func(p testlinux.Paths) string { return filepath.Join(p.Dir, "debian-6.12", "vmlinuz") }
+	if _, err := os.Stat(kernel(testlinux.Require(t))); err != nil {
+		t.Skipf("no Debian 6.12 kernel: %v (apt-get download 'linux-image-6.12.*+deb12-cloud-amd64', dpkg-deb -x, copy boot/vmlinuz-*)", err)
+	}
+	testDiscover(t, kernel, nil, "", true)
+}
 
 // TestDiscoverDebianLA57 boots the Debian kernel (CONFIG_X86_5LEVEL) on a
 // vCPU with 5-level paging, which TCG emulates, and without KASLR, so the
