@@ -1,0 +1,307 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+	"github.com/kvmscope/kvmscope/introspect"
+)
+
+// The scan benchmarks of issue 3 (scripts/bench.sh prints them as a
+// table): `ps` latency server side on a 100-process and a 5,000-process
+// guest, and the time from first contact to the first process list.
+//
+// The guests are Debian 6.1 under TCG (KVM cannot run Linux on these
+// hosts) booted under `kvmscope run`. The TCG memory source reads guest
+// RAM from QEMU's address space with process_vm_readv, as the KVM source
+// does, so a scan costs about what it would on KVM; only the vCPUs are
+// slow. /init starts kvmscope.procs=N extra `sleep` processes.
+
+// scanGuest is a Debian guest under `kvmscope run`, with the API socket and
+// an in-process TCG source on the guest's spare QMP socket.
+type scanGuest struct {
+	g    *testlinux.Guest
+	sock string
+	api  *api.Client
+	qmp  *guestmem.QMP
+	qemu int // QEMU's pid (a child of kvmscope run)
+}
+
+// bootScanGuest boots Debian with extra sleep processes and memMB of RAM
+// under `kvmscope run` (scans on demand only, so nothing has discovered
+// the kernel before the caller's first request).
+func bootScanGuest(b *testing.B, extra, memMB int) *scanGuest {
+	b.Helper()
+	p := testlinux.Require(b)
+	sock := filepath.Join(b.TempDir(), "api.sock")
+	opts := testlinux.Options{
+		Kernel:  p.DebianKernel,
+		MemMB:   memMB,
+		Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
+		// 5,000 forks and /init's /proc walks are slow under TCG.
+		Timeout: 3*time.Minute + time.Duration(extra)*60*time.Millisecond,
+	}
+	if extra > 0 {
+		opts.Append = "kvmscope.procs=" + strconv.Itoa(extra)
+	}
+	g, err := testlinux.Boot(context.Background(), opts)
+	if err != nil {
+		b.Fatalf("boot Debian (%d MiB, kvmscope.procs=%d) under kvmscope run: %v", memMB, extra, err)
+	}
+	b.Cleanup(func() { g.Close() })
+	b.Logf("booted Debian %s, %d MiB, %d processes in /proc, in %v", g.Release(), memMB, len(g.PS()), g.BootTime())
+	sleeps := 0
+	for _, pr := range g.PS() {
+		if pr.Comm == "sleep" {
+			sleeps++
+		}
+	}
+	if sleeps < 40+extra {
+		b.Fatalf("guest lists %d sleep processes; /init should have started %d", sleeps, 40+extra)
+	}
+	sg := &scanGuest{g: g, sock: sock, api: api.NewClient(sock)}
+	if sg.qemu, err = childPid(g.Pid()); err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if sg.qmp, err = guestmem.DialQMP(ctx, g.SpareQMP()); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { sg.qmp.Close() })
+	return sg
+}
+
+// childPid is the one child of pid (QEMU under kvmscope run).
+func childPid(pid int) (int, error) {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	var kids []int
+	for _, f := range tasks {
+		b, _ := os.ReadFile(f)
+		for _, s := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(s); err == nil {
+				kids = append(kids, n)
+			}
+		}
+	}
+	if len(kids) != 1 {
+		return 0, fmt.Errorf("kvmscope run (pid %d) has children %v; want exactly QEMU", pid, kids)
+	}
+	return kids[0], nil
+}
+
+// source is a fresh TCG source of the guest (its memory map is fetched
+// from QMP on first use), counting its reads.
+func (sg *scanGuest) source() *countingSource {
+	return &countingSource{TCG: guestmem.NewTCG(sg.qmp, func() int { return sg.qemu }, false)}
+}
+
+// countingSource counts reads of guest physical memory: each is one
+// process_vm_readv, whose count does not depend on the machine's load.
+type countingSource struct {
+	*guestmem.TCG
+	reads atomic.Int64
+}
+
+func (c *countingSource) ReadAt(p []byte, gpa int64) (int, error) {
+	c.reads.Add(1)
+	return c.TCG.ReadAt(p, gpa)
+}
+
+// checkScan fails unless every user process the guest lists is in ps.
+func checkScan(b *testing.B, what string, ps []introspect.Process, guest []testlinux.Proc) {
+	b.Helper()
+	have := make(map[int]bool, len(ps))
+	for _, p := range ps {
+		have[p.PID] = true
+	}
+	missing := 0
+	for _, g := range guest {
+		if g.PID != 2 && g.PPID != 2 && !have[g.PID] {
+			missing++
+		}
+	}
+	if missing > 0 {
+		b.Fatalf("%s: %d of the guest's %d processes not listed (we list %d)", what, missing, len(guest), len(ps))
+	}
+}
+
+// BenchmarkPS is the `ps` latency server side: a process scan of a running
+// guest with discovery already done (cached by the Scanner), as
+// GET /v1/processes does it. ns/op is the in-process scan
+// (introspect.Scanner.Processes on a TCG source reading QEMU's memory, the
+// server's code path without HTTP); each op is followed, off the clock, by
+// GET /v1/processes on kvmscope run's socket (scan + JSON + unix-socket
+// HTTP round trip). Metrics: procs listed, median and p90 scan ms, median
+// API ms, target ms, and target/median (>= 1 meets the target).
+func BenchmarkPS(b *testing.B) {
+	for _, c := range []struct {
+		name   string
+		extra  int // kvmscope.procs
+		memMB  int // 512 MiB allows ~3,900 tasks (threads-max)
+		target time.Duration
+	}{
+		{"procs=100", 3, 512, time.Millisecond},
+		{"procs=5000", 4900, 1024, 20 * time.Millisecond},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			sg := bootScanGuest(b, c.extra, c.memMB)
+			ctx := context.Background()
+			// Discovery once, then scans from the cache.
+			var apiPS []api.Process
+			if err := sg.api.Get(ctx, "/v1/processes", &apiPS); err != nil {
+				b.Fatal(err)
+			}
+			src := sg.source()
+			sc := introspect.NewScanner(src)
+			first, err := sc.Processes(ctx, introspect.ProcessOptions{}, false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			checkScan(b, "in-process scan", first.Processes, sg.g.PS())
+			if len(apiPS) != len(first.Processes) {
+				b.Logf("API listed %d processes, the in-process scan %d", len(apiPS), len(first.Processes))
+			}
+			var scans, calls, bare []time.Duration
+			n := 0
+			var reads int64
+			for b.Loop() {
+				r0 := src.reads.Load()
+				t0 := time.Now()
+				s, err := sc.Processes(ctx, introspect.ProcessOptions{}, false)
+				d := time.Since(t0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				reads += src.reads.Load() - r0
+				n = len(s.Processes)
+				scans = append(scans, d)
+				b.StopTimer()
+				// Where the time goes: the scan without command lines
+				// (which need a walk of each process's page tables).
+				t0 = time.Now()
+				if _, err := sc.Processes(ctx, introspect.ProcessOptions{NoCmdline: true}, false); err != nil {
+					b.Fatal(err)
+				}
+				bare = append(bare, time.Since(t0))
+				t0 = time.Now()
+				if err := sg.api.Get(ctx, "/v1/processes", &apiPS); err != nil {
+					b.Fatal(err)
+				}
+				calls = append(calls, time.Since(t0))
+				b.StartTimer()
+			}
+			med := medianDuration(scans)
+			b.ReportMetric(float64(n), "procs")
+			b.ReportMetric(ms(med), "scan-ms")
+			b.ReportMetric(ms(quantileDuration(scans, 0.9)), "scan-p90-ms")
+			b.ReportMetric(ms(medianDuration(bare)), "nocmdline-ms")
+			b.ReportMetric(float64(reads)/float64(len(scans)), "reads/op")
+			b.ReportMetric(ms(medianDuration(calls)), "api-ms")
+			b.ReportMetric(float64(len(apiPS)), "api-procs")
+			b.ReportMetric(ms(c.target), "target-ms")
+			b.ReportMetric(c.target.Seconds()/med.Seconds(), "target-ratio")
+		})
+	}
+}
+
+// BenchmarkFirstContact is the time from first contact with a 512 MiB
+// guest to its first process list, discovery included (kernel location,
+// KASLR, kallsyms, BTF, offsets), target 300 ms:
+//   - live: a fresh TCG source (memory map from QMP) and a fresh Scanner,
+//     then Processes; ns/op and first-ms/ratio are this.
+//   - the first GET /v1/processes on a `kvmscope run` that has not
+//     scanned yet (one sample per boot: api-first-ms).
+//   - core: the same guest from an ELF core (guestmem.OpenCore on a
+//     QEMU dump-guest-memory file), for reference (core-ms).
+func BenchmarkFirstContact(b *testing.B) {
+	const target = 300 * time.Millisecond
+	sg := bootScanGuest(b, 0, 512)
+	ctx := context.Background()
+	t0 := time.Now()
+	var apiPS []api.Process
+	if err := sg.api.Get(ctx, "/v1/processes", &apiPS); err != nil {
+		b.Fatal(err)
+	}
+	apiFirst := time.Since(t0)
+
+	core := filepath.Join(b.TempDir(), "guest.core")
+	if _, errOut, code := kvmscopeB(b, "dump", "--api", sg.sock, "-o", core); code != 0 {
+		b.Fatalf("kvmscope dump: %s", errOut)
+	}
+	var cores []time.Duration
+	for range 3 {
+		t0 := time.Now()
+		c, err := guestmem.OpenCore(core)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s, err := introspect.NewScanner(c).Processes(ctx, introspect.ProcessOptions{}, false)
+		cores = append(cores, time.Since(t0))
+		c.Close()
+		if err != nil {
+			b.Fatalf("first contact on the core: %v", err)
+		}
+		checkScan(b, "core", s.Processes, sg.g.PS())
+	}
+
+	var lives []time.Duration
+	n := 0
+	for b.Loop() {
+		t0 := time.Now()
+		s, err := introspect.NewScanner(sg.source()).Processes(ctx, introspect.ProcessOptions{}, false)
+		d := time.Since(t0)
+		if err != nil {
+			b.Fatalf("first contact on the live guest: %v", err)
+		}
+		lives = append(lives, d)
+		if n == 0 {
+			checkScan(b, "live", s.Processes, sg.g.PS())
+		}
+		n = len(s.Processes)
+	}
+	med := medianDuration(lives)
+	b.ReportMetric(float64(n), "procs")
+	b.ReportMetric(ms(med), "first-ms")
+	b.ReportMetric(ms(apiFirst), "api-first-ms")
+	b.ReportMetric(ms(medianDuration(cores)), "core-ms")
+	b.ReportMetric(ms(target), "target-ms")
+	b.ReportMetric(target.Seconds()/med.Seconds(), "target-ratio")
+	b.ReportMetric(target.Seconds()/apiFirst.Seconds(), "api-target-ratio")
+}
+
+func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
+
+func quantileDuration(ds []time.Duration, q float64) time.Duration {
+	fs := make([]float64, len(ds))
+	for i, d := range ds {
+		fs[i] = float64(d)
+	}
+	return time.Duration(quantile(fs, q))
+}
+
+// kvmscopeB runs the CLI from a benchmark.
+func kvmscopeB(b *testing.B, args ...string) (string, string, int) {
+	b.Helper()
+	var out, errb strings.Builder
+	cmd := exec.Command(kvmscopeBin, args...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return out.String(), errb.String(), ee.ExitCode()
+	} else if err != nil {
+		b.Fatal(err)
+	}
+	return out.String(), errb.String(), 0
+}
