@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,19 +26,60 @@ import (
 // and libvirtd when they are not running (scripts/setup-libvirt.sh). The
 // domain is test-only (kvmscope-test-PID) and undefined at the end.
 
-// needLibvirt prepares libvirt or skips.
+var (
+	libvirtOnce sync.Once
+	libvirtErr  error
+	// startedDaemons lists the pid files of the daemons the tests started,
+	// to stop them at the end and leave the host as it was.
+	startedDaemons []string
+)
+
+// needLibvirt prepares libvirt (once) or skips.
 func needLibvirt(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("libvirt tests need root (libvirtd runs QEMU as libvirt-qemu)")
 	}
 	needQEMU(t)
-	out, err := exec.Command("../../scripts/setup-libvirt.sh", "--start").CombinedOutput()
-	if err != nil {
-		if os.Getenv("KVMSCOPE_REQUIRE_LIBVIRT") == "1" {
-			t.Fatalf("KVMSCOPE_REQUIRE_LIBVIRT=1 but libvirt setup failed: %v\n%s", err, out)
+	libvirtOnce.Do(func() {
+		running := map[string]bool{}
+		for _, d := range []string{"virtlogd", "libvirtd"} {
+			running[d] = exec.Command("pgrep", "-x", d).Run() == nil
 		}
-		t.Skipf("libvirt not installable or not startable here (scripts/setup-libvirt.sh --start: %v)\n%s", err, out)
+		out, err := exec.Command("../../scripts/setup-libvirt.sh", "--start").CombinedOutput()
+		for _, d := range []string{"libvirtd", "virtlogd"} {
+			if !running[d] && exec.Command("pgrep", "-x", d).Run() == nil {
+				startedDaemons = append(startedDaemons, "/run/"+d+".pid")
+			}
+		}
+		if err != nil {
+			libvirtErr = fmt.Errorf("scripts/setup-libvirt.sh --start: %v\n%s", err, out)
+		}
+	})
+	if libvirtErr != nil {
+		if os.Getenv("KVMSCOPE_REQUIRE_LIBVIRT") == "1" {
+			t.Fatalf("KVMSCOPE_REQUIRE_LIBVIRT=1 but libvirt setup failed: %v", libvirtErr)
+		}
+		t.Skipf("libvirt not installable or not startable here: %v", libvirtErr)
+	}
+}
+
+// stopStartedDaemons stops the daemons needLibvirt started (by the pid in
+// their pid files), libvirtd first.
+func stopStartedDaemons() {
+	for _, pidfile := range startedDaemons {
+		b, err := os.ReadFile(pidfile)
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 1 {
+			continue
+		}
+		syscall.Kill(pid, syscall.SIGTERM)
+		for i := 0; i < 100 && alive(pid); i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
 	}
 }
 

@@ -44,6 +44,7 @@ func TestMain(m *testing.M) {
 		}
 	}
 	code := m.Run()
+	stopStartedDaemons()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
