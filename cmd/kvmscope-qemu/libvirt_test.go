@@ -64,6 +64,17 @@ func needLibvirt(t *testing.T) {
 	}
 }
 
+// forgetCapabilities removes libvirt's cached capabilities of the test's
+// emulator binary (one file per binary path, which is new in every run).
+func forgetCapabilities(emulator string) {
+	files, _ := filepath.Glob("/var/cache/libvirt/qemu/capabilities/*.xml")
+	for _, f := range files {
+		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "<emulator>"+emulator+"</emulator>") {
+			os.Remove(f)
+		}
+	}
+}
+
 // stopStartedDaemons stops the daemons needLibvirt started (by the pid in
 // their pid files), libvirtd first.
 func stopStartedDaemons() {
@@ -200,10 +211,12 @@ func TestLibvirtDomain(t *testing.T) {
 		virsh(t, "destroy", name)
 		virsh(t, "undefine", name)
 		os.Remove(filepath.Join(sockDir, name+".log"))
+		domainLog := "/var/log/libvirt/qemu/" + name + ".log"
 		if t.Failed() {
-			b, _ := os.ReadFile("/var/log/libvirt/qemu/" + name + ".log")
+			b, _ := os.ReadFile(domainLog)
 			t.Logf("domain log:\n%s", b)
 		}
+		os.Remove(domainLog)
 	})
 
 	boot := time.Now()

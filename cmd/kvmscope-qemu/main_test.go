@@ -45,6 +45,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	stopStartedDaemons()
+	forgetCapabilities(wrapperBin)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
