@@ -138,7 +138,9 @@ func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, l
 			}
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("candidate at %#x: %w", hit, err))
+			if len(errs) < 8 { // enough to tell what went wrong
+				errs = append(errs, fmt.Errorf("candidate at %#x: %w", hit, err))
+			}
 			return false, nil
 		}
 		logf("kallsyms: %d symbols (%s) at guest physical %#x", h.syms.Len(), h.syms.Layout(), hit)
@@ -164,7 +166,7 @@ func findKallsyms(mem guestmem.Memory, regions []guestmem.Region, hint uint64, l
 	if len(errs) == 0 {
 		return nil, fmt.Errorf("kallsyms token table: %w (is CONFIG_KALLSYMS off?)", ErrNotFound)
 	}
-	return nil, fmt.Errorf("kallsyms: %w: %w", ErrNotFound, errors.Join(errs...))
+	return nil, fmt.Errorf("kallsyms: %w (%d candidates): %w", ErrNotFound, len(tried), errors.Join(errs...))
 }
 
 // scanSpans calls try for every token-table hit in spans, in order,
