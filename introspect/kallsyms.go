@@ -22,15 +22,23 @@ import (
 //	kallsyms_token_table   256 NUL-terminated strings
 //	kallsyms_token_index   256 u16 offsets into the token table
 //	kallsyms_offsets       s32 per symbol, relative to
-//	kallsyms_relative_base (CONFIG_KALLSYMS_BASE_RELATIVE, 4.6+), or
+//	kallsyms_relative_base (CONFIG_KALLSYMS_BASE_RELATIVE, 4.6+; with
+//	                       CONFIG_KALLSYMS_ABSOLUTE_PERCPU non-negative
+//	                       offsets are absolute, the rest base-1-offset),
+//	                       or relative to the offset's own address (7.x,
+//	                       no relative base), or
 //	kallsyms_addresses     one absolute pointer per symbol
 //
 // Before 6.4 the addresses came first and seqs_of_names sat between the
 // markers and the token table; 6.4 ("kallsyms: change the output order")
 // moved the offsets, the relative base and seqs_of_names after the token
-// index. Every label is aligned to 8 bytes on 64-bit kernels. The
-// kallsyms_* labels themselves are not in the table, so the tables are
-// found by their structure, as vmlinux-to-elf does.
+// index. Labels are aligned to 8 bytes on 64-bit kernels, to 4 in 7.x.
+// Before 7.x the kallsyms_* labels themselves are not in the table, so
+// the tables are found by their structure, as vmlinux-to-elf does.
+// Verified on real kernels: Debian 6.1 (base-relative, absolute per-CPU,
+// seqs_of_names backported), Debian 6.12 (6.4+ order), 7.1 (PC-relative);
+// the other layouts on tables built as scripts/kallsyms.c writes them
+// (kallsyms_test.go).
 
 // Bounds on what a real kernel's tables hold; anything outside is not a
 // kallsyms table (or is forged).
