@@ -59,6 +59,7 @@ type Kernel struct {
 	imageSize uint64
 	image     []byte // the image, cached during Discover only
 	level2    uint64 // guest physical address of level2_kernel_pgt
+	ramEnd    uint64 // end of the highest RAM region: the direct map's extent
 	logf      func(format string, args ...any)
 }
 
@@ -166,11 +167,15 @@ func (k *Kernel) Reset() {
 func (k *Kernel) PhysToVirt(pa uint64) uint64 { return k.PageOffsetBase + pa }
 
 // VirtToPhys translates a kernel virtual address. The kernel image and the
-// direct map are linear and need no page walk; anything else (vmalloc,
-// modules, vmemmap) goes through the kernel's page tables.
+// direct map are linear and need no page walk (most kernel objects, from
+// slab, are in the direct map); anything else (vmalloc, modules, vmemmap)
+// goes through the kernel's page tables.
 func (k *Kernel) VirtToPhys(va uint64) (uint64, error) {
 	if va >= k.TextVA && va-k.TextVA < k.imageSize {
 		return k.PhysBase + (va - k.TextVA), nil
+	}
+	if k.PageOffsetBase != 0 && va >= k.PageOffsetBase && va-k.PageOffsetBase < k.ramEnd {
+		return va - k.PageOffsetBase, nil
 	}
 	if k.AS == nil {
 		return 0, fmt.Errorf("translate %#x: no kernel page tables", va)
@@ -216,6 +221,9 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 	}
 	if err := k.findBases(); err != nil {
 		return nil, fmt.Errorf("discover memory layout: %w", err)
+	}
+	for _, r := range regions {
+		k.ramEnd = max(k.ramEnd, r.End())
 	}
 	if err := k.findBanner(); err != nil {
 		return nil, fmt.Errorf("discover kernel version: %w", err)
