@@ -33,6 +33,15 @@ func parseBanner(b []byte) (string, KernelVersion, error) {
 	if err != nil {
 		return "", KernelVersion{}, err
 	}
+	// Distributions name the release by their ABI ("6.1.0-56-cloud-amd64")
+	// and put the upstream version later ("Debian 6.1.192-2", "Ubuntu
+	// 5.15.0-91.101-generic 5.15.131"): take the highest patch level of
+	// the same major.minor.
+	for _, w := range strings.FieldsFunc(string(b), func(r rune) bool { return r == ' ' || r == '(' || r == ')' }) {
+		if u, err := parseRelease(w); err == nil && u.Major == v.Major && u.Minor == v.Minor && u.Patch > v.Patch {
+			v.Patch = u.Patch
+		}
+	}
 	return string(b), v, nil
 }
 

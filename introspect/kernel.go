@@ -63,7 +63,9 @@ type Kernel struct {
 	logf      func(format string, args ...any)
 }
 
-// KernelVersion is the major.minor.patch of a Linux kernel.
+// KernelVersion is the major.minor.patch of a Linux kernel; for
+// distribution kernels the patch is the upstream one the banner names
+// ("Debian 6.1.192-2"), not the ABI number in the release ("6.1.0-56").
 type KernelVersion struct {
 	Major int `json:"major"`
 	Minor int `json:"minor"`
