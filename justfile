@@ -18,6 +18,7 @@ guests:
 # Build the binaries into bin/.
 build:
     go build -o bin/kvmscope ./cmd/kvmscope
+    go build -o bin/kvmscope-qemu ./cmd/kvmscope-qemu
 
 # The demo: boot a real Linux guest under kvmscope and look inside it from outside.
 demo: setup build
@@ -30,6 +31,11 @@ test: setup
     mkdir -p .cache
     go test -count=1 -timeout 40m ./... 2>&1 | tee .cache/test.log
     scripts/check-skips.sh .cache/test.log
+
+# libvirt integration tests (root: installs and starts libvirtd; test-only domains).
+libvirt:
+    scripts/setup-libvirt.sh --start
+    go test -count=1 -v -run 'Libvirt' ./cmd/kvmscope-qemu
 
 # Benchmarks, printed as a table of ratios measured in the same run.
 bench: setup build
