@@ -16,11 +16,15 @@ import (
 // through QMP: QEMU tells where guest RAM lives in its address space
 // (`info mtree -f`, `gpa2hva`) and memory is then read directly from the
 // QEMU process like the KVM source does; registers come from
-// `info registers -a`.
+// `info registers -a`. Guest RAM that QEMU backs with a memfd is read
+// from our own read-only mapping of it, as the KVM source does (memfd.go):
+// a scan makes thousands of small reads, and each process_vm_readv is a
+// system call that pins QEMU's pages.
 type TCG struct {
 	qmp   *QMP
 	pid   func() int
 	write bool
+	memfd memfdRAM
 
 	mu      sync.Mutex
 	ranges  []procRange
@@ -139,15 +143,46 @@ func (t *TCG) io(p []byte, gpa int64, write bool) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	n, err := ioRanges(t.pid(), rs, p, gpa, write)
+	n, err := t.ioRanges(rs, p, gpa, write)
 	var hole *HoleError
 	if errors.As(err, &hole) {
 		// The map may have changed (firmware remaps ROM early in boot).
 		if rs, err2 := t.memoryMap(true); err2 == nil {
-			return ioRanges(t.pid(), rs, p, gpa, write)
+			return t.ioRanges(rs, p, gpa, write)
 		}
 	}
 	return n, err
+}
+
+// ioRanges reads through a memfd mapping where there is one; writes always
+// go through process_vm_writev (our mapping is read-only).
+func (t *TCG) ioRanges(rs []procRange, p []byte, gpa int64, write bool) (int, error) {
+	if write {
+		return ioRanges(t.pid(), rs, p, gpa, true)
+	}
+	return t.memfd.readAt(t.pid(), rs, p, gpa)
+}
+
+// MemfdRegions lists the guest physical ranges that ReadAt serves from a
+// read-only mapping of QEMU's memfd-backed guest RAM (see
+// Live.MemfdRegions).
+func (t *TCG) MemfdRegions() ([]Region, error) {
+	rs, err := t.memoryMap(false)
+	if err != nil {
+		return nil, err
+	}
+	pid := t.pid()
+	if pid == 0 {
+		return nil, nil
+	}
+	return t.memfd.regions(pid, rs)
+}
+
+// Close releases the mappings of memfd-backed guest RAM (they keep the
+// whole guest RAM alive after QEMU exits). The source stays usable.
+func (t *TCG) Close() error {
+	t.memfd.close()
+	return nil
 }
 
 // CPUs returns the registers of every vCPU from `info registers -a`.
