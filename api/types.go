@@ -26,13 +26,15 @@ func (h *Hex64) UnmarshalJSON(b []byte) error {
 
 // VM is the reply of GET /v1/vm.
 type VM struct {
-	Name     string      `json:"name,omitempty"`
-	Pid      int         `json:"pid"`
-	Accel    string      `json:"accel"` // "kvm" or "tcg"
-	Writable bool        `json:"writable"`
-	VCPUs    []VCPUInfo  `json:"vcpus"`
-	Memslots []Memslot   `json:"memslots,omitempty"` // KVM only
-	Regions  []RegionOut `json:"regions"`
+	Name string `json:"name,omitempty"`
+	Pid  int    `json:"pid"`
+	// TracerPid is the kvmscope process that traces QEMU and serves this API.
+	TracerPid int         `json:"tracer_pid"`
+	Accel     string      `json:"accel"` // "kvm" or "tcg"
+	Writable  bool        `json:"writable"`
+	VCPUs     []VCPUInfo  `json:"vcpus"`
+	Memslots  []Memslot   `json:"memslots,omitempty"` // KVM only
+	Regions   []RegionOut `json:"regions"`
 }
 
 // VCPUInfo names one vCPU and the QEMU thread that runs it.

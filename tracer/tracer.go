@@ -58,7 +58,17 @@ func Start(cfg Config) (*Tracer, error) {
 	if cfg.Self == "" {
 		cfg.Self = "/proc/self/exe"
 	}
-	t := &Tracer{
+	t := newTracer(cfg)
+	started := make(chan error, 1)
+	go t.run(started)
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+func newTracer(cfg Config) *Tracer {
+	return &Tracer{
 		cfg:     cfg,
 		vm:      newVM(cfg.Log),
 		leader:  make(chan struct{}),
@@ -66,12 +76,6 @@ func Start(cfg Config) (*Tracer, error) {
 		pending: make(map[int]pendingCall),
 		threads: make(map[int]bool),
 	}
-	started := make(chan error, 1)
-	go t.run(started)
-	if err := <-started; err != nil {
-		return nil, err
-	}
-	return t, nil
 }
 
 // Pid is the pid of the process kvmscope launched (QEMU, or with

@@ -11,22 +11,20 @@ import (
 	"os"
 	"runtime"
 
-	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/urfave/cli/v2"
 )
 
 func init() {
-	// The shim (see tracer.RunShim) must run on the main thread, the
-	// thread-group leader the tracer seizes; locking in init pins the main
-	// goroutine there before main starts.
+	// The in-place launch (launch.Run) executes QEMU from the main
+	// goroutine, which must be on the main thread, the thread-group leader
+	// the tracer seizes; locking in init pins it there before main starts.
 	runtime.LockOSThread()
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == tracer.ShimArg {
-		tracer.RunShim(os.Args[2:])
-	}
-	runtime.UnlockOSThread()
+	// Stay on the main thread: kvmscope run ends by executing QEMU from
+	// this goroutine, and the tracer has seized this thread (the
+	// thread-group leader) only.
 	app := newApp()
 	if err := app.Run(os.Args); err != nil {
 		var ec cli.ExitCoder

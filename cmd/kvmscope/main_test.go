@@ -127,6 +127,10 @@ func (r *running) wait(timeout time.Duration) int {
 		return 0
 	}
 	if ee, ok := r.err.(*exec.ExitError); ok {
+		// As a shell reports it: 128+N when killed by signal N.
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
 		return ee.ExitCode()
 	}
 	r.t.Fatalf("wait: %v", r.err)

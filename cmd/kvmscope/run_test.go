@@ -226,19 +226,26 @@ func TestSIGTERMEndsQEMU(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit code %d after SIGTERM, want QEMU's 0", code)
 	}
-	if _, err := os.Stat(r.sock); err == nil {
-		t.Errorf("API socket %s left behind", r.sock)
-	}
+	waitFor(t, 10*time.Second, "the tracer to remove the API socket", func() bool {
+		_, err := os.Stat(r.sock)
+		return os.IsNotExist(err)
+	})
 }
 
-// TestKill9FailsClosed: if kvmscope is killed, QEMU must not linger with a
-// seccomp filter whose trapped ioctls now fail: the kernel kills it
-// (PTRACE_O_EXITKILL).
+// TestKill9FailsClosed: if kvmscope's tracer is killed, QEMU must not
+// linger with a seccomp filter whose trapped ioctls now fail: the kernel
+// kills it (PTRACE_O_EXITKILL).
 func TestKill9FailsClosed(t *testing.T) {
 	r := startRun(t, nil, tinyGuest(t, 1, "")...)
 	pid := qemuPid(t, r)
-	r.cmd.Process.Kill()
-	r.wait(10 * time.Second)
+	vm := getVM(t, r.client())
+	if vm.TracerPid == 0 || vm.TracerPid == pid {
+		t.Fatalf("tracer pid %d, QEMU pid %d", vm.TracerPid, pid)
+	}
+	syscall.Kill(vm.TracerPid, syscall.SIGKILL)
+	if code := r.wait(10 * time.Second); code != 128+int(syscall.SIGKILL) {
+		t.Errorf("QEMU exit code %d, want %d (killed with its tracer)", code, 128+int(syscall.SIGKILL))
+	}
 	waitFor(t, 10*time.Second, "QEMU to die with its tracer", func() bool { return !alive(pid) })
 }
 
@@ -266,6 +273,11 @@ func TestTransparentLaunch(t *testing.T) {
 	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
 	r := &running{t: t, cmd: cmd, sock: sock, stderr: &stderr, done: make(chan struct{})}
 	pid := qemuPid(t, r)
+	// In-place launch: the process we started is QEMU itself (libvirt
+	// finds the vCPU threads under the pid it started).
+	if pid != cmd.Process.Pid {
+		t.Errorf("QEMU runs as pid %d, not as the launched process %d", pid, cmd.Process.Pid)
+	}
 
 	if link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/5", pid)); err != nil || link != f.Name() {
 		t.Errorf("QEMU fd 5 = %q, %v; want %s", link, err, f.Name())

@@ -65,17 +65,22 @@ func exitErr(code int, format string, a ...any) error {
 	return &ExitError{Code: code, Err: fmt.Errorf(format, a...)}
 }
 
-// Run runs QEMU under the tracer and serves its API until every QEMU
-// process is gone. It returns QEMU's exit status as a shell would see it
-// (128+N when killed by signal N). A non-nil error is an *ExitError.
+// Run runs QEMU under kvmscope: the calling process becomes QEMU (see
+// inplace.go) and a re-executed copy of the calling binary traces it and
+// serves its API until every QEMU process is gone. On success Run does not
+// return in the calling process: QEMU's exit status is the process's. A
+// non-nil error is an *ExitError.
 //
-// With -daemonize it returns as QEMU's own first process would, while a
-// detached copy of the calling binary keeps tracing the daemon (the binary
-// must call Run again, with the same arguments, when re-executed).
+// The binary must call Run again, with the same arguments, when it is
+// re-executed as the tracer (tracerEnv set): there Run traces and serves,
+// and returns when QEMU is gone.
 func Run(o Options) (int, error) {
-	statusFD, err := takeDetachedStatusFD()
+	ts, isTracer, err := takeTracerStage()
 	if err != nil {
 		return 1, &ExitError{1, err}
+	}
+	if isTracer && ts.stage == 1 {
+		return runStage1(ts), nil
 	}
 	if len(o.Argv) == 0 {
 		return 2, exitErr(2, "no QEMU command")
@@ -88,34 +93,61 @@ func Run(o Options) (int, error) {
 		}
 	}
 	qa := ParseQEMUArgs(o.Argv[1:])
-	if qa.Probe {
-		// A probe (-version, -help) prints and exits: its output must be
-		// exactly QEMU's, so say nothing unless something goes wrong.
-		o.Log = o.Log.Level(zerolog.WarnLevel)
+	if qa.Name != "" {
+		o.Log = o.Log.With().Str("vm", qa.Name).Logger()
 	}
-	if qa.Probe && o.PassProbes {
+	if isTracer {
+		return runTracer(o, qa, ts)
+	}
+	if qa.Probe {
+		// A probe (-version, -help, libvirt's capability probe) prints
+		// and exits: it runs untraced, leaving no socket or log, and its
+		// output is exactly QEMU's.
 		return 127, execQEMU(path, o.Argv)
 	}
-	if qa.Daemonize && statusFD < 0 {
-		code, untraced, err := runDetached()
-		if err != nil {
-			return 1, &ExitError{1, err}
-		}
-		if untraced {
-			// The detached tracer has logged why; fail-open.
-			return 127, execQEMU(path, o.Argv)
-		}
-		return code, nil
-	}
 
+	argv := append([]string(nil), o.Argv...)
+	var qmpPath string
+	if !o.NoAPI && qa.MayUseTCG() {
+		// Without KVM there are no ioctls to watch: ask QEMU itself, over
+		// a private QMP socket we add to its command line. The tracer
+		// removes the directory when QEMU is gone.
+		qmpDir, err := os.MkdirTemp("", "kvmscope-qmp-")
+		if err != nil {
+			return 1, exitErr(1, "private QMP socket: %v", err)
+		}
+		qmpPath = filepath.Join(qmpDir, "qmp.sock")
+		argv = append(argv, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
+	}
+	if err := startTracer(qmpPath); err != nil {
+		if qmpPath != "" {
+			os.RemoveAll(filepath.Dir(qmpPath))
+		}
+		if o.FailMode != FailOpen {
+			o.Log.Error().Err(err).Str("fail_mode", string(FailClosed)).Msg("cannot trace QEMU; not starting it untraced")
+			return 1, exitErr(1, "cannot trace QEMU: %v (fail_mode closed: QEMU not started)", err)
+		}
+		o.Log.Warn().Err(err).Str("fail_mode", string(FailOpen)).Msg("cannot trace QEMU; starting it untraced (no introspection, no ioctl policy)")
+		return 127, execQEMU(path, o.Argv)
+	}
+	err = tracer.ExecTraced(path, argv)
+	// The tracer sees us exit and goes away with us.
+	return 127, exitErr(127, "%v", err)
+}
+
+// runTracer is the tracer process: it attaches to the front process before
+// that becomes QEMU, then traces QEMU and serves its API until every QEMU
+// process is gone.
+func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
+	closeInheritedFDs(ts.fd)
+	if ts.qmpPath != "" {
+		defer os.RemoveAll(filepath.Dir(ts.qmpPath))
+	}
 	log := o.Log
-	serve := !o.NoAPI && !qa.Probe
+	serve := !o.NoAPI
 	dir := o.SocketDir
 	if dir == "" {
 		dir = api.DefaultDir()
-	}
-	if qa.Name != "" {
-		log = log.With().Str("vm", qa.Name).Logger()
 	}
 	if serve && o.EventLog && qa.Name != "" {
 		if f, err := openEventLog(dir, qa.Name, o.Groups); err != nil {
@@ -127,43 +159,18 @@ func Run(o Options) (int, error) {
 		}
 	}
 
-	argv := append([]string(nil), o.Argv...)
-	var qmpPath string
-	if serve && qa.MayUseTCG() {
-		// Without KVM there are no ioctls to watch: ask QEMU itself, over
-		// a private QMP socket we add to its command line.
-		qmpDir, err := os.MkdirTemp("", "kvmscope-qmp-")
-		if err != nil {
-			return 1, exitErr(1, "private QMP socket: %v", err)
-		}
-		defer os.RemoveAll(qmpDir)
-		qmpPath = filepath.Join(qmpDir, "qmp.sock")
-		argv = append(argv, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
-	}
-
-	// Forward the signals a service manager, libvirt or a terminal sends us.
+	// Forward the signals someone sends the tracer to QEMU.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	signal.Ignore(syscall.SIGPIPE)
 
-	t, err := tracer.Start(tracer.Config{Path: path, Argv: argv, Log: log})
+	t, err := tracer.Attach(ts.pid, log)
 	if err != nil {
-		if o.FailMode != FailOpen {
-			if statusFD >= 0 {
-				reportStatus(statusFD, "1")
-			}
-			log.Error().Err(err).Str("fail_mode", string(FailClosed)).Msg("cannot trace QEMU; not starting it untraced")
-			return 1, exitErr(1, "cannot trace QEMU: %v (fail_mode closed: QEMU not started)", err)
-		}
-		log.Warn().Err(err).Str("fail_mode", string(FailOpen)).Msg("cannot trace QEMU; starting it untraced (no introspection, no ioctl policy)")
-		signal.Reset(syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGPIPE)
-		if statusFD >= 0 {
-			// The front process, still the caller's child, runs QEMU.
-			reportStatus(statusFD, statusUntraced)
-			return 0, nil
-		}
-		return 127, execQEMU(path, o.Argv)
+		reply(ts.fd, "error: "+err.Error())
+		return 1, nil
 	}
+	reply(ts.fd, "ok")
+	log.Debug().Int("pid", ts.pid).Msg("attached; QEMU starts")
 
 	name := qa.Name
 	if name == "" {
@@ -172,7 +179,7 @@ func Run(o Options) (int, error) {
 	}
 	var server *api.Server
 	if serve {
-		target := newRunTarget(t, qa, o.AllowWrite, qmpPath, log)
+		target := newRunTarget(t, qa, o.AllowWrite, ts.qmpPath, log)
 		target.name = qa.Name
 		sock := o.Socket
 		if sock == "" {
@@ -210,16 +217,11 @@ func Run(o Options) (int, error) {
 		}
 	}
 	code := tracer.ExitCode(t.ExitStatus())
-	if statusFD >= 0 {
-		// Detached tracer: the front process returns QEMU's first process's
-		// status to its caller now, as QEMU's own -daemonize does; we stay
-		// and keep tracing the daemon.
-		reportStatus(statusFD, strconv.Itoa(code))
-		// Let go of the caller's stdio as QEMU's daemon does: a caller
-		// that reads QEMU's output until EOF must not wait for us.
-		if err := releaseStdio(); err != nil {
-			log.Warn().Err(err).Msg("detach from the caller's stdio")
-		}
+	// After -daemonize QEMU's first process has exited and the daemon runs
+	// on: let go of the caller's stdio as the daemon does, so a caller
+	// that reads until EOF does not wait for us.
+	if err := releaseStdio(); err != nil {
+		log.Warn().Err(err).Msg("detach from the caller's stdio")
 	}
 	for waiting := true; waiting; {
 		select {
@@ -236,7 +238,7 @@ func Run(o Options) (int, error) {
 		log.Error().Err(err).Msg("tracer")
 	}
 	log.Info().Int("status", code).Msg("QEMU exited")
-	return code, nil
+	return 0, nil
 }
 
 // execQEMU replaces this process with QEMU, untraced. It returns only on

@@ -3,6 +3,7 @@ package launch
 import (
 	"context"
 	"errors"
+	"os"
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
@@ -76,7 +77,7 @@ func (r *runTarget) source() guestmem.Source {
 }
 
 func (r *runTarget) Describe() api.VM {
-	out := api.VM{Name: r.name, Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
+	out := api.VM{Name: r.name, TracerPid: os.Getpid(), Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
 	vm := r.t.VM()
 	if r.kvm() {
 		out.Accel = "kvm"
