@@ -36,14 +36,14 @@ func NewTCG(qmp *QMP, pid func() int, allowWrite bool) *TCG {
 	return &TCG{qmp: qmp, pid: pid, write: allowWrite}
 }
 
-// mapMaxAge bounds how long the memory map is trusted before it is asked
-// again; a read that hits a hole refreshes it at once.
-const mapMaxAge = 2 * time.Second
-
 func (t *TCG) memoryMap(refresh bool) ([]procRange, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if !refresh && t.ranges != nil && time.Since(t.fetched) < mapMaxAge {
+	// Guest RAM does not move once QEMU has set it up, so the map is asked
+	// for once and again only when a read hits a hole (ROM remapping early
+	// in boot, hotplug). Never on a timer: while QEMU is paused for a
+	// consistent scan or a dump it cannot answer QMP.
+	if !refresh && t.ranges != nil {
 		return t.ranges, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
