@@ -106,20 +106,23 @@ function row(label, n, u, target, check,   v, r, res) {
 function count(label, n, u) {
   if ((n, u) in m) printf "%-48s %12g %10s %9s  %s\n", label, m[n, u], "-", "-", "-"
 }
+# ps: the rows of one guest size; RAM is QEMU default anonymous memory
+# (process_vm_readv per read), then memfd-backed (read from a mapping).
+function ps(size, n, target) {
+  row("ps, " size "-process guest: scan (server side)", n, "scan-ms", target, 1)
+  count("  processes listed", n, "procs")
+  count("  guest memory reads per scan", n, "reads/op")
+  row("  scan without command lines", n, "nocmdline-ms", target, 0)
+  row("  scan after 2 s idle", n, "idle-scan-ms", target, 0)
+  row("  GET /v1/processes round trip", n, "api-ms", target, 0)
+  row("  guest RAM in a memfd: scan", n "-memfd", "scan-ms", target, 1)
+  row("  guest RAM in a memfd: scan without cmdlines", n "-memfd", "nocmdline-ms", target, 0)
+  row("  guest RAM in a memfd: GET /v1/processes", n "-memfd", "api-ms", target, 0)
+}
 END {
   printf "%-48s %12s %10s %9s  %s\n", "scan benchmark (issue 3)", "measured", "target", "tgt/meas", "result"
-  n = "PS/procs=100"
-  row("ps, ~100-process guest: scan (server side)", n, "scan-ms", 1, 1)
-  count("  processes listed", n, "procs")
-  count("  guest memory reads per scan", n, "reads/op")
-  row("  scan without command lines", n, "nocmdline-ms", 1, 0)
-  row("  GET /v1/processes round trip", n, "api-ms", 1, 0)
-  n = "PS/procs=5000"
-  row("ps, ~5000-process guest: scan (server side)", n, "scan-ms", 20, 1)
-  count("  processes listed", n, "procs")
-  count("  guest memory reads per scan", n, "reads/op")
-  row("  scan without command lines", n, "nocmdline-ms", 20, 0)
-  row("  GET /v1/processes round trip", n, "api-ms", 20, 0)
+  ps("~100", "PS/procs=100", 1)
+  ps("~5000", "PS/procs=5000", 20)
   n = "FirstContact"
   row("first contact to ps, 512 MiB guest (in-process)", n, "first-ms", 300, 1)
   row("  first GET /v1/processes of kvmscope run", n, "api-first-ms", 300, 1)
