@@ -362,6 +362,12 @@ func TestLibvirtDomain(t *testing.T) {
 				t.Errorf("virsh domstats lacks %q:\n%s", want, s)
 			}
 		}
+		// libvirt reads per-vCPU times from /proc/PID/task/TID of the pid
+		// it started: non-zero only if that pid is QEMU itself (the
+		// in-place launch), not a wrapper around it.
+		if strings.Contains(s, "vcpu.0.time=0\n") || !strings.Contains(s, "vcpu.0.time=") {
+			t.Errorf("virsh domstats: no vCPU time for vCPU 0 (does libvirt's pid run the vCPUs?):\n%s", s)
+		}
 		if s := mustVirsh(t, "domstate", name); strings.TrimSpace(s) != "running" {
 			t.Errorf("domstate %q, want running", s)
 		}
