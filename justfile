@@ -24,8 +24,9 @@ build:
 demo: setup build
     scripts/demo.sh
 
-# Run every test against real QEMU and real guest kernels.
+# Run every test against real QEMU and real guest kernels (and libvirt, as root).
 test: setup
+    scripts/setup-libvirt.sh
     go vet ./...
     test -z "$(gofmt -l $(git ls-files '*.go'))" || { gofmt -l $(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
     mkdir -p .cache

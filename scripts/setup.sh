@@ -29,6 +29,3 @@ if [ -e /dev/kvm ] && [ "$(id -u)" -eq 0 ]; then
   getent group kvm >/dev/null || groupadd -r kvm
   chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true
 fi
-
-# libvirt for the kvmscope-qemu tests (root only; see docs/libvirt.md).
-"$(dirname "$0")/setup-libvirt.sh"
