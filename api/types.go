@@ -53,6 +53,9 @@ type Memslot struct {
 	Flags        uint32 `json:"flags"`
 	ReadOnly     bool   `json:"readonly"`
 	DirtyLog     bool   `json:"dirty_log"`
+	// Memfd is set when kvmscope reads the slot through its own read-only
+	// mapping of QEMU's memfd (no system call per read).
+	Memfd bool `json:"memfd,omitempty"`
 }
 
 // RegionOut is one range of guest physical memory.

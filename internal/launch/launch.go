@@ -178,8 +178,9 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		log = log.With().Str("vm", name).Logger()
 	}
 	var server *api.Server
+	var target *runTarget
 	if serve {
-		target := newRunTarget(t, qa, o.AllowWrite, ts.qmpPath, log)
+		target = newRunTarget(t, qa, o.AllowWrite, ts.qmpPath, log)
 		target.name = qa.Name
 		sock := o.Socket
 		if sock == "" {
@@ -233,6 +234,9 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	}
 	if server != nil {
 		server.Close()
+		// Drop our mappings of guest RAM (memfd), which would keep the
+		// guest's memory alive after QEMU.
+		target.live.Close()
 	}
 	if err := t.Err(); err != nil {
 		log.Error().Err(err).Msg("tracer")

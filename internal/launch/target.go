@@ -85,8 +85,17 @@ func (r *runTarget) Describe() api.VM {
 		for _, v := range vm.VCPUs() {
 			out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: v.ID, TID: v.TID})
 		}
+		mapped, _ := r.live.MemfdRegions()
+		isMemfd := func(m tracer.Memslot) bool {
+			for _, rg := range mapped {
+				if m.AddressSpace() == 0 && rg.GPA == m.GPA && rg.Size == m.Size {
+					return true
+				}
+			}
+			return false
+		}
 		for _, m := range vm.Memslots() {
-			out.Memslots = append(out.Memslots, api.Memslot{Slot: m.Slot, AddressSpace: m.AddressSpace(), GPA: api.Hex64(m.GPA), Size: api.Hex64(m.Size), HVA: api.Hex64(m.HVA), Flags: m.Flags, ReadOnly: m.ReadOnly, DirtyLog: m.DirtyLog})
+			out.Memslots = append(out.Memslots, api.Memslot{Slot: m.Slot, AddressSpace: m.AddressSpace(), GPA: api.Hex64(m.GPA), Size: api.Hex64(m.Size), HVA: api.Hex64(m.HVA), Flags: m.Flags, ReadOnly: m.ReadOnly, DirtyLog: m.DirtyLog, Memfd: isMemfd(m)})
 		}
 	} else {
 		out.Pid = r.t.QEMUPid()
