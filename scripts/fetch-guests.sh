@@ -90,6 +90,36 @@ fetch_debian() {
 	log "debian: $(cat "$d/version")"
 }
 
+# fetch_debian612 fetches Debian's 6.12 cloud kernel (bookworm backports
+# it): a real kernel with the kallsyms layout of 6.4 and later.
+fetch_debian612() {
+	local d=$dest/debian-6.12
+	if [ -s "$d/vmlinuz" ]; then
+		log "debian-6.12: have $(cat "$d/version" 2>/dev/null)"
+		return
+	fi
+	local pkg
+	pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-6\.12/ { print $2; exit }')
+	if [ -z "$pkg" ]; then
+		apt-get update -qq
+		apt_updated=1
+		pkg=$(apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-6\.12/ { print $2; exit }')
+	fi
+	[ -n "$pkg" ] || { log "debian-6.12: no linux-image-6.12-cloud-amd64 in apt"; exit 1; }
+	log "debian-6.12: downloading $pkg"
+	(cd "$work" && apt_try apt-get download -q -o APT::Sandbox::User=root "$pkg")
+	local deb
+	deb=$(ls "$work"/"$pkg"_*.deb)
+	mkdir -p "$work/deb612" "$d"
+	dpkg-deb -x "$deb" "$work/deb612"
+	cp "$work"/deb612/boot/vmlinuz-* "$d/vmlinuz.tmp"
+	dpkg-deb -f "$deb" Package Version | tr '\n' ' ' >"$d/version"
+	echo >>"$d/version"
+	mv "$d/vmlinuz.tmp" "$d/vmlinuz"
+	rm -f "$deb"
+	log "debian-6.12: $(cat "$d/version")"
+}
+
 fetch_gokrazy() {
 	local d=$dest/gokrazy
 	if [ -s "$d/vmlinuz" ]; then
@@ -145,9 +175,10 @@ build_initramfs() {
 }
 
 case ${1:-all} in
-all) fetch_debian; fetch_gokrazy; build_initramfs ;;
+all) fetch_debian; fetch_debian612; fetch_gokrazy; build_initramfs ;;
 debian) fetch_debian ;;
+debian-6.12) fetch_debian612 ;;
 gokrazy) fetch_gokrazy ;;
 initramfs) build_initramfs ;;
-*) echo "usage: $0 [all|debian|gokrazy|initramfs]" >&2; exit 2 ;;
+*) echo "usage: $0 [all|debian|debian-6.12|gokrazy|initramfs]" >&2; exit 2 ;;
 esac
