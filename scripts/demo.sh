@@ -28,7 +28,7 @@ if [ -z "$accel" ]; then
     testdata/tinyguest/build.sh "$work/tiny" >/dev/null
     fw=(); [ -f /usr/share/qemu/qboot.rom ] && fw=(-bios /usr/share/qemu/qboot.rom)
     "$bin" --log-level warn run --api "$work/probe.sock" -- qemu-system-x86_64 -nodefaults -machine pc "${fw[@]}" \
-      -accel kvm -m 64M -display none -serial none -no-reboot -kernel "$work/tiny/tinyguest.elf" &
+      -accel kvm -m 64M -display none -serial none -no-reboot -kernel "$work/tiny/tinyguest.elf" 2>/dev/null &
     probe=$!
     rate=0
     for _ in $(seq 50); do
@@ -48,12 +48,16 @@ fi
 echo "demo: booting $(basename "$(readlink -f "$guests/debian/vmlinuz")") (Debian 6.1 cloud) under kvmscope run, accel=$accel" >&2
 "$bin" --log-level warn run --api "$sock" -- qemu-system-x86_64 -accel "$accel" -m 512 -smp 2 \
   -display none -serial "file:$work/serial.log" -monitor none -no-reboot -name demo \
-  -kernel "$guests/debian/vmlinuz" -initrd "$guests/initramfs.cpio.gz" -append "console=ttyS0 panic=-1" &
+  -kernel "$guests/debian/vmlinuz" -initrd "$guests/initramfs.cpio.gz" -append "console=ttyS0 panic=-1" \
+  2>"$work/run.log" &
 run_pid=$!
 
 # Wait until the guest's init has started its processes.
 for _ in $(seq 240); do
   grep -q KVMSCOPE-READY "$work/serial.log" 2>/dev/null && break
+  if ! kill -0 "$run_pid" 2>/dev/null; then
+    echo "demo: QEMU ended early:" >&2; cat "$work/run.log" >&2; exit 1
+  fi
   sleep 0.5
 done
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"unicode/utf8"
 	"text/tabwriter"
 	"time"
 
@@ -171,19 +172,38 @@ func psCommand() *cli.Command {
 				fmt.Fprintln(tw, "PID\tPPID\tUID\tGID\tSTAT\tTHR\tCOMM\tCMDLINE")
 			}
 			for _, p := range ps {
-				cmd := strings.Join(p.Cmdline, " ")
+				cmd := printable(strings.Join(p.Cmdline, " "), 200)
 				if p.KThread {
 					cmd = "[" + p.Comm + "]"
 				}
 				if c.Bool("threads") {
-					fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", p.PID, p.TGID, p.PPID, p.UID, p.GID, p.State, p.Comm, cmd)
+					fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", p.PID, p.TGID, p.PPID, p.UID, p.GID, p.State, printable(p.Comm, 16), cmd)
 				} else {
-					fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", p.PID, p.PPID, p.UID, p.GID, p.State, p.Threads, p.Comm, cmd)
+					fmt.Fprintf(tw, "%d\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", p.PID, p.PPID, p.UID, p.GID, p.State, p.Threads, printable(p.Comm, 16), cmd)
 				}
 			}
 			return tw.Flush()
 		}),
 	}
+}
+
+// printable makes a command line safe for one table cell, as ps does:
+// control characters become '?', and it is cut at max runes.
+func printable(s string, max int) string {
+	var b strings.Builder
+	n := 0
+	for _, r := range s {
+		if n == max {
+			b.WriteString("…")
+			break
+		}
+		if r < 0x20 || r == 0x7f || r == utf8.RuneError {
+			r = '?'
+		}
+		b.WriteRune(r)
+		n++
+	}
+	return b.String()
 }
 
 // printTree prints processes as a tree by parent, like `ps -H` / pstree.
@@ -215,7 +235,7 @@ func printTree(ps []api.Process) {
 		if depth == 0 {
 			branch, next = "", ""
 		}
-		fmt.Printf("%s%s%s(%d) uid=%d\n", prefix, branch, p.Comm, p.PID, p.UID)
+		fmt.Printf("%s%s%s(%d) uid=%d\n", prefix, branch, printable(p.Comm, 16), p.PID, p.UID)
 		kids := children[p.TGID]
 		sort.Slice(kids, func(i, j int) bool { return kids[i].PID < kids[j].PID })
 		for i, k := range kids {

@@ -196,3 +196,17 @@ func TestUserErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestPrintable(t *testing.T) {
+	for in, want := range map[string]string{
+		"sh -c \"a\nb\"":         `sh -c "a?b"`,
+		"tab\there":              "tab?here",
+		"ok":                     "ok",
+		"\x1b[31mred":            "?[31mred",
+		strings.Repeat("x", 210): strings.Repeat("x", 200) + "…",
+	} {
+		if got := printable(in, 200); got != want {
+			t.Errorf("printable(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
