@@ -97,7 +97,7 @@ func FuzzBanner(f *testing.F) {
 func FuzzDiscover(f *testing.F) {
 	s := synthKernel(f)
 	f.Add([]byte{})
-	f.Add([]byte{4}) // odd length: text symbols only
+	f.Add([]byte{4})                                              // odd length: text symbols only
 	f.Add([]byte{0, 0x10, 0x00, 4, 0xff, 0xff, 0xff, 0xff})       // kallsyms
 	f.Add([]byte{1, 0x1f, 0xf8, 8, 0x63, 0, 0x90, 0, 0, 0, 0, 0}) // PGD[511]
 	f.Add([]byte{1, 0x20, 0xc0, 8, 0xe3, 0x01, 0, 0, 0, 0, 0, 0}) // level2 entry

@@ -84,7 +84,7 @@ func TestMemslotTable(t *testing.T) {
 	}
 	tab.apply(parseMemoryRegion(region(0, 0, 0, 0xa0000, 0x7f0000000000)))
 	tab.apply(parseMemoryRegion(region(1, kvmMemReadonly, 0xfffc0000, 0x40000, 0x7f1000000000)))
-	tab.apply(parseMemoryRegion(region(1<<16|0, 0, 0, 0xa0000, 0x7f2000000000))) // SMM
+	tab.apply(parseMemoryRegion(region(1<<16, 0, 0, 0xa0000, 0x7f2000000000))) // address space 1 (SMM), slot 0
 	tab.apply(parseMemoryRegion(region(2, kvmMemLogDirtyPages, 0xfd000000, 16<<20, 0x7f3000000000)))
 	tab.apply(parseMemoryRegion(region(2, 0, 0xfd000000, 0, 0))) // delete
 	s := tab.sorted()

@@ -8,9 +8,9 @@ import (
 	"os"
 	"sort"
 	"strings"
-	"unicode/utf8"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
