@@ -34,9 +34,13 @@ for m in /modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
 echo KVMSCOPE-MODULES-BEGIN
 cat /proc/modules
 echo KVMSCOPE-MODULES-END
+threads=4
+for a in $(cat /proc/cmdline); do
+	case $a in kvmscope_threads=*) threads=${a#kvmscope_threads=} ;; esac
+done
 umount /proc
 # A background job's stdin is /dev/null.
-/bin/kvm-threads &
+/bin/kvm-threads $threads &
 exec /init
 `
 
@@ -79,7 +83,7 @@ func writeCPIO(files []cpioFile) []byte {
 
 // guestInitrd returns the path of the fetched initramfs with the extra
 // archive appended, and the names of the modules it loads.
-func guestInitrd(t *testing.T, p testlinux.Paths, withModules bool) (string, []string) {
+func guestInitrd(t testing.TB, p testlinux.Paths, withModules bool) (string, []string) {
 	t.Helper()
 	dir := t.TempDir()
 	threads := filepath.Join(dir, "kvm-threads")
@@ -348,19 +352,29 @@ func equalOffsets(a, b *Offsets) bool {
 }
 
 // BenchmarkProcesses measures a process listing of the paused Debian
-// test guest through the live TCG memory source (the `ps` latency), with
-// and without command lines, and the first contact: discovery, offsets and
-// the first listing.
+// test guest through the live TCG memory source (the `ps` latency): ~100
+// processes with and without command lines, the same with all ~5,100
+// threads listed, the first contact (discovery, offsets and the first
+// listing), and the solver.
 func BenchmarkProcesses(b *testing.B) {
-	p, err := testlinux.Guests()
-	if err != nil {
-		b.Skip(err)
-	}
-	g, err := testlinux.Boot(context.Background(), testlinux.Options{Kernel: p.DebianKernel})
+	p := testlinux.Require(b)
+	// The test initramfs with a process of 5,000 threads: thousands of
+	// tasks in little guest memory.
+	initrd, _ := guestInitrd(b, p, false)
+	g, err := testlinux.Boot(context.Background(), testlinux.Options{
+		Kernel: p.DebianKernel, Initrd: initrd, Timeout: 300 * time.Second, MemMB: 1536,
+		Append: "rdinit=/init.kvmscope-offsets kvmscope_threads=5000",
+	})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer g.Close()
+	for deadline := time.Now().Add(5 * time.Minute); !strings.Contains(g.Serial(), "KVMSCOPE-THREADS-READY"); {
+		if time.Now().After(deadline) {
+			b.Fatal("kvm-threads did not start its threads")
+		}
+		time.Sleep(time.Second)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	q, err := guestmem.DialQMP(ctx, g.SpareQMP())

@@ -114,15 +114,11 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		if threadsKnown {
 			n, single := r.singleThread(b)
 			if !single {
-				n = 0
-				err := forEachThread(k, off, cur, &threadBudget, func(th uint64) error {
+				n = 1 // the leader
+				err := r.threads(cur, b, &threadBudget, opts.Threads, func(th uint64, tb []byte) {
 					n++
-					if !opts.Threads || th == cur {
-						return nil
-					}
-					tb, err := r.read(th)
-					if err != nil {
-						return err
+					if tb == nil {
+						return
 					}
 					tp := r.process(th, tb)
 					if parent, ok := r.field(tb, off.TaskRealParent, 8); ok {
@@ -130,10 +126,10 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 					}
 					tp.Cmdline = p.Cmdline
 					threads = append(threads, tp)
-					return nil
 				})
 				// A task exiting while we look may have a broken
-				// thread list; its count stays unknown (0).
+				// thread list; its count stays unknown (0) and the
+				// threads read before the break are kept.
 				if errors.Is(err, ErrBudget) {
 					return nil, fmt.Errorf("processes: threads: %w", err)
 				}
@@ -265,6 +261,58 @@ func (r *taskReader) readCred(va uint64) [4]int {
 		}
 	}
 	return ids
+}
+
+// threads walks the thread list of the group whose leader is at leader
+// (its bytes b), calling f for every thread but the leader: with the
+// thread's bytes when read is set (the walk then follows the links in
+// them, one read per thread), else with nil bytes (one 16-byte read per
+// thread). Links are checked both ways; every node takes one from
+// *budget.
+func (r *taskReader) threads(leader uint64, b []byte, budget *int, read bool, f func(th uint64, tb []byte)) error {
+	o := r.off
+	tn := uint64(o.TaskThreadNode.Value)
+	head := r.u64(b, o.TaskSignal.Value) + uint64(o.SignalThreadHd.Value)
+	self := leader + tn
+	seen := map[uint64]bool{}
+	prev, cur := self, r.u64(b, o.TaskThreadNode.Value)
+	for cur != self {
+		if *budget--; *budget < 0 {
+			return ErrBudget
+		}
+		if !r.k.kernelPtr(cur) || seen[cur] {
+			return fmt.Errorf("threads of %#x: bad or repeated node %#x", leader, cur)
+		}
+		seen[cur] = true
+		var next, back uint64
+		if read && cur != head {
+			tb, err := r.read(cur - tn)
+			if err != nil {
+				return fmt.Errorf("threads of %#x: %w", leader, err)
+			}
+			next, back = r.u64(tb, o.TaskThreadNode.Value), r.u64(tb, o.TaskThreadNode.Value+8)
+			if back == prev {
+				f(cur-tn, tb)
+			}
+		} else {
+			var l [16]byte
+			if err := r.k.ReadVirt(l[:], cur); err != nil {
+				return fmt.Errorf("threads of %#x: %w", leader, err)
+			}
+			next, back = le64(l[:], 0), le64(l[:], 8)
+			if cur != head && back == prev {
+				f(cur-tn, nil)
+			}
+		}
+		if back != prev {
+			return fmt.Errorf("threads of %#x: node %#x: prev is %#x, want %#x", leader, cur, back, prev)
+		}
+		prev, cur = cur, next
+	}
+	if r.u64(b, o.TaskThreadNode.Value+8) != prev {
+		return fmt.Errorf("threads of %#x: the leader's prev is not the last node %#x", leader, prev)
+	}
+	return nil
 }
 
 // process decodes the task's bytes b.
