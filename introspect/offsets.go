@@ -58,11 +58,15 @@ type Offsets struct {
 	CredGID        Offset `json:"cred.gid" kernel:"cred.gid"`
 	CredEUID       Offset `json:"cred.euid" kernel:"cred.euid"`
 	CredEGID       Offset `json:"cred.egid" kernel:"cred.egid"`
-	ModuleList     Offset `json:"module.list" kernel:"module.list"`
-	ModuleName     Offset `json:"module.name" kernel:"module.name"`
-	ModuleState    Offset `json:"module.state" kernel:"module.state"`
-	ModuleBase     Offset `json:"module.base" kernel:"module.core_layout.base|module_core"`
-	ModuleSize     Offset `json:"module.size" kernel:"module.core_layout.size|core_size"`
+	// SignalNrThreads comes from BTF only: by value it cannot be told
+	// from sigcnt and live, which count the same threads. Without it
+	// threads are counted on their list.
+	SignalNrThreads Offset `json:"signal_struct.nr_threads" kernel:"signal_struct.nr_threads" solve:"-"`
+	ModuleList      Offset `json:"module.list" kernel:"module.list"`
+	ModuleName      Offset `json:"module.name" kernel:"module.name"`
+	ModuleState     Offset `json:"module.state" kernel:"module.state"`
+	ModuleBase      Offset `json:"module.base" kernel:"module.core_layout.base|module_core"`
+	ModuleSize      Offset `json:"module.size" kernel:"module.core_layout.size|core_size"`
 	// ModuleMemStride is, for kernels 6.4 and newer, the size of one
 	// struct module_memory in module.mem[]; the module's size is then the
 	// sum of its core (non-init) regions. Unknown for older kernels, whose
@@ -147,6 +151,10 @@ func FindOffsets(k *Kernel) (*Offsets, error) {
 	if btfErr == nil {
 		return off, nil
 	}
+	var ue *UnsolvedError
+	if errors.As(btfErr, &ue) && onlyOptional(ue) {
+		return off, nil
+	}
 	// Fill the gaps by solving; keep BTF's answers where it had them.
 	solved, err := SolveOffsets(k)
 	if solved == nil {
@@ -164,6 +172,9 @@ func FindOffsets(k *Kernel) (*Offsets, error) {
 			dst.Field(i).Set(reflect.ValueOf(s))
 			continue
 		}
+		if dst.Type().Field(i).Tag.Get("solve") == "-" {
+			continue // optional, BTF only
+		}
 		name := dst.Type().Field(i).Tag.Get("json")
 		why := "not in BTF and not solved"
 		var ue *UnsolvedError
@@ -173,6 +184,18 @@ func FindOffsets(k *Kernel) (*Offsets, error) {
 		miss.Members = setDefault(miss.Members, name, why)
 	}
 	return off, miss.orNil()
+}
+
+// onlyOptional reports whether every member in e is one the solver
+// never solves (a BTF-only convenience).
+func onlyOptional(e *UnsolvedError) bool {
+	t := reflect.TypeOf(Offsets{})
+	for i := 0; i < t.NumField(); i++ {
+		if t.Field(i).Tag.Get("solve") != "-" && e.Members[t.Field(i).Tag.Get("json")] != "" {
+			return false
+		}
+	}
+	return true
 }
 
 func setDefault(m map[string]string, k, v string) map[string]string {

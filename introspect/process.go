@@ -113,6 +113,12 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		var threads []Process
 		if threadsKnown {
 			n, single := r.singleThread(b)
+			if !single && !opts.Threads && off.SignalNrThreads.Known() {
+				// One read instead of one per thread.
+				if v, err := k.ReadU32(r.u64(b, off.TaskSignal.Value) + uint64(off.SignalNrThreads.Value)); err == nil && v > 0 && v <= maxTasks {
+					n, single = int(v), true
+				}
+			}
 			if !single {
 				n = 1 // the leader
 				err := r.threads(cur, b, &threadBudget, opts.Threads, func(th uint64, tb []byte) {
