@@ -33,8 +33,9 @@ const (
 
 // Offsets are the offsets of the kernel structure members that process and
 // module listing need. Each field's `kernel` tag names the member as
-// struct.member (dotted paths go through nested or anonymous members);
-// the `isf` tag is the name Volatility's symbol tables use.
+// struct.member (dotted paths go through nested or anonymous members,
+// "|" separates names the member had in other kernel versions); `json` is
+// the name used in every export.
 type Offsets struct {
 	TaskTasks      Offset `json:"task_struct.tasks" kernel:"task_struct.tasks"`
 	TaskComm       Offset `json:"task_struct.comm" kernel:"task_struct.comm"`

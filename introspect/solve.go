@@ -402,7 +402,7 @@ func (s *solver) minWindow() int {
 	return n
 }
 
-// sortedUnique reports whether vals has no duplicates.
+// distinct reports whether vals has no duplicates.
 func distinct(vals []uint64) bool {
 	c := append([]uint64(nil), vals...)
 	sort.Slice(c, func(i, j int) bool { return c[i] < c[j] })
