@@ -52,7 +52,7 @@ debian_pkg() {
 
 fetch_debian() {
 	local d=$dest/debian
-	if [ -s "$d/vmlinuz" ] && [ -s "$d/System.map" ] && [ -s "$d/config" ]; then
+	if [ -s "$d/vmlinuz" ] && [ -s "$d/System.map" ] && [ -s "$d/config" ] && [ -s "$d/modules/dummy.ko" ]; then
 		log "debian: have $(cat "$d/version" 2>/dev/null)"
 		return
 	fi
@@ -72,6 +72,12 @@ fetch_debian() {
 	mkdir -p "$work/deb" "$d"
 	dpkg-deb -x "$deb" "$work/deb"
 	cp "$work"/deb/boot/vmlinuz-* "$d/vmlinuz.tmp"
+	# A few small modules the offsets tests load in the guest, to check
+	# lsmod against the guest's /proc/modules.
+	mkdir -p "$d/modules"
+	for m in drivers/net/dummy.ko lib/crc7.ko lib/crc-itu-t.ko; do
+		cp "$work"/deb/lib/modules/*/kernel/$m "$d/modules/"
+	done
 	# The image package's System.map is a placeholder; the real one is
 	# near the start of the (large) -dbg package: stop reading at it.
 	log "debian: downloading ${pkg}-dbg for System.map"
