@@ -211,6 +211,17 @@ func BenchmarkPS(b *testing.B) {
 				b.Fatal(err)
 			}
 			checkScan(b, "in-process scan", first.Processes, sg.g.PS())
+			// The scan timed reads command lines too: each sleep's must
+			// be there.
+			sleeps := 0
+			for _, p := range first.Processes {
+				if strings.Join(p.Cmdline, " ") == "sleep 100000" {
+					sleeps++
+				}
+			}
+			if sleeps < 40+c.extra {
+				b.Fatalf("%d processes with command line \"sleep 100000\"; the guest runs %d", sleeps, 40+c.extra)
+			}
 			// One scan with its reads by size, for where the time goes.
 			src.sizes = map[int]int{}
 			if _, err := sc.Processes(ctx, introspect.ProcessOptions{}, false); err != nil {
