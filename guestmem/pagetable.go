@@ -120,6 +120,10 @@ type AddressSpace struct {
 	root   uint64
 	levels int
 
+	// entryReads: read the one entry each level needs instead of caching
+	// whole table pages (see NewWalker).
+	entryReads bool
+
 	mu     sync.Mutex
 	tables map[uint64]*[512]uint64 // table GPA → its entries
 	pages  map[uint64]mapping      // VA >> 12 → the page mapping it
@@ -147,6 +151,16 @@ func NewAddressSpace(mem Memory, cr3 uint64, levels int) *AddressSpace {
 }
 
 // Root returns the guest physical address of the top-level page table.
+// NewWalker returns an address space for a few reads, such as one
+// process's command line: each translation reads the 8-byte entry it needs
+// at every level, where NewAddressSpace reads and keeps whole 4 KiB table
+// pages (worth it when many addresses share the tables).
+func NewWalker(mem Memory, cr3 uint64, levels int) *AddressSpace {
+	a := NewAddressSpace(mem, cr3, levels)
+	a.entryReads = true
+	return a
+}
+
 func (a *AddressSpace) Root() uint64 { return a.root }
 
 // Levels returns the number of paging levels (4 or 5).
@@ -203,11 +217,10 @@ func (a *AddressSpace) lookup(va uint64) (mapping, error) {
 	for level := a.levels; level >= 1; level-- {
 		shift := uint8(pageShift + 9*(level-1))
 		idx := (va >> shift) & 511
-		entries, err := a.table(table)
+		e, err := a.entry(table, idx)
 		if err != nil {
 			return mapping{}, fmt.Errorf("translate %#x: read %s table at %#x: %w", va, levelName(level), table, err)
 		}
-		e := entries[idx]
 		if e&ptePresent == 0 {
 			return mapping{}, &NotPresentError{VA: va, Level: level}
 		}
@@ -229,6 +242,23 @@ func (a *AddressSpace) lookup(va uint64) (mapping, error) {
 		table = e & pteAddrMask
 	}
 	panic("unreachable")
+}
+
+// entry returns entry idx of the table page at gpa. Precondition: a.mu is
+// held.
+func (a *AddressSpace) entry(gpa, idx uint64) (uint64, error) {
+	if a.entryReads {
+		var b [8]byte
+		if _, err := a.mem.ReadAt(b[:], int64(gpa+idx*8)); err != nil {
+			return 0, err
+		}
+		return binary.LittleEndian.Uint64(b[:]), nil
+	}
+	t, err := a.table(gpa)
+	if err != nil {
+		return 0, err
+	}
+	return t[idx], nil
 }
 
 // table returns the 512 entries of the table page at gpa, cached.

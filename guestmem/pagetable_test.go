@@ -99,7 +99,20 @@ func TestTranslate4Level(t *testing.T) {
 	copy(b.mem[0x4abcde:], "2mpage")
 
 	// CR3 with a PCID in the low bits and a high flag set.
-	as := NewAddressSpace(b.mem, b.root|0x123, 4)
+	for _, as := range []*AddressSpace{NewAddressSpace(b.mem, b.root|0x123, 4), NewWalker(b.mem, b.root|0x123, 4)} {
+		checkTranslate4Level(t, as, b)
+	}
+}
+
+// checkTranslate4Level runs the 4-level cases on an address space (with
+// table pages cached, or with single-entry reads).
+func checkTranslate4Level(t *testing.T, as *AddressSpace, b *tableBuilder) {
+	t.Helper()
+	const (
+		kva  = 0xffffffff81000000
+		kva2 = 0xffff888000200000
+		uva  = 0x00007ffff7a00000
+	)
 	if as.Root() != b.root {
 		t.Fatalf("Root() = %#x, want %#x", as.Root(), b.root)
 	}

@@ -54,6 +54,12 @@ type Kernel struct {
 	// "pgd": "init_top_pgt" or "found by structure".
 	Found map[string]string `json:"found"`
 
+	// userMem, when set, is where user page tables and user pages are
+	// read (command lines): a scan reads kernel objects through a block
+	// cache (Scanner's scanView) that scattered user pages would only
+	// slow down.
+	userMem guestmem.Memory
+
 	// imageSize is the size of the image from _text: reads inside it
 	// need no page walk (it is mapped linearly).
 	imageSize uint64
@@ -154,6 +160,14 @@ func (k *Kernel) ReadU16(va uint64) (uint16, error) {
 
 // ReadPtr reads a kernel pointer at va.
 func (k *Kernel) ReadPtr(va uint64) (uint64, error) { return k.ReadU64(va) }
+
+// userMemory is the memory for user page tables and pages.
+func (k *Kernel) userMemory() guestmem.Memory {
+	if k.userMem != nil {
+		return k.userMem
+	}
+	return k.Mem
+}
 
 // Reset drops the page-table translations cached in k.AS. A live guest
 // changes its page tables (vmalloc, modules, process PGDs): call Reset

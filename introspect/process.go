@@ -398,7 +398,8 @@ func (r *taskReader) cmdline(task uint64, b []byte) []string {
 	}
 	n := min(end-start, maxCmdline)
 	buf := make([]byte, n)
-	as := guestmem.NewAddressSpace(r.k.Mem, pa, r.k.Levels)
+	// A few pages of one process: read single entries, not whole tables.
+	as := guestmem.NewWalker(r.k.userMemory(), pa, r.k.Levels)
 	got, _ := as.ReadAt(buf, int64(start))
 	if got == 0 {
 		return nil

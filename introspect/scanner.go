@@ -106,16 +106,13 @@ func (s *Scanner) Processes(ctx context.Context, opts ProcessOptions, consistent
 		}
 		defer resume()
 	}
-	// A scan sees the page tables of one moment: translations are cached
-	// within it and dropped after.
-	k.AS.Reset()
-	procs, err := k.Processes(off, opts)
+	procs, err := scanView(k).Processes(off, opts)
 	if err != nil {
 		// What was discovered may be stale (the guest rebooted into
 		// another kernel or KASLR slide): discover again, once.
 		s.kernel = nil
 		if k, off, err = s.discover(ctx); err == nil {
-			procs, err = k.Processes(off, opts)
+			procs, err = scanView(k).Processes(off, opts)
 		}
 	}
 	if err != nil {
@@ -146,8 +143,28 @@ func (s *Scanner) Modules(ctx context.Context) ([]Module, error) {
 	if err != nil {
 		return nil, err
 	}
-	k.AS.Reset()
-	return k.Modules(off)
+	return scanView(k).Modules(off)
+}
+
+// scanBlock and scanCacheMax size the per-scan block cache: 64 KiB holds an
+// order-3 task_struct slab and then some; 256 MiB bounds a scan's memory.
+const (
+	scanBlock    = 64 << 10
+	scanCacheMax = 256 << 20
+)
+
+// scanView is k reading guest memory through a block cache made for one
+// scan, with its own page-table walker: translations and memory are cached
+// within the scan and never across scans. A walk of thousands of tasks
+// then costs a system call per 64 KiB block of slab instead of one per
+// task, cred and mm read.
+func scanView(k *Kernel) *Kernel {
+	c := guestmem.NewBlockCache(k.Mem, scanBlock, scanCacheMax)
+	kc := *k
+	kc.Mem = c
+	kc.userMem = k.Mem
+	kc.AS = guestmem.NewAddressSpace(c, k.AS.Root(), k.AS.Levels())
+	return &kc
 }
 
 // Latest returns the newest process scan, or nil.

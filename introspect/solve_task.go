@@ -386,8 +386,13 @@ func (s *solver) solveParent() error {
 	return nil
 }
 
-// solveFlags finds task_struct.flags: PF_KTHREAD set in init_task and in
-// every kernel thread, clear in every user task that has an mm; not the
+// maxHelperMisses is how many of kthreadd's n children may lack
+// PF_KTHREAD (user-mode helpers) before an offset is rejected.
+func maxHelperMisses(n int) int { return max(1, n/20) }
+
+// solveFlags finds task_struct.flags: PF_KTHREAD set in init_task,
+// kthreadd and nearly every other kernel thread (see maxHelperMisses),
+// clear in every user task that has an mm; not the
 // upper half of a kernel pointer (which would have bit 21 set too).
 func (s *solver) solveFlags() error {
 	if !s.off.TaskMM.Known() {
@@ -399,11 +404,23 @@ func (s *solver) solveFlags() error {
 			return err
 		}
 		ok := true
-		for _, t := range s.kthreads {
+		misses := 0
+		for i, t := range s.kthreads {
 			v := le32(t.b, o)
-			if v&pfKthread == 0 || v&0xffff0000 == 0xffff0000 {
+			if v&0xffff0000 == 0xffff0000 {
 				ok = false
 				break
+			}
+			if v&pfKthread == 0 {
+				// init_task and kthreadd (the first two) must have
+				// it. A few children of kthreadd may be user-mode
+				// helpers (modprobe, hotplug) caught between fork and
+				// exec: kthreadd's children, but not kernel threads.
+				misses++
+				if i < 2 || misses > maxHelperMisses(len(s.kthreads)) {
+					ok = false
+					break
+				}
 			}
 		}
 		if !ok {
