@@ -237,6 +237,11 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		// Drop our mappings of guest RAM (memfd), which would keep the
 		// guest's memory alive after QEMU.
 		target.live.Close()
+		select {
+		case <-target.tcgReady:
+			target.tcg.Close()
+		default:
+		}
 	}
 	if err := t.Err(); err != nil {
 		log.Error().Err(err).Msg("tracer")
