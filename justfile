@@ -29,9 +29,7 @@ test: setup
     scripts/setup-libvirt.sh
     go vet ./...
     test -z "$(gofmt -l $(git ls-files '*.go'))" || { gofmt -l $(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
-    mkdir -p .cache
-    go test -count=1 -timeout 40m ./... 2>&1 | tee .cache/test.log
-    scripts/check-skips.sh .cache/test.log
+    scripts/test.sh
 
 # libvirt integration tests (root: installs and starts libvirtd; test-only domains).
 libvirt:
