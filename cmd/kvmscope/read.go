@@ -38,6 +38,22 @@ func ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 30*time.Second)
 }
 
+// getJSON fetches path from the VM named by --api/--vm; errors come back
+// as one line for the user.
+func getJSON[T any](c *cli.Context, path string) (T, error) {
+	var v T
+	cl, err := client(c)
+	if err != nil {
+		return v, err
+	}
+	cx, cancel := ctx()
+	defer cancel()
+	if err := cl.Get(cx, path, &v); err != nil {
+		return v, cli.Exit(err.Error(), 1)
+	}
+	return v, nil
+}
+
 func printJSON(v any) error {
 	enc := json.NewEncoder(os.Stdout)
 	enc.SetIndent("", "  ")
@@ -50,15 +66,9 @@ func vmCommand() *cli.Command {
 		Usage: "describe the VM: QEMU pid, accelerator, vCPUs, memory map",
 		Flags: []cli.Flag{apiFlag, vmFlag, jsonFlag},
 		Action: func(c *cli.Context) error {
-			cl, err := client(c)
+			vm, err := getJSON[api.VM](c, "/v1/vm")
 			if err != nil {
 				return err
-			}
-			cx, cancel := ctx()
-			defer cancel()
-			var vm api.VM
-			if err := cl.Get(cx, "/v1/vm", &vm); err != nil {
-				return cli.Exit(err.Error(), 1)
 			}
 			if c.Bool("json") {
 				return printJSON(vm)
@@ -84,15 +94,9 @@ func vcpusCommand() *cli.Command {
 		Usage: "print each vCPU's registers, fresh",
 		Flags: []cli.Flag{apiFlag, vmFlag, jsonFlag},
 		Action: func(c *cli.Context) error {
-			cl, err := client(c)
+			cpus, err := getJSON[[]api.VCPU](c, "/v1/vcpus")
 			if err != nil {
 				return err
-			}
-			cx, cancel := ctx()
-			defer cancel()
-			var cpus []api.VCPU
-			if err := cl.Get(cx, "/v1/vcpus", &cpus); err != nil {
-				return cli.Exit(err.Error(), 1)
 			}
 			if c.Bool("json") {
 				return printJSON(cpus)
