@@ -62,6 +62,21 @@ func (l *Live) ReadAt(p []byte, gpa int64) (int, error) {
 	return l.memfd.readAt(l.vm.Pid(), l.slots(), p, gpa)
 }
 
+// ReadBatch does many small reads in few system calls (see BatchReader).
+// Where guest RAM is a memfd mapping, reads are plain copies already.
+func (l *Live) ReadBatch(reqs []PhysReq) {
+	pid, rs := l.vm.Pid(), l.slots()
+	if l.memfd.mapped(pid, rs) {
+		for i := range reqs {
+			if _, err := l.ReadAt(reqs[i].Buf, int64(reqs[i].GPA)); err != nil {
+				reqs[i].Err = err
+			}
+		}
+		return
+	}
+	readBatchRanges(pid, rs, reqs)
+}
+
 // WriteAt writes guest physical memory (only with allowWrite).
 func (l *Live) WriteAt(p []byte, gpa int64) (int, error) {
 	if !l.write {

@@ -373,3 +373,20 @@ func (l *Live) Close() error {
 	l.memfd.close()
 	return nil
 }
+
+// mapped reports whether any range of rs is read from a memfd mapping.
+func (m *memfdRAM) mapped(pid int, rs []procRange) bool {
+	m.mu.RLock()
+	if !m.current(pid, rs) {
+		m.mu.RUnlock()
+		m.refresh(pid, rs)
+		m.mu.RLock()
+	}
+	defer m.mu.RUnlock()
+	for _, v := range m.views {
+		if v.data != nil {
+			return true
+		}
+	}
+	return false
+}

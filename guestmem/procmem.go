@@ -105,3 +105,58 @@ func procIO(pid int, hva uint64, b []byte, write bool) error {
 	}
 	return nil
 }
+
+// iovMax is the most ranges one process_vm_readv takes (UIO_MAXIOV).
+const iovMax = 1024
+
+// readBatchRanges does reqs from process pid through the sorted ranges rs,
+// up to iovMax reads per process_vm_readv. A read that spans ranges, or
+// that a call did not complete, is retried alone so its error is precise.
+func readBatchRanges(pid int, rs []procRange, reqs []PhysReq) {
+	var single []int
+	local := make([]unix.Iovec, 0, iovMax)
+	remote := make([]unix.RemoteIovec, 0, iovMax)
+	var batch []int
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		n, _ := unix.ProcessVMReadv(pid, local, remote, 0)
+		// The kernel stops at the first range it cannot read: the reads
+		// before it are complete.
+		for _, i := range batch {
+			if n >= len(reqs[i].Buf) {
+				n -= len(reqs[i].Buf)
+				continue
+			}
+			n = 0
+			single = append(single, i)
+		}
+		local, remote, batch = local[:0], remote[:0], batch[:0]
+	}
+	for i := range reqs {
+		r := &reqs[i]
+		if len(r.Buf) == 0 {
+			continue
+		}
+		rg, ok := findRange(rs, r.GPA)
+		if !ok || r.GPA+uint64(len(r.Buf)) > rg.GPA+rg.Size || pid == 0 {
+			single = append(single, i)
+			continue
+		}
+		iov := unix.Iovec{Base: &r.Buf[0]}
+		iov.SetLen(len(r.Buf))
+		local = append(local, iov)
+		remote = append(remote, unix.RemoteIovec{Base: uintptr(rg.HVA + r.GPA - rg.GPA), Len: len(r.Buf)})
+		batch = append(batch, i)
+		if len(batch) == iovMax {
+			flush()
+		}
+	}
+	flush()
+	for _, i := range single {
+		if _, err := readRanges(pid, rs, reqs[i].Buf, int64(reqs[i].GPA)); err != nil {
+			reqs[i].Err = err
+		}
+	}
+}

@@ -154,6 +154,27 @@ func (t *TCG) io(p []byte, gpa int64, write bool) (int, error) {
 	return n, err
 }
 
+// ReadBatch does many small reads in few system calls (see BatchReader).
+func (t *TCG) ReadBatch(reqs []PhysReq) {
+	rs, err := t.memoryMap(false)
+	if err != nil || t.memfd.mapped(t.pid(), rs) {
+		for i := range reqs {
+			if _, err := t.ReadAt(reqs[i].Buf, int64(reqs[i].GPA)); err != nil {
+				reqs[i].Err = err
+			}
+		}
+		return
+	}
+	readBatchRanges(t.pid(), rs, reqs)
+	// A hole may mean a stale map: ReadAt refreshes it and retries.
+	for i := range reqs {
+		var hole *HoleError
+		if errors.As(reqs[i].Err, &hole) {
+			_, reqs[i].Err = t.ReadAt(reqs[i].Buf, int64(reqs[i].GPA))
+		}
+	}
+}
+
 // ioRanges reads through a memfd mapping where there is one; writes always
 // go through process_vm_writev (our mapping is read-only).
 func (t *TCG) ioRanges(rs []procRange, p []byte, gpa int64, write bool) (int, error) {

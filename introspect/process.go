@@ -77,6 +77,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		parent uint64
 	}
 	var parents []parentOf
+	var jobs []cmdlineJob
 	tgids := map[uint64]int{} // task -> tgid
 	// Walk init_task's tasks list (for_each_process) with the reads that
 	// fetch each task's members: each task's bytes hold its tasks links,
@@ -107,8 +108,11 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		if p.TGID >= 0 {
 			tgids[cur] = p.TGID
 		}
+		// Command lines are read after the walk, all together (one
+		// batched read per page-table level for every process).
+		job, hasJob := cmdlineJob{}, false
 		if !opts.NoCmdline {
-			p.Cmdline = r.cmdline(cur, b)
+			job, hasJob = r.cmdlineJob(b)
 		}
 		var threads []Process
 		if threadsKnown {
@@ -130,7 +134,6 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 					if parent, ok := r.field(tb, off.TaskRealParent, 8); ok {
 						parents = append(parents, parentOf{len(out) + 1 + len(threads), parent})
 					}
-					tp.Cmdline = p.Cmdline
 					threads = append(threads, tp)
 				})
 				// A task exiting while we look may have a broken
@@ -147,6 +150,10 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		}
 		for i := range threads {
 			threads[i].Threads = p.Threads
+		}
+		if hasJob {
+			job.i, job.n = len(out), 1+len(threads)
+			jobs = append(jobs, job)
 		}
 		out = append(out, p)
 		out = append(out, threads...)
@@ -168,6 +175,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	if pr := r.u64(initB, off.TaskTasks.Value+8); pr != cur+lo {
 		return nil, fmt.Errorf("processes: tasks list at %#x: head's prev %#x is not the last node %#x", head, pr, cur+lo)
 	}
+	r.readCmdlines(out, jobs)
 	// PPid is the tgid of real_parent, most often a task seen above.
 	if off.TaskTGID.Known() {
 		for _, p := range parents {
@@ -373,39 +381,63 @@ func (r *taskReader) process(task uint64, b []byte) Process {
 	return p
 }
 
-// cmdline reads argv from mm->arg_start..arg_end through the process's own
-// page tables (proc_pid_cmdline_read without the setproctitle cases).
-func (r *taskReader) cmdline(task uint64, b []byte) []string {
+// cmdlineJob is a command line to read: argv of the process at out[i]
+// (and its n-1 threads after it) lies at start..start+len in the address
+// space whose top page table is at pgd.
+type cmdlineJob struct {
+	i, n       int
+	pgd, start uint64
+	len        uint64
+}
+
+// cmdlineJob finds where a task's argv is: mm->arg_start..arg_end
+// (proc_pid_cmdline_read without the setproctitle cases).
+func (r *taskReader) cmdlineJob(b []byte) (cmdlineJob, bool) {
 	o := r.off
 	if !o.TaskMM.Known() || !o.MMPgd.Known() || !o.MMArgStart.Known() || !o.MMArgEnd.Known() {
-		return nil
+		return cmdlineJob{}, false
 	}
 	mm, _ := r.field(b, o.TaskMM, 8)
 	if mm == 0 {
-		return nil
+		return cmdlineJob{}, false
 	}
 	pa, ok := r.pgds[mm]
 	if !ok || pa == 0 {
-		return nil
+		return cmdlineJob{}, false
 	}
 	var args [16]byte
 	if err := r.k.ReadVirt(args[:], mm+uint64(o.MMArgStart.Value)); err != nil || o.MMArgEnd.Value != o.MMArgStart.Value+8 {
-		return nil
+		return cmdlineJob{}, false
 	}
 	start, end := le64(args[:], 0), le64(args[:], 8)
 	if end <= start || start >= r.k.userTop() {
-		return nil
+		return cmdlineJob{}, false
 	}
-	n := min(end-start, maxCmdline)
-	buf := make([]byte, n)
-	// A few pages of one process: read single entries, not whole tables.
-	as := guestmem.NewWalker(r.k.userMemory(), pa, r.k.Levels)
-	got, _ := as.ReadAt(buf, int64(start))
-	if got == 0 {
-		return nil
+	return cmdlineJob{pgd: pa, start: start, len: min(end-start, maxCmdline)}, true
+}
+
+// readCmdlines reads the command lines of jobs through each process's own
+// page tables, all processes together: a walk per process, but one batched
+// read per page-table level (a system call for a live guest) for all of
+// them. Pages that are not present leave the command line short or nil.
+func (r *taskReader) readCmdlines(out []Process, jobs []cmdlineJob) {
+	if len(jobs) == 0 {
+		return
 	}
-	buf = bytes.TrimRight(buf[:got], "\x00")
-	return splitArgs(buf)
+	reqs := make([]guestmem.VirtReq, len(jobs))
+	for i, j := range jobs {
+		reqs[i] = guestmem.VirtReq{Root: j.pgd, VA: j.start, Buf: make([]byte, j.len)}
+	}
+	guestmem.ReadVirtBatch(r.k.userMemory(), r.k.Levels, reqs)
+	for i, j := range jobs {
+		if reqs[i].N == 0 {
+			continue
+		}
+		args := splitArgs(bytes.TrimRight(reqs[i].Buf[:reqs[i].N], "\x00"))
+		for k := j.i; k < j.i+j.n && k < len(out); k++ {
+			out[k].Cmdline = args
+		}
+	}
 }
 
 func splitArgs(b []byte) []string {

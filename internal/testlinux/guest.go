@@ -83,6 +83,22 @@ func findQEMU() (string, error) {
 // waits until the guest has printed its process table. The guest then
 // idles: its user processes stay as listed until Close.
 func Boot(ctx context.Context, opts Options) (*Guest, error) {
+	g, err := boot(ctx, opts)
+	if errors.Is(err, errGuestEnded) && ctx.Err() == nil {
+		// A TCG guest on an overloaded host now and then panics early
+		// (timer calibration) and, with -no-reboot, ends QEMU. That is
+		// the host, not the code under test: boot once more, and let a
+		// second failure stand.
+		fmt.Fprintf(os.Stderr, "testlinux: guest ended early, booting it again: %v\n", err)
+		return boot(ctx, opts)
+	}
+	return g, err
+}
+
+// errGuestEnded marks a boot whose QEMU exited before the guest was ready.
+var errGuestEnded = errors.New("the guest ended before it was ready")
+
+func boot(ctx context.Context, opts Options) (*Guest, error) {
 	if opts.Kernel == "" {
 		return nil, errors.New("testlinux: Options.Kernel is empty")
 	}
@@ -189,7 +205,7 @@ func (g *Guest) waitReady(ctx context.Context, timeout time.Duration) error {
 			return fmt.Errorf("boot guest: no %s on the serial console after %v; serial ends with:\n%s",
 				markPSEnd, timeout, tail(g.Serial(), 2000))
 		case <-g.exited:
-			return fmt.Errorf("boot guest: QEMU exited (%v); stderr:\n%s\nserial ends with:\n%s",
+			return fmt.Errorf("boot guest: %w: QEMU exited (%v); stderr:\n%s\nserial ends with:\n%s", errGuestEnded,
 				g.waitErr, tail(g.stderrText(), 2000), tail(g.Serial(), 2000))
 		case <-tick.C:
 			s := g.Serial()
