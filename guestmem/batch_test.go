@@ -26,7 +26,7 @@ func TestReadVirtBatch(t *testing.T) {
 		{Root: b.root, VA: kva + 0xff8, Buf: make([]byte, 16)}, // crosses pages
 		{Root: b.root, VA: kva2 + 0xabcde, Buf: make([]byte, 6)},
 		{Root: b.root | 0x7, VA: kva, Buf: make([]byte, 4096)},
-		{Root: b.root, VA: uva, Buf: make([]byte, 8)}, // not mapped
+		{Root: b.root, VA: uva, Buf: make([]byte, 8)},           // not mapped
 		{Root: b.root, VA: kva + 0x1ff0, Buf: make([]byte, 32)}, // second page mapped, third not
 	}
 	ReadVirtBatch(b.mem, 4, reqs)
