@@ -179,7 +179,13 @@ func testCore(t *testing.T, kernel, sysmap string, pti bool) {
 			t.Logf("KASLR slide %#x", slide)
 		}
 		cpu := cpus[0]
-		as := NewAddressSpace(c, KernelCR3(cpu.CR3), cpu.Paging())
+		// The vCPU's CR3 may be a user process's PGD; without PTI (gokrazy)
+		// its kernel half is still right, with PTI the kernel half of the
+		// pair is: KernelAddressSpace tries both.
+		as, err := KernelAddressSpace(c, cpu.CR3, cpu.Paging(), ks["linux_banner"])
+		if err != nil {
+			t.Fatal(err)
+		}
 		banner := make([]byte, 64)
 		if _, err := as.ReadAt(banner, int64(ks["linux_banner"])); err != nil {
 			t.Fatal(err)

@@ -325,6 +325,9 @@ func validComm(b []byte) (name string, ok, printable bool) {
 type candidate struct {
 	off  int
 	vals []uint64
+	// misses counts the tasks that break the constraint where a few may
+	// (task_struct.flags: user-mode helpers among kthreadd's children).
+	misses int
 }
 
 func offsList(c []candidate) string {

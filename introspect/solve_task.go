@@ -398,13 +398,53 @@ func (s *solver) solveFlags() error {
 	if !s.off.TaskMM.Known() {
 		return fmt.Errorf("needs task_struct.mm")
 	}
+	// Strictly first: every kernel thread has the bit. Only if no offset
+	// passes that, allow a few user-mode helpers among kthreadd's
+	// children; tolerance from the start would let other fields through.
+	cands, err := s.flagsCandidates(0)
+	if err != nil {
+		return err
+	}
+	how := fmt.Sprintf("PF_KTHREAD (%#x) set in init_task and the %d kernel threads, clear in every user task with an mm", pfKthread, len(s.kthreads))
+	if len(cands) == 0 {
+		if cands, err = s.flagsCandidates(maxHelperMisses(len(s.kthreads))); err != nil {
+			return err
+		}
+		// Of the offsets that pass, the one that misses fewest kernel
+		// threads, if it alone does.
+		best, tie := -1, false
+		for i, c := range cands {
+			switch {
+			case best < 0 || c.misses < cands[best].misses:
+				best, tie = i, false
+			case c.misses == cands[best].misses:
+				tie = true
+			}
+		}
+		if best >= 0 && !tie {
+			cands = cands[best : best+1]
+		}
+		how = fmt.Sprintf("PF_KTHREAD (%#x) set in init_task, kthreadd and all but %d of the %d kernel threads (user-mode helpers caught before exec), fewest misses of any offset, clear in every user task with an mm", pfKthread, cands[0].misses, len(s.kthreads))
+	}
+	c, err := one("task_struct.flags", cands)
+	if err != nil {
+		return err
+	}
+	s.off.TaskFlags = solved(c.off, how)
+	return nil
+}
+
+// flagsCandidates lists the offsets where PF_KTHREAD is set in init_task,
+// kthreadd and all but at most misses of the other kernel threads, and
+// clear in every user task with an mm.
+func (s *solver) flagsCandidates(misses int) ([]candidate, error) {
 	var cands []candidate
 	for o := 0; o+4 <= s.minWindow(); o += 4 {
 		if err := s.charge(len(s.tasks) + 1); err != nil {
-			return err
+			return nil, err
 		}
 		ok := true
-		misses := 0
+		missed := 0
 		for i, t := range s.kthreads {
 			v := le32(t.b, o)
 			if v&0xffff0000 == 0xffff0000 {
@@ -412,12 +452,9 @@ func (s *solver) solveFlags() error {
 				break
 			}
 			if v&pfKthread == 0 {
-				// init_task and kthreadd (the first two) must have
-				// it. A few children of kthreadd may be user-mode
-				// helpers (modprobe, hotplug) caught between fork and
-				// exec: kthreadd's children, but not kernel threads.
-				misses++
-				if i < 2 || misses > maxHelperMisses(len(s.kthreads)) {
+				// init_task and kthreadd (the first two) must have it.
+				missed++
+				if i < 2 || missed > misses {
 					ok = false
 					break
 				}
@@ -438,15 +475,10 @@ func (s *solver) solveFlags() error {
 			}
 		}
 		if ok && users > 0 {
-			cands = append(cands, candidate{off: o})
+			cands = append(cands, candidate{off: o, misses: missed})
 		}
 	}
-	c, err := one("task_struct.flags", cands)
-	if err != nil {
-		return err
-	}
-	s.off.TaskFlags = solved(c.off, fmt.Sprintf("PF_KTHREAD (%#x) set in init_task and the %d kernel threads, clear in every user task with an mm", pfKthread, len(s.kthreads)))
-	return nil
+	return cands, nil
 }
 
 // validState reports whether v can be a task's state: TASK_RUNNING (0), or
