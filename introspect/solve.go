@@ -49,6 +49,9 @@ var ErrBudget = errors.New("solver read budget exhausted (memory looks crafted t
 // (include/linux/sched.h; the value has not changed since 2.6.27).
 const pfKthread = 0x00200000
 
+// pfIdle is PF_IDLE (include/linux/sched.h, since 4.12): set on idle tasks.
+const pfIdle = 0x00000002
+
 // solver holds what is known while the offsets are being solved.
 type solver struct {
 	k    *Kernel

@@ -426,12 +426,41 @@ func (s *solver) solveFlags() error {
 		}
 		how = fmt.Sprintf("PF_KTHREAD (%#x) set in init_task, kthreadd and all but %d of the %d kernel threads (user-mode helpers caught before exec), fewest misses of any offset, clear in every user task with an mm", pfKthread, cands[0].misses, len(s.kthreads))
 	}
+	if len(cands) > 1 {
+		// A field can mirror PF_KTHREAD; the idle task tells them apart:
+		// init_task is CPU 0's idle task, the only task in the list with
+		// PF_IDLE (init_idle, since 4.12).
+		var idle []candidate
+		for _, c := range cands {
+			if s.idleOnlyInInit(c.off) {
+				idle = append(idle, c)
+			}
+		}
+		if len(idle) > 0 {
+			cands = idle
+			how += "; PF_IDLE set in init_task only"
+		}
+	}
 	c, err := one("task_struct.flags", cands)
 	if err != nil {
 		return err
 	}
 	s.off.TaskFlags = solved(c.off, how)
 	return nil
+}
+
+// idleOnlyInInit reports whether PF_IDLE is set at offset o in init_task
+// and in no other task.
+func (s *solver) idleOnlyInInit(o int) bool {
+	if le32(s.init.b, o)&pfIdle == 0 {
+		return false
+	}
+	for _, t := range s.tasks {
+		if t != s.init && le32(t.b, o)&pfIdle != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // flagsCandidates lists the offsets where PF_KTHREAD is set in init_task,
