@@ -25,6 +25,11 @@ func ReadBatch(mem Memory, reqs []PhysReq) {
 		b.ReadBatch(reqs)
 		return
 	}
+	readEach(mem, reqs)
+}
+
+// readEach does reqs one ReadAt at a time.
+func readEach(mem Memory, reqs []PhysReq) {
 	for i := range reqs {
 		if _, err := mem.ReadAt(reqs[i].Buf, int64(reqs[i].GPA)); err != nil {
 			reqs[i].Err = err

@@ -67,11 +67,7 @@ func (l *Live) ReadAt(p []byte, gpa int64) (int, error) {
 func (l *Live) ReadBatch(reqs []PhysReq) {
 	pid, rs := l.vm.Pid(), l.slots()
 	if l.memfd.mapped(pid, rs) {
-		for i := range reqs {
-			if _, err := l.ReadAt(reqs[i].Buf, int64(reqs[i].GPA)); err != nil {
-				reqs[i].Err = err
-			}
-		}
+		readEach(l, reqs)
 		return
 	}
 	readBatchRanges(pid, rs, reqs)

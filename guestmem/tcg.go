@@ -158,11 +158,7 @@ func (t *TCG) io(p []byte, gpa int64, write bool) (int, error) {
 func (t *TCG) ReadBatch(reqs []PhysReq) {
 	rs, err := t.memoryMap(false)
 	if err != nil || t.memfd.mapped(t.pid(), rs) {
-		for i := range reqs {
-			if _, err := t.ReadAt(reqs[i].Buf, int64(reqs[i].GPA)); err != nil {
-				reqs[i].Err = err
-			}
-		}
+		readEach(t, reqs)
 		return
 	}
 	readBatchRanges(t.pid(), rs, reqs)
