@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testguest"
 	"github.com/kvmscope/kvmscope/tracer"
 )
@@ -50,21 +51,14 @@ type guestOptions struct {
 	cmdline string // the guest's command line ("" spins)
 }
 
-// needKVMGuest skips when QEMU or KVM is missing (or fails when CI says KVM
-// must be there) and returns the QEMU binary and the built tiny guest.
+// needKVMGuest runs the test only where QEMU and KVM are (the gate defers
+// it to the nested-KVM lab otherwise) and returns the QEMU binary and the
+// built tiny guest.
 func needKVMGuest(tb testing.TB) (qemu, kernel string) {
 	tb.Helper()
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		tb.Skip("qemu-system-x86_64 not installed (run 'just setup')")
-	}
-	if err := testguest.KVMAvailable(); err != nil {
-		if os.Getenv("KVMSCOPE_REQUIRE_KVM") == "1" {
-			tb.Fatalf("KVMSCOPE_REQUIRE_KVM=1 but %v", err)
-		}
-		tb.Skipf("needs /dev/kvm: %v", err)
-	}
-	kernel, err = testguest.Build()
+	testenv.Require(tb, testenv.QEMU, testenv.KVM)
+	qemu, _ = exec.LookPath("qemu-system-x86_64")
+	kernel, err := testguest.Build()
 	if err != nil {
 		tb.Fatalf("build tiny guest: %v", err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
@@ -350,14 +351,12 @@ func TestDiscoverGokrazy(t *testing.T) { testDiscover(t, testlinux.Gokrazy, nil,
 
 // TestDiscoverDebian612 boots Debian's 6.12 cloud kernel (bookworm's
 // linux-image-6.12.*-cloud-amd64): the 6.4+ kallsyms layout with a
-// relative base and absolute per-CPU symbols. It is not fetched by
-// scripts/fetch-guests.sh yet; put its vmlinuz in
-// <guests>/debian-6.12/vmlinuz to run this test.
+// relative base and absolute per-CPU symbols. scripts/fetch-guests.sh
+// fetches it.
 func TestDiscoverDebian612(t *testing.T) {
 	kernel := func(p testlinux.Paths) string { return filepath.Join(p.Dir, "debian-6.12", "vmlinuz") }
-	if _, err := os.Stat(kernel(testlinux.Require(t))); err != nil {
-		t.Skipf("no Debian 6.12 kernel: %v (apt-get download 'linux-image-6.12.*+deb12-cloud-amd64', dpkg-deb -x, copy boot/vmlinuz-*)", err)
-	}
+	_, err := os.Stat(kernel(testlinux.Require(t)))
+	testenv.Check(t, testenv.Guests, err)
 	testDiscover(t, kernel, nil, "", true)
 }
 

@@ -9,6 +9,8 @@
 #   debian/config        debian/config its .config: for cross-checks in
 #                        tests only; kvmscope never reads them
 #   debian/version       the package name and version
+#   debian/modules/      a few of its modules: three small ones for the
+#                        lsmod tests; irqbypass, kvm, kvm-amd for the lab
 #   gokrazy/vmlinuz      github.com/gokrazy/kernel.amd64@latest (Linux 7.x, no BTF)
 #   gokrazy/version      the module version
 #   initramfs.cpio.gz    busybox (from busybox-static) with scripts/initramfs/init
@@ -52,7 +54,7 @@ debian_pkg() {
 
 fetch_debian() {
 	local d=$dest/debian
-	if [ -s "$d/vmlinuz" ] && [ -s "$d/System.map" ] && [ -s "$d/config" ] && [ -s "$d/modules/dummy.ko" ]; then
+	if [ -s "$d/vmlinuz" ] && [ -s "$d/System.map" ] && [ -s "$d/config" ] && [ -s "$d/modules/dummy.ko" ] && [ -s "$d/modules/kvm-amd.ko" ]; then
 		log "debian: have $(cat "$d/version" 2>/dev/null)"
 		return
 	fi
@@ -76,6 +78,11 @@ fetch_debian() {
 	# lsmod against the guest's /proc/modules.
 	mkdir -p "$d/modules"
 	for m in drivers/net/dummy.ko lib/crc7.ko lib/crc-itu-t.ko; do
+		cp "$work"/deb/lib/modules/*/kernel/$m "$d/modules/"
+	done
+	# KVM itself, for the nested-KVM lab (internal/kvmlab): this kernel
+	# boots as L1 under TCG with SVM and loads them to offer /dev/kvm.
+	for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
 		cp "$work"/deb/lib/modules/*/kernel/$m "$d/modules/"
 	done
 	# The image package's System.map is a placeholder; the real one is

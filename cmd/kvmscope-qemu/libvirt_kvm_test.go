@@ -14,6 +14,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/internal/launch"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testguest"
 )
 
@@ -48,13 +49,8 @@ func kvmDomainXML(name, kernel, firmware string, vcpus int) string {
 // captures QEMU's vCPU fds and memslots while QEMU runs as libvirt-qemu in
 // libvirt's private /dev, and reads the guest's memory and registers.
 func TestLibvirtKVMDomain(t *testing.T) {
+	testenv.Require(t, testenv.QEMU, testenv.KVM)
 	needLibvirt(t)
-	if err := testguest.KVMAvailable(); err != nil {
-		if os.Getenv("KVMSCOPE_REQUIRE_KVM") == "1" {
-			t.Fatalf("KVMSCOPE_REQUIRE_KVM=1 but %v", err)
-		}
-		t.Skipf("needs /dev/kvm: %v", err)
-	}
 	elf, err := testguest.Build()
 	if err != nil {
 		t.Fatalf("build the tiny guest: %v", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/internal/launch"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
@@ -37,10 +39,11 @@ var (
 // needLibvirt prepares libvirt (once) or skips.
 func needLibvirt(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("libvirt tests need root (libvirtd runs QEMU as libvirt-qemu)")
+	// libvirtd runs QEMU as libvirt-qemu: the tests need root.
+	testenv.Require(t, testenv.Root, testenv.QEMU)
+	if testenv.InLab() {
+		testenv.Check(t, testenv.Libvirt, errors.New("L1 has no libvirt packages; its initramfs carries only QEMU"))
 	}
-	needQEMU(t)
 	libvirtOnce.Do(func() {
 		running := map[string]bool{}
 		for _, d := range []string{"virtlogd", "libvirtd"} {
@@ -56,12 +59,7 @@ func needLibvirt(t *testing.T) {
 			libvirtErr = fmt.Errorf("scripts/setup-libvirt.sh --start: %v\n%s", err, out)
 		}
 	})
-	if libvirtErr != nil {
-		if os.Getenv("KVMSCOPE_REQUIRE_LIBVIRT") == "1" {
-			t.Fatalf("KVMSCOPE_REQUIRE_LIBVIRT=1 but libvirt setup failed: %v", libvirtErr)
-		}
-		t.Skipf("libvirt not installable or not startable here: %v", libvirtErr)
-	}
+	testenv.Check(t, testenv.Libvirt, libvirtErr)
 }
 
 // forgetCapabilities removes libvirt's cached capabilities of the test's

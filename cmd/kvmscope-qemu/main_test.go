@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 )
 
 // The tests here run the real kvmscope-qemu and kvmscope binaries against
@@ -37,10 +38,16 @@ func TestMain(m *testing.M) {
 	binDir = dir
 	wrapperBin = filepath.Join(dir, "kvmscope-qemu")
 	kvmscopeBin = filepath.Join(dir, "kvmscope")
-	for bin, pkg := range map[string]string{wrapperBin: ".", kvmscopeBin: "../kvmscope"} {
-		if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)
-			os.Exit(1)
+	if lab := os.Getenv("KVMSCOPE_BIN_DIR"); lab != "" {
+		// Inside the nested-KVM lab, which has no Go: built beforehand.
+		wrapperBin = filepath.Join(lab, "kvmscope-qemu")
+		kvmscopeBin = filepath.Join(lab, "kvmscope")
+	} else {
+		for bin, pkg := range map[string]string{wrapperBin: ".", kvmscopeBin: "../kvmscope"} {
+			if out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput(); err != nil {
+				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)
+				os.Exit(1)
+			}
 		}
 	}
 	code := m.Run()
@@ -53,10 +60,8 @@ func TestMain(m *testing.M) {
 // needQEMU skips when qemu-system-x86_64 is not installed.
 func needQEMU(t *testing.T) string {
 	t.Helper()
-	p, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("qemu-system-x86_64 not installed (run 'just setup')")
-	}
+	testenv.Require(t, testenv.QEMU)
+	p, _ := exec.LookPath("qemu-system-x86_64")
 	return p
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testguest"
 )
 
@@ -25,19 +26,12 @@ import (
 // in the same run; each benchmark reports both and their ratio as metrics.
 
 // benchGuest returns QEMU and the built tiny guest, skipping when QEMU or
-// KVM is missing (failing when KVMSCOPE_REQUIRE_KVM=1).
+// KVM is missing (the gate defers it to the nested-KVM lab).
 func benchGuest(b *testing.B) (qemu, kernel string) {
 	b.Helper()
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		b.Skip("qemu-system-x86_64 not installed (run 'just setup')")
-	}
-	if err := testguest.KVMAvailable(); err != nil {
-		if os.Getenv("KVMSCOPE_REQUIRE_KVM") == "1" {
-			b.Fatalf("KVMSCOPE_REQUIRE_KVM=1 but %v", err)
-		}
-		b.Skipf("needs /dev/kvm: %v", err)
-	}
+	testenv.Require(b, testenv.QEMU, testenv.KVM)
+	qemu, _ = exec.LookPath("qemu-system-x86_64")
+	var err error
 	if kernel, err = testguest.Build(); err != nil {
 		b.Fatalf("build tiny guest: %v", err)
 	}

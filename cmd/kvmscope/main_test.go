@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 )
 
 // The tests here run the real kvmscope binary against real QEMU.
@@ -26,8 +27,10 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	kvmscopeBin = filepath.Join(dir, "kvmscope")
-	out, err := exec.Command("go", "build", "-o", kvmscopeBin, ".").CombinedOutput()
-	if err != nil {
+	if lab := os.Getenv("KVMSCOPE_BIN_DIR"); lab != "" {
+		// Inside the nested-KVM lab, which has no Go: built beforehand.
+		kvmscopeBin = filepath.Join(lab, "kvmscope")
+	} else if out, err := exec.Command("go", "build", "-o", kvmscopeBin, ".").CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build kvmscope: %v\n%s", err, out)
 		os.Exit(1)
 	}
@@ -39,10 +42,8 @@ func TestMain(m *testing.M) {
 // needQEMU skips when qemu-system-x86_64 is not installed.
 func needQEMU(t *testing.T) string {
 	t.Helper()
-	p, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		t.Skip("qemu-system-x86_64 not installed (run 'just setup')")
-	}
+	testenv.Require(t, testenv.QEMU)
+	p, _ := exec.LookPath("qemu-system-x86_64")
 	return p
 }
 

@@ -16,20 +16,16 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testguest"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
-// needKVM skips a test when KVM cannot be used here, or fails it when CI
-// said KVM must be there (KVMSCOPE_REQUIRE_KVM=1).
+// needKVM runs the test only where QEMU and KVM are (the gate defers it
+// to the nested-KVM lab otherwise).
 func needKVM(t *testing.T) {
 	t.Helper()
-	if err := testguest.KVMAvailable(); err != nil {
-		if os.Getenv("KVMSCOPE_REQUIRE_KVM") == "1" {
-			t.Fatalf("KVMSCOPE_REQUIRE_KVM=1 but %v", err)
-		}
-		t.Skipf("needs /dev/kvm: %v", err)
-	}
+	testenv.Require(t, testenv.QEMU, testenv.KVM)
 }
 
 // tinyGuest returns QEMU args for the tiny guest under KVM.
@@ -448,18 +444,15 @@ func TestStopContHonoured(t *testing.T) {
 // (here: nobody, in group kvm, as libvirt-qemu is) runs a VM under it and
 // reads it.
 func TestUnprivileged(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to become another user")
-	}
-	needKVM(t)
+	testenv.Require(t, testenv.Root, testenv.QEMU, testenv.KVM)
 	kvmGroup, err := user.LookupGroup("kvm")
 	if err != nil {
-		t.Skipf("no kvm group (scripts/setup.sh creates it): %v", err)
+		t.Fatalf("no kvm group (scripts/setup.sh creates it): %v", err)
 	}
 	gid, _ := strconv.Atoi(kvmGroup.Gid)
 	var st syscall.Stat_t
 	if syscall.Stat("/dev/kvm", &st) != nil || int(st.Gid) != gid || st.Mode&0o060 != 0o060 {
-		t.Skip("/dev/kvm is not group kvm rw (scripts/setup.sh sets it)")
+		t.Fatal("/dev/kvm is not group kvm rw (scripts/setup.sh sets it)")
 	}
 	elf, err := testguest.Build()
 	if err != nil {

@@ -3,26 +3,18 @@ package testguest
 import (
 	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
-)
 
-func needBinutils(t *testing.T) {
-	t.Helper()
-	for _, tool := range []string{"as", "ld", "objcopy"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("skipping: %s not installed (Debian package binutils): %v", tool, err)
-		}
-	}
-}
+	"github.com/kvmscope/kvmscope/internal/testenv"
+)
 
 // TestBuildIntoFreshCache builds into an empty cache from several goroutines
 // at once: all get the same checked file and no temporary directory is left.
 func TestBuildIntoFreshCache(t *testing.T) {
-	needBinutils(t)
+	testenv.Require(t, testenv.Binutils)
 	src, err := sourceDir()
 	if err != nil {
 		t.Fatal(err)
@@ -73,7 +65,7 @@ func TestBuildIntoFreshCache(t *testing.T) {
 // TestCheckLayoutRejects: a guest whose layout drifted from the constants is
 // refused, as is the ELF64 intermediate.
 func TestCheckLayoutRejects(t *testing.T) {
-	needBinutils(t)
+	testenv.Require(t, testenv.Binutils)
 	src, err := sourceDir()
 	if err != nil {
 		t.Fatal(err)

@@ -10,7 +10,7 @@
 //
 //	kernel, err := testguest.Build()
 //	if err != nil { t.Fatal(err) }
-//	if err := testguest.KVMAvailable(); err != nil { t.Skip(err) }
+//	testenv.Require(t, testenv.QEMU, testenv.KVM) // internal/testenv
 //	args := testguest.KernelArgs(kernel, 1, "kvm", "")
 //	cmd := exec.Command("qemu-system-x86_64", args...)
 //

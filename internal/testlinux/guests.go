@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"testing"
+
+	"github.com/kvmscope/kvmscope/internal/testenv"
 )
 
 // Paths are the files scripts/fetch-guests.sh fetches.
@@ -64,16 +66,15 @@ func Guests() (Paths, error) {
 	return p, nil
 }
 
-// Require returns the guest paths, or skips the test with the reason when
-// the guests have not been fetched or QEMU is not installed.
+// Require returns the guest paths; the gate (internal/testenv) skips the
+// test, and records why, when the guests have not been fetched or QEMU is
+// not installed.
 func Require(t testing.TB) Paths {
 	t.Helper()
+	testenv.Require(t, testenv.QEMU, testenv.Guests)
 	p, err := Guests()
 	if err != nil {
-		t.Skip(err)
-	}
-	if _, err := findQEMU(); err != nil {
-		t.Skip(err)
+		t.Fatal(err)
 	}
 	return p
 }

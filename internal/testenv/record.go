@@ -1,0 +1,68 @@
+package testenv
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+)
+
+// An Entry is one line of the run record: where one test ran and why.
+type Entry struct {
+	// Dir is the test binary's working directory: its package's source
+	// directory, as go test runs it.
+	Dir   string `json:"dir"`
+	Test  string `json:"test"`
+	Needs []Need `json:"needs"`
+	// Where is Native, Lab, Deferred, Skipped or NotRun.
+	Where  string `json:"where"`
+	Reason string `json:"reason,omitempty"`
+}
+
+type entry = Entry
+
+// write appends e to $KVMSCOPE_RECORD when it is set. Each entry is one
+// short write to a file opened O_APPEND, so the test binaries of one
+// `go test ./...` that run at once never interleave within a line.
+func write(e Entry) {
+	path := os.Getenv(EnvRecord)
+	if path == "" {
+		return
+	}
+	b, err := json.Marshal(e)
+	if err != nil {
+		panic(err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		// The record is how CI knows a test ran: losing it must not pass.
+		panic(fmt.Sprintf("testenv: open the run record: %v", err))
+	}
+	defer f.Close()
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		panic(fmt.Sprintf("testenv: write the run record: %v", err))
+	}
+}
+
+// ReadRecord reads a run record file. A missing file is an empty record.
+func ReadRecord(path string) ([]Entry, error) {
+	f, err := os.Open(path)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []Entry
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		var e Entry
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			return nil, fmt.Errorf("%s:%d: %v", path, n, err)
+		}
+		out = append(out, e)
+	}
+	return out, sc.Err()
+}
