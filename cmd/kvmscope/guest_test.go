@@ -9,29 +9,39 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
-// TestGuestLinux boots real Linux guests under `kvmscope run` (TCG) and
-// checks that `kvmscope ps` agrees with the guest's own /proc table,
-// process for process, live and from a dump of the same guest; and that
-// kernel, offsets and lsmod work on both.
+// TestGuestLinux boots real Linux guests under `kvmscope run`, on TCG and
+// on KVM, and checks that `kvmscope ps` agrees with the guest's own /proc
+// table, process for process, live and from a dump of the same guest; that
+// every vCPU's registers are a running kernel's; and that kernel, offsets
+// and lsmod work on both.
 func TestGuestLinux(t *testing.T) {
 	p := testlinux.Require(t)
 	for _, tc := range []struct {
 		name   string
 		kernel string
 		btf    bool
+		accel  string
 	}{
-		{"debian-6.1", p.DebianKernel, true},
-		{"gokrazy-7.x", p.GokrazyKernel, false},
+		{"debian-6.1", p.DebianKernel, true, "tcg"},
+		{"gokrazy-7.x", p.GokrazyKernel, false, "tcg"},
+		{"debian-6.1-kvm", p.DebianKernel, true, "kvm"},
+		{"gokrazy-7.x-kvm", p.GokrazyKernel, false, "kvm"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.accel == "kvm" {
+				// KVM that boots Linux: hardware, or the nested lab.
+				testenv.Require(t, testenv.FastKVM)
+			}
 			sock := filepath.Join(t.TempDir(), "api.sock")
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 			defer cancel()
 			g, err := testlinux.Boot(ctx, testlinux.Options{
 				Kernel:  tc.kernel,
+				Accel:   tc.accel,
 				Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
 			})
 			if err != nil {
@@ -41,6 +51,7 @@ func TestGuestLinux(t *testing.T) {
 
 			live := psJSON(t, "--api", sock)
 			checkPS(t, "live", live, g.PS())
+			checkVCPUs(t, sock, g, tc.accel)
 
 			// The kernel and where each offset came from.
 			out, errOut, code := kvmscope(t, "kernel", "--api", sock, "--json")
@@ -146,5 +157,48 @@ func checkPS(t *testing.T, what string, ours []api.Process, guest []testlinux.Pr
 		if !o.KThread && o.PID != 0 && !inGuest[o.PID] {
 			t.Errorf("%s: we list user process %d %q the guest does not", what, o.PID, o.Comm)
 		}
+	}
+}
+
+// checkVCPUs: `kvmscope vcpus` gives each vCPU's registers, fresh, from the
+// source the accelerator implies (kvm_run sync regs on KVM, QMP on TCG).
+// The guest idles, so its vCPUs are in 64-bit mode with the kernel's page
+// tables, at least one of them in kernel text ([_text, _etext) from the
+// guest's own /proc/kallsyms); none is anywhere else but user space.
+func checkVCPUs(t *testing.T, sock string, g *testlinux.Guest, accel string) {
+	t.Helper()
+	out, errOut, code := kvmscope(t, "vcpus", "--api", sock, "--json")
+	if code != 0 {
+		t.Fatalf("kvmscope vcpus: %s", errOut)
+	}
+	var cpus []api.VCPU
+	if err := json.Unmarshal([]byte(out), &cpus); err != nil {
+		t.Fatalf("vcpus --json: %v\n%s", err, out)
+	}
+	ks := g.Kallsyms()
+	text, etext := ks["_text"], ks["_etext"]
+	if text == 0 || etext <= text {
+		t.Fatalf("guest kallsyms: _text %#x _etext %#x", text, etext)
+	}
+	if len(cpus) != 2 {
+		t.Fatalf("%d vCPUs, want 2: %s", len(cpus), out)
+	}
+	inText := 0
+	for _, c := range cpus {
+		rip := uint64(c.RIP)
+		switch {
+		case rip >= text && rip < etext:
+			inText++
+		case rip < 1<<47:
+			// A vCPU caught in user space.
+		default:
+			t.Errorf("%s: vCPU %d RIP %#x is neither kernel text [%#x, %#x) nor user space", accel, c.ID, rip, text, etext)
+		}
+		if c.Mode != "long" || uint64(c.CR3) == 0 {
+			t.Errorf("%s: vCPU %d mode %q CR3 %#x, want long mode with page tables", accel, c.ID, c.Mode, uint64(c.CR3))
+		}
+	}
+	if inText == 0 {
+		t.Errorf("%s: no vCPU in kernel text [%#x, %#x): %s", accel, text, etext, out)
 	}
 }

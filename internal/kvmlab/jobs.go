@@ -2,7 +2,6 @@ package kvmlab
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -12,11 +11,15 @@ import (
 )
 
 // Deferred turns the entries of a run record that the gate deferred to the
-// lab into jobs: per package, one job for its tests and one for its
-// benchmarks, each running the deferred top-level tests (a deferred subtest
-// runs with its parent).
+// lab into jobs: per package, one job for its deferred top-level tests, one
+// per test whose gate deferred only some subtests (running just those: the
+// others ran on the host already), and one for its benchmarks.
 func Deferred(repo, module string, entries []testenv.Entry) ([]Job, error) {
-	tests := map[string]map[string]bool{}
+	type pkgTests struct {
+		whole map[string]bool            // top-level tests deferred whole
+		subs  map[string]map[string]bool // top-level test -> deferred subtests
+	}
+	pkgs := map[string]*pkgTests{}
 	for _, e := range entries {
 		if e.Where != testenv.Deferred {
 			continue
@@ -29,51 +32,66 @@ func Deferred(repo, module string, entries []testenv.Entry) ([]Job, error) {
 		if rel != "." {
 			pkg += "/" + filepath.ToSlash(rel)
 		}
-		if tests[pkg] == nil {
-			tests[pkg] = map[string]bool{}
+		p := pkgs[pkg]
+		if p == nil {
+			p = &pkgTests{whole: map[string]bool{}, subs: map[string]map[string]bool{}}
+			pkgs[pkg] = p
 		}
-		tests[pkg][strings.SplitN(e.Test, "/", 2)[0]] = true
+		top, sub, _ := strings.Cut(e.Test, "/")
+		if sub == "" {
+			p.whole[top] = true
+			continue
+		}
+		if p.subs[top] == nil {
+			p.subs[top] = map[string]bool{}
+		}
+		// The first level is enough: deeper subtests run with theirs.
+		p.subs[top][strings.SplitN(sub, "/", 2)[0]] = true
 	}
 	var jobs []Job
-	for pkg, names := range tests {
+	for pkg, p := range pkgs {
 		var ts, bs []string
-		for n := range names {
+		for n := range p.whole {
 			if strings.HasPrefix(n, "Benchmark") {
 				bs = append(bs, regexp.QuoteMeta(n))
 			} else {
 				ts = append(ts, regexp.QuoteMeta(n))
 			}
 		}
-		sort.Strings(ts)
-		sort.Strings(bs)
 		if len(ts) > 0 {
-			jobs = append(jobs, Job{Package: pkg, Run: "^(" + strings.Join(ts, "|") + ")$"})
+			jobs = append(jobs, Job{Package: pkg, Run: alternatives(ts)})
 		}
 		if len(bs) > 0 {
-			jobs = append(jobs, Job{Package: pkg, Run: "^$", Bench: "^(" + strings.Join(bs, "|") + ")$"})
+			jobs = append(jobs, Job{Package: pkg, Run: "^$", Bench: alternatives(bs)})
+		}
+		for top, subs := range p.subs {
+			if p.whole[top] {
+				continue
+			}
+			var ss []string
+			for s := range subs {
+				ss = append(ss, regexp.QuoteMeta(s))
+			}
+			pat := alternatives([]string{regexp.QuoteMeta(top)}) + "/" + alternatives(ss)
+			if strings.HasPrefix(top, "Benchmark") {
+				jobs = append(jobs, Job{Package: pkg, Run: "^$", Bench: pat})
+			} else {
+				jobs = append(jobs, Job{Package: pkg, Run: pat})
+			}
 		}
 	}
 	sort.Slice(jobs, func(i, j int) bool {
-		if jobs[i].Package != jobs[j].Package {
-			return jobs[i].Package < jobs[j].Package
-		}
-		return jobs[i].Bench < jobs[j].Bench
+		a, b := jobs[i], jobs[j]
+		return a.Package+"\x00"+a.Run+"\x00"+a.Bench < b.Package+"\x00"+b.Run+"\x00"+b.Bench
 	})
 	return jobs, nil
 }
 
-// ModulePath reads the module path from repo/go.mod.
-func ModulePath(repo string) (string, error) {
-	b, err := os.ReadFile(filepath.Join(repo, "go.mod"))
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) == 2 && f[0] == "module" {
-			return f[1], nil
-		}
-	}
-	return "", fmt.Errorf("%s/go.mod: no module line", repo)
+// alternatives is a -test.run pattern matching exactly the names given
+// (each already quoted).
+func alternatives(names []string) string {
+	sort.Strings(names)
+	return "^(" + strings.Join(names, "|") + ")$"
 }
 
 // A Verdict is one top-level test of a lab run, as the host reports it.

@@ -30,7 +30,7 @@ func repoRoot(t *testing.T) (repo, module string) {
 		t.Fatal(err)
 	}
 	repo = filepath.Join(wd, "..", "..") // this is internal/kvmlab
-	module, err = ModulePath(repo)
+	module, err = testenv.ModulePath(repo)
 	if err != nil {
 		t.Fatal(err)
 	}

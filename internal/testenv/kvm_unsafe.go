@@ -101,7 +101,7 @@ func timeProbe() (time.Duration, error) {
 	copy(mem[0xffd0:], loop)
 	copy(mem[0xfff0:], []byte{0xeb, 0xde}) // jmp 0xffd0
 	region := struct {
-		slot, flags                    uint32
+		slot, flags                   uint32
 		guestPhys, memSize, userspace uint64
 	}{0, 0, base, size, uint64(uintptr(unsafe.Pointer(&mem[0])))}
 	if _, err := ioctl(vm, kvmSetUserMemoryRegion, uintptr(unsafe.Pointer(&region))); err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 )
 
 // An Entry is one line of the run record: where one test ran and why.
@@ -65,4 +66,18 @@ func ReadRecord(path string) ([]Entry, error) {
 		out = append(out, e)
 	}
 	return out, sc.Err()
+}
+
+// ModulePath reads the module path from repo/go.mod.
+func ModulePath(repo string) (string, error) {
+	b, err := os.ReadFile(repo + "/go.mod")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "module" {
+			return f[1], nil
+		}
+	}
+	return "", fmt.Errorf("%s/go.mod: no module line", repo)
 }

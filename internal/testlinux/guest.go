@@ -35,6 +35,8 @@ type Options struct {
 	ExtraArgs []string
 	// Timeout bounds the wait for the guest's process table; default 90 s.
 	Timeout time.Duration
+	// Accel is QEMU's accelerator, "tcg" (the default) or "kvm".
+	Accel string
 }
 
 // Proc is one process as the guest itself lists it in /proc.
@@ -79,7 +81,7 @@ func findQEMU() (string, error) {
 	return p, nil
 }
 
-// Boot starts QEMU with TCG on opts.Kernel and the busybox initramfs, and
+// Boot starts QEMU (TCG unless opts.Accel says kvm) on opts.Kernel and the busybox initramfs, and
 // waits until the guest has printed its process table. The guest then
 // idles: its user processes stay as listed until Close.
 func Boot(ctx context.Context, opts Options) (*Guest, error) {
@@ -140,8 +142,11 @@ func boot(ctx context.Context, opts Options) (*Guest, error) {
 	if opts.Append != "" {
 		appendLine += " " + opts.Append
 	}
+	if opts.Accel == "" {
+		opts.Accel = "tcg"
+	}
 	args := []string{
-		"-accel", "tcg",
+		"-accel", opts.Accel,
 		"-machine", "pc",
 		"-m", strconv.Itoa(opts.MemMB),
 		"-smp", strconv.Itoa(opts.SMP),
