@@ -31,6 +31,10 @@ test: setup
     test -z "$(gofmt -l $(git ls-files '*.go'))" || { gofmt -l $(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
     scripts/test.sh
 
+# Run KVM tests in the nested-KVM lab even where /dev/kvm works (docs/testing.md): just lab ./cmd/kvmscope '^TestKVMCapture$'
+lab pkg="./..." run=".": setup
+    scripts/lab.sh {{pkg}} '{{run}}'
+
 # libvirt integration tests (root: installs and starts libvirtd; test-only domains).
 libvirt:
     scripts/setup-libvirt.sh --start

@@ -9,8 +9,8 @@
 #   debian/config        debian/config its .config: for cross-checks in
 #                        tests only; kvmscope never reads them
 #   debian/version       the package name and version
-#   debian/modules/      a few of its modules: three small ones for the
-#                        lsmod tests; irqbypass, kvm, kvm-amd for the lab
+#   debian/modules/      three small modules of it, for the lsmod tests
+#   debian/kvm-modules/  its irqbypass, kvm and kvm-amd, for the nested-KVM lab
 #   gokrazy/vmlinuz      github.com/gokrazy/kernel.amd64@latest (Linux 7.x, no BTF)
 #   gokrazy/version      the module version
 #   initramfs.cpio.gz    busybox (from busybox-static) with scripts/initramfs/init
@@ -54,7 +54,7 @@ debian_pkg() {
 
 fetch_debian() {
 	local d=$dest/debian
-	if [ -s "$d/vmlinuz" ] && [ -s "$d/System.map" ] && [ -s "$d/config" ] && [ -s "$d/modules/dummy.ko" ] && [ -s "$d/modules/kvm-amd.ko" ]; then
+	if [ -s "$d/vmlinuz" ] && [ -s "$d/System.map" ] && [ -s "$d/config" ] && [ -s "$d/modules/dummy.ko" ] && [ -s "$d/kvm-modules/kvm-amd.ko" ]; then
 		log "debian: have $(cat "$d/version" 2>/dev/null)"
 		return
 	fi
@@ -82,8 +82,10 @@ fetch_debian() {
 	done
 	# KVM itself, for the nested-KVM lab (internal/kvmlab): this kernel
 	# boots as L1 under TCG with SVM and loads them to offer /dev/kvm.
+	# Apart from modules/, which the lsmod tests load in every guest.
+	mkdir -p "$d/kvm-modules"
 	for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
-		cp "$work"/deb/lib/modules/*/kernel/$m "$d/modules/"
+		cp "$work"/deb/lib/modules/*/kernel/$m "$d/kvm-modules/"
 	done
 	# The image package's System.map is a placeholder; the real one is
 	# near the start of the (large) -dbg package: stop reading at it.

@@ -33,7 +33,7 @@ func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*
 		guests = filepath.Join(cfg.Repo, ".cache", "guests")
 	}
 	kernel := filepath.Join(guests, "debian", "vmlinuz")
-	modules := filepath.Join(guests, "debian", "modules")
+	modules := filepath.Join(guests, "debian", "kvm-modules")
 	for _, f := range []string{kernel, filepath.Join(modules, "kvm-amd.ko")} {
 		if _, err := os.Stat(f); err != nil {
 			return nil, fmt.Errorf("%s missing: run `just guests` (scripts/fetch-guests.sh)", f)
