@@ -3,11 +3,11 @@ package tracer
 // KVM ioctl numbers and structure layouts for x86-64.
 // See include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h.
 const (
-	kvmGetAPIVersion            = 0xae00
-	kvmCreateVM                 = 0xae01
-	kvmGetVCPUMmapSize          = 0xae04
-	kvmCreateVCPU               = 0xae41
-	kvmSetUserMemoryRegion      = 0x4020ae46
+	KVMGetAPIVersion            = 0xae00
+	KVMCreateVM                 = 0xae01
+	KVMGetVCPUMmapSize          = 0xae04
+	KVMCreateVCPU               = 0xae41
+	KVMSetUserMemoryRegion      = 0x4020ae46
 	kvmSetUserMemoryRegion2     = 0x40a0ae49
 	kvmMemLogDirtyPages         = 1 << 0
 	kvmMemReadonly              = 1 << 1
@@ -17,18 +17,18 @@ const (
 	kvmSyncX86Events            = 1 << 2
 	kvmRunValidRegsOffset       = 288 // offsetof(struct kvm_run, kvm_valid_regs)
 	kvmRunSyncRegsOffset        = 304 // offsetof(struct kvm_run, s.regs)
-	kvmRunExitReasonOffset      = 8
+	KVMRunExitReasonOffset      = 8
 	kvmUserspaceMemoryRegionLen = 32 // the prefix shared by region and region2
 )
 
 // IoctlName names the KVM ioctls the tracer traps.
 func IoctlName(cmd uint32) string {
 	switch cmd {
-	case kvmCreateVM:
+	case KVMCreateVM:
 		return "KVM_CREATE_VM"
-	case kvmCreateVCPU:
+	case KVMCreateVCPU:
 		return "KVM_CREATE_VCPU"
-	case kvmSetUserMemoryRegion:
+	case KVMSetUserMemoryRegion:
 		return "KVM_SET_USER_MEMORY_REGION"
 	case kvmSetUserMemoryRegion2:
 		return "KVM_SET_USER_MEMORY_REGION2"

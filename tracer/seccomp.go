@@ -20,7 +20,7 @@ const (
 )
 
 // trappedIoctls are the ioctl commands that stop in the tracer.
-var trappedIoctls = []uint32{kvmCreateVM, kvmCreateVCPU, kvmSetUserMemoryRegion, kvmSetUserMemoryRegion2}
+var trappedIoctls = []uint32{KVMCreateVM, KVMCreateVCPU, KVMSetUserMemoryRegion, kvmSetUserMemoryRegion2}
 
 // buildFilter assembles the seccomp filter: RET_TRACE for ioctl calls whose
 // command is one of cmds, RET_ALLOW for everything else. Non-x86-64 system

@@ -50,15 +50,15 @@ func TestFilter(t *testing.T) {
 		data []byte
 		want uint32
 	}{
-		{"KVM_CREATE_VM", seccompData(unix.SYS_IOCTL, auditArchX8664, 3, kvmCreateVM), unix.SECCOMP_RET_TRACE},
-		{"KVM_CREATE_VCPU", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, kvmCreateVCPU, 1), unix.SECCOMP_RET_TRACE},
-		{"KVM_SET_USER_MEMORY_REGION", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, kvmSetUserMemoryRegion), unix.SECCOMP_RET_TRACE},
+		{"KVM_CREATE_VM", seccompData(unix.SYS_IOCTL, auditArchX8664, 3, KVMCreateVM), unix.SECCOMP_RET_TRACE},
+		{"KVM_CREATE_VCPU", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, KVMCreateVCPU, 1), unix.SECCOMP_RET_TRACE},
+		{"KVM_SET_USER_MEMORY_REGION", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, KVMSetUserMemoryRegion), unix.SECCOMP_RET_TRACE},
 		{"KVM_SET_USER_MEMORY_REGION2", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, kvmSetUserMemoryRegion2), unix.SECCOMP_RET_TRACE},
-		{"high bits ignored", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, 0xffffffff00000000|kvmCreateVCPU), unix.SECCOMP_RET_TRACE},
+		{"high bits ignored", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, 0xffffffff00000000|KVMCreateVCPU), unix.SECCOMP_RET_TRACE},
 		{"KVM_RUN", seccompData(unix.SYS_IOCTL, auditArchX8664, 9, 0xae80), unix.SECCOMP_RET_ALLOW},
 		{"TCGETS", seccompData(unix.SYS_IOCTL, auditArchX8664, 0, unix.TCGETS), unix.SECCOMP_RET_ALLOW},
-		{"read", seccompData(unix.SYS_READ, auditArchX8664, 3, kvmCreateVM), unix.SECCOMP_RET_ALLOW},
-		{"i386 ABI", seccompData(54, 0x40000003, 3, kvmCreateVM), unix.SECCOMP_RET_ALLOW},
+		{"read", seccompData(unix.SYS_READ, auditArchX8664, 3, KVMCreateVM), unix.SECCOMP_RET_ALLOW},
+		{"i386 ABI", seccompData(54, 0x40000003, 3, KVMCreateVM), unix.SECCOMP_RET_ALLOW},
 	}
 	for _, tc := range cases {
 		got, err := vm.Run(tc.data)

@@ -273,7 +273,7 @@ func (t *Tracer) seccompStop(tid int) error {
 		return cont(tid, 0)
 	}
 	pc := pendingCall{fd: uint32(si.Args[0]), cmd: uint32(si.Args[1]), arg: si.Args[2]}
-	if pc.cmd == kvmSetUserMemoryRegion || pc.cmd == kvmSetUserMemoryRegion2 {
+	if pc.cmd == KVMSetUserMemoryRegion || pc.cmd == kvmSetUserMemoryRegion2 {
 		b := make([]byte, kvmUserspaceMemoryRegionLen)
 		if err := readTask(tid, pc.arg, b); err != nil {
 			cont(tid, 0)
@@ -302,11 +302,11 @@ func (t *Tracer) syscallExitStop(tid int) error {
 		t.cfg.Log.Debug().Str("ioctl", IoctlName(pc.cmd)).Int64("ret", si.Rval).Msg("trapped ioctl failed")
 	} else {
 		switch pc.cmd {
-		case kvmCreateVM:
+		case KVMCreateVM:
 			t.vm.created(tid, int(si.Rval))
-		case kvmCreateVCPU:
+		case KVMCreateVCPU:
 			t.vm.vcpuCreated(tid, int(pc.fd), int(pc.arg), int(si.Rval))
-		case kvmSetUserMemoryRegion, kvmSetUserMemoryRegion2:
+		case KVMSetUserMemoryRegion, kvmSetUserMemoryRegion2:
 			t.vm.memslotSet(int(pc.fd), pc.region)
 		}
 	}

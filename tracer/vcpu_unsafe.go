@@ -30,7 +30,7 @@ func vcpuMmapSize() int {
 			return
 		}
 		defer unix.Close(fd)
-		n, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), kvmGetVCPUMmapSize, 0)
+		n, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), KVMGetVCPUMmapSize, 0)
 		if errno == 0 && n >= 4096 && n <= 1<<20 {
 			mmapSize = int(n)
 		}
@@ -67,7 +67,7 @@ func (r *kvmRun) requestSyncRegs() {
 
 // exitReason is kvm_run->exit_reason of the last exit.
 func (r *kvmRun) exitReason() uint32 {
-	return *(*uint32)(unsafe.Pointer(&r.mem[kvmRunExitReasonOffset]))
+	return *(*uint32)(unsafe.Pointer(&r.mem[KVMRunExitReasonOffset]))
 }
 
 // syncRegs copies the registers KVM last stored. The copy is consistent

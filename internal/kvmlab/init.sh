@@ -39,10 +39,10 @@ say "KVMLAB-KVM ok"
 export HOME=/root TMPDIR=/tmp KVMSCOPE_IN_LAB=1 KVMSCOPE_RECORD=/lab/record.jsonl \
 	KVMSCOPE_BIN_DIR=/lab/bin KVMSCOPE_CACHE=/lab/cache
 : >/lab/record.jsonl
-# A job line: NAME DIR BINARY TIMEOUT RUN BENCH ENV ('-' for none).
-while read -r name dir bin timeout run bench env; do
+# A job line: NAME DIR BINARY TIMEOUT RUN BENCH BENCHTIME ENV ('-' for none).
+while read -r name dir bin timeout run bench benchtime env; do
 	set -- -test.v=test2json -test.count=1 -test.timeout="$timeout" -test.run="$run"
-	[ "$bench" = - ] || set -- "$@" -test.bench="$bench" -test.benchmem
+	[ "$bench" = - ] || set -- "$@" -test.bench="$bench" -test.benchtime="$benchtime"
 	[ "$env" = - ] && env=
 	say "KVMLAB-BEGIN $name"
 	(cd "$dir" && exec env $(echo "$env" | tr ',' ' ') "/lab/bin/$bin" "$@") >$res 2>&1 </dev/null

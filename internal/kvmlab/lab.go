@@ -36,8 +36,9 @@ type Job struct {
 	Package string
 	// Run is the -test.run pattern, e.g. ^(TestKVMCapture|TestDaemonize)$.
 	Run string
-	// Bench, when set, is the -test.bench pattern.
-	Bench string
+	// Bench, when set, is the -test.bench pattern, and BenchTime its
+	// -test.benchtime (default 1s).
+	Bench, BenchTime string
 	// Env is added to the test binary's environment (KEY=VALUE, no spaces
 	// or commas).
 	Env []string
@@ -61,6 +62,8 @@ type Config struct {
 	// itself; CPU overrides -cpu (default EPYC,+svm,+npt).
 	NoKVM bool
 	CPU   string
+	// Kernel overrides L1's kernel (default: Debian's, from `just guests`).
+	Kernel string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
 }
@@ -86,6 +89,8 @@ type Report struct {
 	// Console is the path of L1's console log.
 	Console string
 	Took    time.Duration
+	// PID was L1's QEMU, gone (with its process group) when Run returns.
+	PID int
 }
 
 // Failed reports whether any job failed.
@@ -203,7 +208,7 @@ wait:
 
 	raw, _ := os.ReadFile(results)
 	parsed := parseResults(raw)
-	run := &Report{Console: console, Took: took, Record: parsed.record}
+	run := &Report{Console: console, Took: took, Record: parsed.record, PID: cmd.Process.Pid}
 	for i, j := range cfg.Jobs {
 		res := Result{Job: j, ExitCode: -1}
 		if s, ok := parsed.jobs[jobName(i)]; ok {

@@ -1,11 +1,13 @@
 package kvmlab
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +23,9 @@ const (
 	envOut = "KVMSCOPE_LAB_OUT"
 	// envCanary makes TestCanary fail ("fail") or panic ("panic").
 	envCanary = "KVMSCOPE_LAB_CANARY"
+	// envBenchTime is the -test.benchtime of deferred benchmarks
+	// (scripts/bench.sh: 1x, as on the host).
+	envBenchTime = "KVMSCOPE_LAB_BENCHTIME"
 )
 
 func repoRoot(t *testing.T) (repo, module string) {
@@ -68,15 +73,27 @@ func TestLab(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := outDir(t, repo, "run")
-	for _, f := range []string{"record.jsonl", "events.json"} {
+	for _, f := range []string{"record.jsonl", "events.json", "output.txt"} {
 		os.Remove(filepath.Join(out, f))
 	}
 	if len(jobs) == 0 {
 		t.Log("no test was deferred to the lab: KVM runs here")
 		return
 	}
-	for _, j := range jobs {
-		t.Logf("job: %s -test.run %s -test.bench %s", j.Package, j.Run, j.Bench)
+	// The benchmarks' knobs (KVMSCOPE_BENCH_REPS, ...) reach L1 too.
+	var env []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "KVMSCOPE_BENCH_") {
+			env = append(env, kv)
+		}
+	}
+	for i := range jobs {
+		jobs[i].Env = append(jobs[i].Env, env...)
+		if jobs[i].Bench != "" {
+			jobs[i].BenchTime = os.Getenv(envBenchTime)
+			jobs[i].Timeout = 45 * time.Minute
+		}
+		t.Logf("job: %s -test.run %s -test.bench %s %v", jobs[i].Package, jobs[i].Run, jobs[i].Bench, jobs[i].Env)
 	}
 	rep, err := Run(context.Background(), Config{Repo: repo, Work: out, Jobs: jobs, Log: os.Stderr})
 	if rep != nil {
@@ -102,11 +119,19 @@ func TestLab(t *testing.T) {
 	}
 }
 
-// save writes the lab's run record and its events (go test -json lines,
-// with the packages' own import paths) into dir.
+// save writes the lab's run record, its events (go test -json lines, with
+// the packages' own import paths) and the test binaries' plain output (for
+// scripts/bench.sh to read benchmark lines from) into dir.
 func save(t *testing.T, dir string, rep *Report) {
 	t.Helper()
 	if err := os.WriteFile(filepath.Join(dir, "record.jsonl"), rep.Record, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var plain []byte
+	for _, res := range rep.Results {
+		plain = append(plain, bytes.ReplaceAll(res.Raw, []byte{0x16}, nil)...) // test2json's marker
+	}
+	if err := os.WriteFile(filepath.Join(dir, "output.txt"), plain, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	f, err := os.Create(filepath.Join(dir, "events.json"))
@@ -177,6 +202,10 @@ func TestLabPropagatesFailures(t *testing.T) {
 	if rep.Results[1].ExitCode != 2 {
 		t.Errorf("a panicking test binary exited %d in L1, want 2", rep.Results[1].ExitCode)
 	}
+	// Nothing of L1 is left running.
+	if err := syscall.Kill(-rep.PID, 0); err != syscall.ESRCH {
+		t.Errorf("L1's process group %d after the run: kill 0 = %v, want ESRCH", rep.PID, err)
+	}
 }
 
 // TestLabNoKVM boots L1 on a CPU without SVM: kvm-amd cannot load, and the
@@ -191,6 +220,26 @@ func TestLabNoKVM(t *testing.T) {
 	})
 	if err == nil || !strings.HasPrefix(err.Error(), "kvmlab: L1 has no /dev/kvm: insmod kvm-amd.ko") || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("lab on a CPU without SVM: %v; want one line starting \"kvmlab: L1 has no /dev/kvm: insmod kvm-amd.ko\"", err)
+	}
+	t.Log(err)
+}
+
+// TestLabNoBoot gives L1 a kernel that is no kernel: the lab must say in
+// one line that L1 did not boot, naming the console log.
+func TestLabNoBoot(t *testing.T) {
+	testenv.Require(t, testenv.QEMU, testenv.Guests)
+	t.Parallel()
+	repo, module := repoRoot(t)
+	bogus := filepath.Join(t.TempDir(), "vmlinuz")
+	if err := os.WriteFile(bogus, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Run(context.Background(), Config{
+		Repo: repo, Work: outDir(t, repo, "noboot"), Timeout: 5 * time.Minute, Kernel: bogus,
+		Jobs: []Job{{Package: module + "/internal/kvmlab", Run: "^TestCanary$", Env: []string{envCanary + "=fail"}}},
+	})
+	if err == nil || !strings.HasPrefix(err.Error(), "kvmlab: L1 did not boot") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("lab with a bogus kernel: %v; want one line starting \"kvmlab: L1 did not boot\"", err)
 	}
 	t.Log(err)
 }

@@ -33,6 +33,9 @@ func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*
 		guests = filepath.Join(cfg.Repo, ".cache", "guests")
 	}
 	kernel := filepath.Join(guests, "debian", "vmlinuz")
+	if cfg.Kernel != "" {
+		kernel = cfg.Kernel
+	}
 	modules := filepath.Join(guests, "debian", "kvm-modules")
 	for _, f := range []string{kernel, filepath.Join(modules, "kvm-amd.ko")} {
 		if _, err := os.Stat(f); err != nil {
@@ -144,8 +147,8 @@ func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*
 		if err != nil {
 			return nil, err
 		}
-		fmt.Fprintf(&jobs, "%s %s %s %s %s %s %s\n", jobName(i), dir, testBinary(j.Package),
-			orDefault(j.Timeout.String(), "10m0s"), orDash(j.Run), orDash(j.Bench), orDash(strings.Join(j.Env, ",")))
+		fmt.Fprintf(&jobs, "%s %s %s %s %s %s %s %s\n", jobName(i), dir, testBinary(j.Package),
+			orDefault(j.Timeout.String(), "10m0s"), orDash(j.Run), orDash(j.Bench), orDefault(j.BenchTime, "1s"), orDash(strings.Join(j.Env, ",")))
 	}
 	s.file("lab/jobs", jobs.Bytes(), 0o644)
 	if s.err != nil {
@@ -188,7 +191,7 @@ func orDash(s string) string {
 }
 
 func orDefault(s, d string) string {
-	if s == "0s" {
+	if s == "0s" || s == "" {
 		return d
 	}
 	return s

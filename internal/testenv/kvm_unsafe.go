@@ -9,15 +9,18 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kvmscope/kvmscope/tracer"
 )
 
-// KVM ioctls and exit reasons, from include/uapi/linux/kvm.h.
+// The tracer's KVM ioctl numbers, and what it never needs itself (from
+// include/uapi/linux/kvm.h).
 const (
-	kvmGetAPIVersion       = 0xae00
-	kvmCreateVM            = 0xae01
-	kvmGetVCPUMmapSize     = 0xae04
-	kvmCreateVCPU          = 0xae41
-	kvmSetUserMemoryRegion = 0x4020ae46
+	kvmGetAPIVersion       = tracer.KVMGetAPIVersion
+	kvmCreateVM            = tracer.KVMCreateVM
+	kvmGetVCPUMmapSize     = tracer.KVMGetVCPUMmapSize
+	kvmCreateVCPU          = tracer.KVMCreateVCPU
+	kvmSetUserMemoryRegion = tracer.KVMSetUserMemoryRegion
 	kvmRun                 = 0xae80
 	kvmAPIVersion          = 12
 	kvmExitHLT             = 5
@@ -127,8 +130,7 @@ func timeProbe() (time.Duration, error) {
 		if _, err := ioctl(vcpu, kvmRun, 0); err != nil && !errors.Is(err, unix.EINTR) {
 			return 0, fmt.Errorf("KVM_RUN: %w", err)
 		}
-		// struct kvm_run: exit_reason is the u32 at offset 8.
-		switch reason := *(*uint32)(unsafe.Pointer(&run[8])); reason {
+		switch reason := *(*uint32)(unsafe.Pointer(&run[tracer.KVMRunExitReasonOffset])); reason {
 		case kvmExitHLT:
 			return time.Since(start), nil
 		case kvmExitIntr:

@@ -46,7 +46,12 @@ func write(e Entry) {
 }
 
 // ReadRecord reads a run record file. A missing file is an empty record.
-func ReadRecord(path string) ([]Entry, error) {
+func ReadRecord(path string) ([]Entry, error) { return ReadJSONLines[Entry](path) }
+
+// ReadJSONLines reads a file of JSON values, one a line, as the run record
+// and go test -json write them. Lines that are not JSON objects (a tool's
+// own messages in between) are passed over; a missing file holds none.
+func ReadJSONLines[T any](path string) ([]T, error) {
 	f, err := os.Open(path)
 	if os.IsNotExist(err) {
 		return nil, nil
@@ -55,15 +60,19 @@ func ReadRecord(path string) ([]Entry, error) {
 		return nil, err
 	}
 	defer f.Close()
-	var out []Entry
+	var out []T
 	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
 	for n := 1; sc.Scan(); n++ {
-		var e Entry
-		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+		line := sc.Bytes()
+		if len(line) == 0 || line[0] != '{' {
+			continue
+		}
+		var v T
+		if err := json.Unmarshal(line, &v); err != nil {
 			return nil, fmt.Errorf("%s:%d: %v", path, n, err)
 		}
-		out = append(out, e)
+		out = append(out, v)
 	}
 	return out, sc.Err()
 }

@@ -7,7 +7,6 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -15,6 +14,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -65,7 +65,7 @@ func run(hostEvents, hostRecord, labEvents, labRecord, labStep, out string, requ
 	}
 	var evs []event
 	for _, f := range []string{hostEvents, labStep, labEvents} {
-		e, err := readEvents(f)
+		e, err := testenv.ReadJSONLines[event](f)
 		if err != nil {
 			return err
 		}
@@ -122,6 +122,15 @@ func run(hostEvents, hostRecord, labEvents, labRecord, labStep, out string, requ
 			}
 		}
 		r.Verdict = verdict[key(e)]
+		// A test may pass the gate more than once (a helper's own
+		// Require): its needs are all of them, and a decision not to run
+		// stands.
+		if prev := rows[key(e)]; prev != nil {
+			r.Needs = union(prev.Needs, r.Needs)
+			if prev.Where != testenv.Native && prev.Where != testenv.Lab {
+				r.Where, r.Reason = prev.Where, prev.Reason
+			}
+		}
 		rows[key(e)] = r
 	}
 	// Tests only the lab saw (their gate is in a subtest the host never
@@ -209,32 +218,6 @@ func run(hostEvents, hostRecord, labEvents, labRecord, labStep, out string, requ
 	return errors.Join(errs...)
 }
 
-func readEvents(path string) ([]event, error) {
-	f, err := os.Open(path)
-	if os.IsNotExist(err) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var evs []event
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 16<<20)
-	for sc.Scan() {
-		line := sc.Bytes()
-		if len(line) == 0 || line[0] != '{' {
-			continue // go test's own lines (build errors) are in its output
-		}
-		var e event
-		if err := json.Unmarshal(line, &e); err != nil {
-			return nil, fmt.Errorf("%s: %v", path, err)
-		}
-		evs = append(evs, e)
-	}
-	return evs, sc.Err()
-}
-
 // skipReason is the line before "--- SKIP" in a skipped test's output.
 func skipReason(out string) string {
 	lines := strings.Split(strings.TrimSpace(out), "\n")
@@ -244,6 +227,16 @@ func skipReason(out string) string {
 		}
 	}
 	return strings.TrimSpace(lines[len(lines)-1])
+}
+
+func union(a, b []testenv.Need) []testenv.Need {
+	out := append([]testenv.Need(nil), a...)
+	for _, n := range b {
+		if !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 func tail(s string, n int) string {
