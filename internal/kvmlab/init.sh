@@ -11,7 +11,10 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# The root file system is already in RAM and writable; a tmpfs on /tmp
+# would hide a repository that lives under /tmp on the host.
+mkdir -p /tmp
+chmod 1777 /tmp
 res=/dev/ttyS1
 stty -F $res raw -echo 115200 2>/dev/null
 say() { echo "$*" >$res; }
