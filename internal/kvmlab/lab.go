@@ -64,6 +64,11 @@ type Config struct {
 	CPU   string
 	// Kernel overrides L1's kernel (default: Debian's, from `just guests`).
 	Kernel string
+	// ICount, when set, runs L1 with -icount ICOUNT (e.g.
+	// "shift=0,sleep=off"): L1's clock then counts the instructions TCG
+	// executes, so times measured inside L1 no longer depend on how busy
+	// the host is (benchmarks).
+	ICount string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
 }
@@ -159,6 +164,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		"-kernel", p.kernel, "-initrd", p.initrd, "-append", appendLine,
 		"-serial", "file:" + console, "-serial", "file:" + results,
 		"-no-reboot",
+	}
+	if cfg.ICount != "" {
+		args = append(args, "-icount", cfg.ICount)
 	}
 	cmd := exec.Command(qemu, args...)
 	var stderr bytes.Buffer

@@ -26,6 +26,8 @@ const (
 	// envBenchTime is the -test.benchtime of deferred benchmarks
 	// (scripts/bench.sh: 1x, as on the host).
 	envBenchTime = "KVMSCOPE_LAB_BENCHTIME"
+	// envICount runs L1 with -icount (Config.ICount).
+	envICount = "KVMSCOPE_LAB_ICOUNT"
 )
 
 func repoRoot(t *testing.T) (repo, module string) {
@@ -95,7 +97,7 @@ func TestLab(t *testing.T) {
 		}
 		t.Logf("job: %s -test.run %s -test.bench %s %v", jobs[i].Package, jobs[i].Run, jobs[i].Bench, jobs[i].Env)
 	}
-	rep, err := Run(context.Background(), Config{Repo: repo, Work: out, Jobs: jobs, Log: os.Stderr})
+	rep, err := Run(context.Background(), Config{Repo: repo, Work: out, Jobs: jobs, Log: os.Stderr, ICount: os.Getenv(envICount)})
 	if rep != nil {
 		save(t, out, rep)
 	}
