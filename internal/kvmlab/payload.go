@@ -85,6 +85,15 @@ func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*
 	for _, l := range libs {
 		s.copyAt(l)
 	}
+	// strace, when installed, for the benchmarks' every-syscall contrast.
+	if strace, err := exec.LookPath("strace"); err == nil {
+		s.copyAt(strace)
+		if libs, err := sharedLibs(strace); err == nil {
+			for _, l := range libs {
+				s.copyAt(l)
+			}
+		}
+	}
 	for _, d := range []string{"/usr/share/qemu", "/usr/share/seabios"} {
 		s.tree(d, d)
 	}
