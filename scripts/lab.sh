@@ -16,5 +16,5 @@ rec=$PWD/.cache/lab-record-in.jsonl
 rm -f "$rec"
 echo "lab: host side: go test -run '$run' $pkg (KVM tests deferred)" >&2
 KVMSCOPE_LAB=1 KVMSCOPE_RECORD=$rec go test -count=1 -run "$run" $(go list "$pkg" | grep -v '/internal/kvmlab$')
-echo "lab: $(grep -c '"where":"deferred"' "$rec" 2>/dev/null || echo 0) deferred to the lab" >&2
+echo "lab: $(grep -c '"where":"deferred"' "$rec" 2>/dev/null || true) deferred to the lab" >&2
 KVMSCOPE_LAB_FROM=$rec go test -count=1 -v -timeout 50m -run '^TestLab$' ./internal/kvmlab

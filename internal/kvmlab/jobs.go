@@ -2,7 +2,6 @@ package kvmlab
 
 import (
 	"fmt"
-	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -24,13 +23,9 @@ func Deferred(repo, module string, entries []testenv.Entry) ([]Job, error) {
 		if e.Where != testenv.Deferred {
 			continue
 		}
-		rel, err := filepath.Rel(repo, e.Dir)
-		if err != nil || strings.HasPrefix(rel, "..") {
-			return nil, fmt.Errorf("run record: test %s ran in %s, outside %s", e.Test, e.Dir, repo)
-		}
-		pkg := module
-		if rel != "." {
-			pkg += "/" + filepath.ToSlash(rel)
+		pkg, err := e.Package(repo, module)
+		if err != nil {
+			return nil, err
 		}
 		p := pkgs[pkg]
 		if p == nil {

@@ -207,7 +207,7 @@ wait:
 					logf("L1 %s (%v)", strings.TrimSpace(line), time.Since(bootStart).Round(time.Second))
 				}
 			}
-			seen = max(0, strings.Count(string(b), "\n"))
+			seen = strings.Count(string(b), "\n")
 		}
 	}
 	// Nothing of L1 outlives us.

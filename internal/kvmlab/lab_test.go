@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/internal/testenv"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
 // The lab's environment: scripts/test.sh sets these for `go test
@@ -177,7 +178,7 @@ func TestCanary(t *testing.T) {
 // TestLabPropagatesFailures runs the canary in L1, failing and panicking:
 // both must come back as failed verdicts with their messages.
 func TestLabPropagatesFailures(t *testing.T) {
-	testenv.Require(t, testenv.QEMU, testenv.Guests)
+	testlinux.Require(t)
 	t.Parallel()
 	repo, module := repoRoot(t)
 	pkg := module + "/internal/kvmlab"
@@ -219,7 +220,7 @@ func TestLabPropagatesFailures(t *testing.T) {
 // TestLabNoKVM boots L1 on a CPU without SVM: kvm-amd cannot load, and the
 // lab must say so in one line instead of running the tests.
 func TestLabNoKVM(t *testing.T) {
-	testenv.Require(t, testenv.QEMU, testenv.Guests)
+	testlinux.Require(t)
 	t.Parallel()
 	repo, module := repoRoot(t)
 	_, err := Run(context.Background(), Config{
@@ -235,7 +236,7 @@ func TestLabNoKVM(t *testing.T) {
 // TestLabNoBoot gives L1 a kernel that is no kernel: the lab must say in
 // one line that L1 did not boot, naming the console log.
 func TestLabNoBoot(t *testing.T) {
-	testenv.Require(t, testenv.QEMU, testenv.Guests)
+	testlinux.Require(t)
 	t.Parallel()
 	repo, module := repoRoot(t)
 	bogus := filepath.Join(t.TempDir(), "vmlinuz")

@@ -3,6 +3,7 @@ package kvmlab
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -11,8 +12,10 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
 // payload is what L1 boots: Debian's kernel and an initramfs holding
@@ -28,15 +31,15 @@ type payload struct {
 // repository sits at its host path, so test binaries run in their package
 // directories and find testdata as go test would.
 func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*payload, error) {
-	guests := os.Getenv("KVMSCOPE_GUESTS")
-	if guests == "" {
-		guests = filepath.Join(cfg.Repo, ".cache", "guests")
+	g, err := testlinux.Guests()
+	if err != nil {
+		return nil, err
 	}
-	kernel := filepath.Join(guests, "debian", "vmlinuz")
+	kernel := g.DebianKernel
 	if cfg.Kernel != "" {
 		kernel = cfg.Kernel
 	}
-	modules := filepath.Join(guests, "debian", "kvm-modules")
+	modules := filepath.Join(g.Dir, "debian", "kvm-modules")
 	for _, f := range []string{kernel, filepath.Join(modules, "kvm-amd.ko")} {
 		if _, err := os.Stat(f); err != nil {
 			return nil, fmt.Errorf("%s missing: run `just guests` (scripts/fetch-guests.sh)", f)
@@ -140,13 +143,13 @@ func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*
 			s.copyAt(p)
 		}
 	}
-	for _, f := range []string{"debian/vmlinuz", "debian/System.map", "debian/config", "gokrazy/vmlinuz", "initramfs.cpio.gz"} {
-		s.copyAt(filepath.Join(guests, f))
+	for _, f := range []string{g.DebianKernel, g.DebianSystemMap, g.DebianConfig, g.GokrazyKernel, g.Initrd} {
+		s.copyAt(f)
 	}
-	if guests != filepath.Join(cfg.Repo, ".cache", "guests") {
+	if g.Dir != filepath.Join(cfg.Repo, ".cache", "guests") {
 		// Tell the tests where; the jobs file carries the environment.
 		for i := range cfg.Jobs {
-			cfg.Jobs[i].Env = append(cfg.Jobs[i].Env, "KVMSCOPE_GUESTS="+guests)
+			cfg.Jobs[i].Env = append(cfg.Jobs[i].Env, "KVMSCOPE_GUESTS="+g.Dir)
 		}
 	}
 
@@ -157,7 +160,7 @@ func buildPayload(ctx context.Context, cfg Config, logf func(string, ...any)) (*
 			return nil, err
 		}
 		fmt.Fprintf(&jobs, "%s %s %s %s %s %s %s %s\n", jobName(i), dir, testBinary(j.Package),
-			orDefault(j.Timeout.String(), "10m0s"), orDash(j.Run), orDash(j.Bench), orDefault(j.BenchTime, "1s"), orDash(strings.Join(j.Env, ",")))
+			cmp.Or(j.Timeout, 10*time.Minute), orDash(j.Run), orDash(j.Bench), cmp.Or(j.BenchTime, "1s"), orDash(strings.Join(j.Env, ",")))
 	}
 	s.file("lab/jobs", jobs.Bytes(), 0o644)
 	if s.err != nil {
@@ -195,13 +198,6 @@ func orDash(s string) string {
 	}
 	if strings.ContainsAny(s, " \t\n") {
 		panic("kvmlab: a job field holds white space: " + s)
-	}
-	return s
-}
-
-func orDefault(s, d string) string {
-	if s == "0s" || s == "" {
-		return d
 	}
 	return s
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 )
 
@@ -19,8 +20,6 @@ type Entry struct {
 	Where  string `json:"where"`
 	Reason string `json:"reason,omitempty"`
 }
-
-type entry = Entry
 
 // write appends e to $KVMSCOPE_RECORD when it is set. Each entry is one
 // short write to a file opened O_APPEND, so the test binaries of one
@@ -43,6 +42,19 @@ func write(e Entry) {
 	if _, err := f.Write(append(b, '\n')); err != nil {
 		panic(fmt.Sprintf("testenv: write the run record: %v", err))
 	}
+}
+
+// Package is the import path of the package whose test wrote e: its
+// directory relative to repo, the module's root, under module's path.
+func (e Entry) Package(repo, module string) (string, error) {
+	rel, err := filepath.Rel(repo, e.Dir)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return "", fmt.Errorf("run record: test %s ran in %s, outside %s", e.Test, e.Dir, repo)
+	}
+	if rel == "." {
+		return module, nil
+	}
+	return module + "/" + filepath.ToSlash(rel), nil
 }
 
 // ReadRecord reads a run record file. A missing file is an empty record.

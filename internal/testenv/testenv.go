@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"strings"
 	"sync"
 	"testing"
 )
@@ -28,7 +27,8 @@ const (
 	FastKVM Need = "kvm-fast"
 	// QEMU: qemu-system-x86_64 is on PATH.
 	QEMU Need = "qemu"
-	// Guests: the guest kernels and initramfs of `just guests`.
+	// Guests: the guest kernels and initramfs of `just guests` (checked
+	// by internal/testlinux, which registers the check).
 	Guests Need = "guests"
 	// Binutils: as, ld and objcopy, to build the tiny guest.
 	Binutils Need = "binutils"
@@ -48,8 +48,6 @@ const (
 	EnvLab = "KVMSCOPE_LAB"
 	// EnvInLab=1 is set by the lab's init inside L1.
 	EnvInLab = "KVMSCOPE_IN_LAB"
-	// EnvGuests locates the guest kernels (as in internal/testlinux).
-	EnvGuests = "KVMSCOPE_GUESTS"
 )
 
 // Where a test ran, in the record.
@@ -113,7 +111,7 @@ func decide(tb testing.TB, needs []Need, check func(Need) error) {
 	case kvmErr != nil:
 		where, reason = Skipped, fmt.Sprintf("needs %s, missing even in the lab: %v", kvmNeed, kvmErr)
 	}
-	write(entry{Dir: wd(), Test: tb.Name(), Needs: needs, Where: where, Reason: reason})
+	write(Entry{Dir: wd(), Test: tb.Name(), Needs: needs, Where: where, Reason: reason})
 	if where != Native && where != Lab {
 		tb.Skip(reason)
 	}
@@ -141,8 +139,6 @@ func check(n Need) error {
 		if err != nil {
 			err = errors.New("qemu-system-x86_64 not installed (just setup)")
 		}
-	case Guests:
-		err = guestsFetched()
 	case Binutils:
 		for _, tool := range []string{"as", "ld", "objcopy"} {
 			if _, e := exec.LookPath(tool); e != nil {
@@ -155,7 +151,11 @@ func check(n Need) error {
 			err = errors.New("not root")
 		}
 	default:
-		err = fmt.Errorf("testenv: need %q has no built-in check (use Check)", n)
+		if f := registered[n]; f != nil {
+			err = f()
+		} else {
+			err = fmt.Errorf("testenv: need %q has no check (use Check, or RegisterCheck)", n)
+		}
 	}
 	if err == nil && isKVM(n) && LabForced() && !InLab() {
 		err = errors.New(EnvLab + "=1 sends KVM tests to the lab")
@@ -165,46 +165,18 @@ func check(n Need) error {
 }
 
 var (
-	mu      sync.Mutex
-	checked = map[Need]error{}
+	mu         sync.Mutex
+	checked    = map[Need]error{}
+	registered = map[Need]func() error{}
 )
 
-// KVMUsable returns nil when this process can use KVM, else why not.
-func KVMUsable() error { return check(KVM) }
-
-// guestsFetched checks for the files internal/testlinux boots; the layout
-// is scripts/fetch-guests.sh's.
-func guestsFetched() error {
-	dir := os.Getenv(EnvGuests)
-	if dir == "" {
-		root, err := repoRoot()
-		if err != nil {
-			return err
-		}
-		dir = root + "/.cache/guests"
-	}
-	for _, f := range []string{"debian/vmlinuz", "gokrazy/vmlinuz", "initramfs.cpio.gz"} {
-		if st, err := os.Stat(dir + "/" + f); err != nil || st.Size() == 0 {
-			return fmt.Errorf("test guest file %s/%s missing: run `just guests`", dir, f)
-		}
-	}
-	return nil
-}
-
-// repoRoot is the directory holding go.mod above the working directory (go
-// test runs a test binary in its package's directory).
-func repoRoot() (string, error) {
-	d := wd()
-	for {
-		if _, err := os.Stat(d + "/go.mod"); err == nil {
-			return d, nil
-		}
-		i := strings.LastIndex(d, "/")
-		if i <= 0 {
-			return "", errors.New("testenv: no go.mod above the working directory")
-		}
-		d = d[:i]
-	}
+// RegisterCheck makes f the check of need n for Require, for needs whose
+// check belongs to another package (internal/testlinux checks Guests).
+// Call it from an init function.
+func RegisterCheck(n Need, f func() error) {
+	mu.Lock()
+	defer mu.Unlock()
+	registered[n] = f
 }
 
 func wd() string {

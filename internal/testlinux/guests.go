@@ -66,15 +66,17 @@ func Guests() (Paths, error) {
 	return p, nil
 }
 
+// Guests is the gate's check of testenv.Guests.
+func init() {
+	testenv.RegisterCheck(testenv.Guests, func() error { _, err := Guests(); return err })
+}
+
 // Require returns the guest paths; the gate (internal/testenv) skips the
 // test, and records why, when the guests have not been fetched or QEMU is
 // not installed.
 func Require(t testing.TB) Paths {
 	t.Helper()
 	testenv.Require(t, testenv.QEMU, testenv.Guests)
-	p, err := Guests()
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, _ := Guests() // the gate checked it
 	return p
 }

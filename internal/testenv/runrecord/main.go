@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -99,21 +98,22 @@ func run(hostEvents, hostRecord, labEvents, labRecord, labStep, out string, requ
 	if err != nil {
 		return err
 	}
-	pkgOf := func(dir string) string {
-		rel, err := filepath.Rel(repo, dir)
-		if err != nil || rel == "." {
-			return module
+	// A record names a test by its directory; events by its package.
+	pkgOf := func(e testenv.Entry) string {
+		p, err := e.Package(repo, module)
+		if err != nil {
+			return e.Dir
 		}
-		return module + "/" + filepath.ToSlash(rel)
+		return p
 	}
-	key := func(e testenv.Entry) string { return pkgOf(e.Dir) + "\x00" + e.Test }
+	key := func(e testenv.Entry) string { return pkgOf(e) + "\x00" + e.Test }
 	inLab := map[string]testenv.Entry{}
 	for _, e := range lab {
 		inLab[key(e)] = e
 	}
 	rows := map[string]*Row{}
 	for _, e := range host {
-		r := &Row{Package: pkgOf(e.Dir), Test: e.Test, Needs: e.Needs, Where: e.Where, Reason: e.Reason}
+		r := &Row{Package: pkgOf(e), Test: e.Test, Needs: e.Needs, Where: e.Where, Reason: e.Reason}
 		if e.Where == testenv.Deferred {
 			if l, ok := inLab[key(e)]; ok {
 				r.Where, r.Reason = l.Where, l.Reason
@@ -137,7 +137,7 @@ func run(hostEvents, hostRecord, labEvents, labRecord, labStep, out string, requ
 	// reached, say) count too.
 	for k, e := range inLab {
 		if rows[k] == nil {
-			rows[k] = &Row{Package: pkgOf(e.Dir), Test: e.Test, Needs: e.Needs, Where: e.Where, Reason: e.Reason, Verdict: verdict[k]}
+			rows[k] = &Row{Package: pkgOf(e), Test: e.Test, Needs: e.Needs, Where: e.Where, Reason: e.Reason, Verdict: verdict[k]}
 		}
 	}
 	var list []Row
