@@ -98,24 +98,35 @@ func DefaultSocket(name string) string { return filepath.Join(DefaultDir(), name
 // Open fetches path and returns the body as a stream with its length (-1
 // when unknown), for large replies such as /v1/dump. The caller closes it.
 func (c *Client) Open(ctx context.Context, path string) (io.ReadCloser, int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://kvmscope"+path, nil)
+	resp, err := c.Response(ctx, path)
 	if err != nil {
 		return nil, 0, err
+	}
+	return resp.Body, resp.ContentLength, nil
+}
+
+// Response fetches path and returns the reply, headers and all, once its
+// status says success (an error reply becomes the error). The caller
+// closes its Body.
+func (c *Client) Response(ctx context.Context, path string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://kvmscope"+path, nil)
+	if err != nil {
+		return nil, err
 	}
 	// No overall timeout: a dump of a large guest takes a while; ctx bounds it.
 	hc := &http.Client{Transport: c.http.Transport}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, 0, c.dialError(err)
+		return nil, c.dialError(err)
 	}
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<16))
 		var e Error
 		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return nil, 0, errors.New(e.Error)
+			return nil, errors.New(e.Error)
 		}
-		return nil, 0, fmt.Errorf("%s: %s", path, resp.Status)
+		return nil, fmt.Errorf("%s: %s", path, resp.Status)
 	}
-	return resp.Body, resp.ContentLength, nil
+	return resp, nil
 }

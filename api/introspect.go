@@ -1,7 +1,9 @@
 package api
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"strconv"
@@ -9,6 +11,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/kvmscope/kvmscope/session"
 )
 
 // Kernel is the reply of GET /v1/kernel.
@@ -83,27 +86,23 @@ func ModulesFrom(ms []introspect.Module) []Module {
 }
 
 func (s *Server) introspectRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/kernel", s.withScanner(s.getKernel))
-	mux.HandleFunc("GET /v1/processes", s.withScanner(s.getProcesses))
-	mux.HandleFunc("GET /v1/modules", s.withScanner(s.getModules))
-	mux.HandleFunc("GET /v1/offsets", s.withScanner(s.getOffsets))
+	mux.HandleFunc("GET /v1/kernel", s.withSession(s.getKernel))
+	mux.HandleFunc("GET /v1/processes", s.withSession(s.getProcesses))
+	mux.HandleFunc("GET /v1/modules", s.withSession(s.getModules))
+	mux.HandleFunc("GET /v1/offsets", s.withSession(s.getOffsets))
 	mux.HandleFunc("GET /v1/dump", s.getDump)
 }
 
 // scanFunc is the body of a handler that reads the guest kernel.
-type scanFunc func(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error
+type scanFunc func(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error
 
-// withScanner answers 501 for VMs without introspection, bounds the work
-// to 30 s, and turns the body's error into a 4xx/5xx reply.
-func (s *Server) withScanner(body scanFunc) http.HandlerFunc {
+// withSession bounds the work to 30 s, and turns the body's error into a
+// 4xx/5xx reply.
+func (s *Server) withSession(body scanFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if s.Scanner == nil {
-			httpError(w, http.StatusNotImplemented, "guest introspection is not available for this VM")
-			return
-		}
 		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
 		defer cancel()
-		if err := body(ctx, s.Scanner, w, r); err != nil {
+		if err := body(ctx, s.Session, w, r); err != nil {
 			var bad badRequest
 			status := http.StatusUnprocessableEntity
 			switch {
@@ -120,33 +119,60 @@ func (s *Server) withScanner(body scanFunc) http.HandlerFunc {
 // badRequest marks an error in the request itself.
 type badRequest struct{ error }
 
-func (s *Server) getKernel(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
-	k, off, err := sc.Kernel(ctx)
+func (s *Server) getKernel(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
+	k, off, offErr, err := sess.Kernel(ctx)
 	if err != nil {
 		return err
 	}
-	writeJSON(w, KernelFrom(k, off, sc.OffsetsError()))
+	writeJSON(w, KernelFrom(k, off, offErr))
 	return nil
 }
 
-func (s *Server) getProcesses(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
+// Headers of GET /v1/processes: what the scan read of guest memory and
+// how long it took, for clients that measure (just bench).
+const (
+	HeaderScanReadBytes = "Kvmscope-Scan-Read-Bytes"
+	HeaderScanReads     = "Kvmscope-Scan-Reads"
+	HeaderScanDuration  = "Kvmscope-Scan-Duration-Ns"
+)
+
+func (s *Server) getProcesses(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
-	if q.Get("cached") == "1" && q.Get("threads") != "1" {
-		if scan := sc.Latest(); scan != nil {
-			writeJSON(w, ProcessesFrom(scan.Processes))
-			return nil
+	scan := sess.Latest()
+	if q.Get("cached") != "1" || q.Get("threads") == "1" || scan == nil {
+		var err error
+		scan, err = sess.Processes(ctx, introspect.ProcessOptions{Threads: q.Get("threads") == "1"}, q.Get("consistent") == "1")
+		if err != nil {
+			return err
 		}
 	}
-	scan, err := sc.Processes(ctx, introspect.ProcessOptions{Threads: q.Get("threads") == "1"}, q.Get("consistent") == "1")
-	if err != nil {
-		return err
-	}
-	writeJSON(w, ProcessesFrom(scan.Processes))
+	h := w.Header()
+	h.Set(HeaderScanReadBytes, strconv.FormatInt(scan.ReadBytes, 10))
+	h.Set(HeaderScanReads, strconv.FormatInt(scan.Reads, 10))
+	h.Set(HeaderScanDuration, strconv.FormatInt(scan.Duration.Nanoseconds(), 10))
+	writeProcesses(w, scan.Processes)
 	return nil
 }
 
-func (s *Server) getModules(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
-	ms, err := sc.Modules(ctx)
+// writeProcesses streams ps as a JSON array, one element at a time
+// through a buffer, rather than building the whole reply in memory.
+func writeProcesses(w http.ResponseWriter, ps []introspect.Process) {
+	w.Header().Set("Content-Type", "application/json")
+	bw := bufio.NewWriterSize(w, 64<<10)
+	enc := json.NewEncoder(bw)
+	bw.WriteByte('[')
+	for i := range ps {
+		if i > 0 {
+			bw.WriteByte(',')
+		}
+		enc.Encode(Process{Process: ps[i], PGD: Hex64(ps[i].PGD), Task: Hex64(ps[i].Task)})
+	}
+	bw.WriteString("]\n")
+	bw.Flush()
+}
+
+func (s *Server) getModules(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
+	ms, err := sess.Modules(ctx)
 	if err != nil {
 		return err
 	}
@@ -156,8 +182,8 @@ func (s *Server) getModules(ctx context.Context, sc *introspect.Scanner, w http.
 
 // getOffsets serves the offsets in a format other tools read:
 // json (ours), libvmi (a LibVMI config entry) or isf (Volatility 3).
-func (s *Server) getOffsets(ctx context.Context, sc *introspect.Scanner, w http.ResponseWriter, r *http.Request) error {
-	k, off, err := sc.Kernel(ctx)
+func (s *Server) getOffsets(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
+	k, off, _, err := sess.Kernel(ctx)
 	if err != nil {
 		return err
 	}
@@ -194,7 +220,10 @@ func FormatOffsets(k *introspect.Kernel, off *introspect.Offsets, format, name s
 // are sampled (fresh) just before the pause. The VM is resumed whatever
 // happens to the client.
 func (s *Server) getDump(w http.ResponseWriter, r *http.Request) {
-	src := s.Target.Source()
+	src, ok := s.memory(w)
+	if !ok {
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 	cpus, err := src.CPUs(ctx)
 	cancel()
@@ -203,11 +232,11 @@ func (s *Server) getDump(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.URL.Query().Get("pause") != "0" {
-		if s.Scanner == nil || s.Scanner.Pause == nil {
+		resume, err := s.Session.Pause(r.Context())
+		if errors.Is(err, session.ErrNoPause) {
 			httpError(w, http.StatusNotImplemented, "this VM cannot be paused; ask for pause=0")
 			return
 		}
-		resume, err := s.Scanner.Pause(r.Context())
 		if err != nil {
 			httpError(w, http.StatusServiceUnavailable, err.Error())
 			return

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
@@ -19,8 +20,7 @@ import (
 // guestmem.Memory over host memory; the server and its metrics are what is
 // tested here).
 type ramTarget struct {
-	ram     []byte
-	metrics *Metrics
+	ram []byte
 }
 
 func (r *ramTarget) Describe() VM {
@@ -28,7 +28,10 @@ func (r *ramTarget) Describe() VM {
 		Regions: []RegionOut{{GPA: 0, Size: Hex64(len(r.ram)), Name: "ram"}}}
 }
 
-func (r *ramTarget) Source() guestmem.Source { return r.metrics.Meter(ramSource{r.ram}) }
+// session reads the target's RAM as the server does.
+func (r *ramTarget) session() *session.Session {
+	return session.New(session.Frozen{Src: ramSource{r.ram}}, nil)
+}
 
 type ramSource struct{ ram []byte }
 
@@ -46,10 +49,9 @@ func (s ramSource) Regions() []guestmem.Region {
 func (s ramSource) CPUs(context.Context) ([]guestmem.CPU, error) { return nil, nil }
 
 func TestMetricsEndpoint(t *testing.T) {
-	m := NewMetrics()
-	target := &ramTarget{ram: make([]byte, 1<<20), metrics: m}
+	target := &ramTarget{ram: make([]byte, 1<<20)}
 	sock := filepath.Join(t.TempDir(), "api.sock")
-	s := &Server{Target: target, Log: zerolog.Nop(), Metrics: m}
+	s := &Server{Target: target, Session: target.session(), Log: zerolog.Nop()}
 	if err := s.Listen(sock); err != nil {
 		t.Fatal(err)
 	}
@@ -79,6 +81,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		`kvmscope_api_requests_total{code="404",path="/"} 1`,
 		`kvmscope_api_request_duration_seconds_count{path="/v1/memory"} 4`,
 		"kvmscope_guest_memory_read_bytes_total 12288",
+		// The hole's read counts as a call.
+		"kvmscope_guest_memory_reads_total 4",
 		`kvmscope_errors_total{kind="memory_read"} 1`,
 		"kvmscope_vcpus 2",
 		"kvmscope_guest_memory_bytes 1.048576e+06",
@@ -88,14 +92,17 @@ func TestMetricsEndpoint(t *testing.T) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	m.ObserveScan("processes", 3*time.Millisecond, nil)
-	m.ObserveScan("processes", time.Millisecond, fmt.Errorf("no kernel"))
+	// RAM of zeros holds no kernel: the scan fails, and counts so.
+	if _, err := c.GetRaw(ctx, "/v1/processes"); err == nil {
+		t.Fatal("a scan of RAM without a kernel succeeded")
+	}
 	text, _ = c.GetRaw(ctx, "/metrics")
 	for _, want := range []string{
-		`kvmscope_scans_total{kind="processes",result="ok"} 1`,
 		`kvmscope_scans_total{kind="processes",result="error"} 1`,
-		`kvmscope_scan_duration_seconds_count{kind="processes"} 2`,
+		`kvmscope_scan_duration_seconds_count{kind="processes"} 1`,
+		`kvmscope_scan_reads_count{kind="processes"} 1`,
 		`kvmscope_errors_total{kind="scan"} 1`,
+		`kvmscope_api_requests_total{code="422",path="/v1/processes"} 1`,
 	} {
 		if !strings.Contains(string(text), want) {
 			t.Errorf("/metrics lacks %q", want)
@@ -108,7 +115,8 @@ func TestMetricsEndpoint(t *testing.T) {
 func TestSocketModeWithGroups(t *testing.T) {
 	gid := os.Getegid()
 	sock := filepath.Join(t.TempDir(), "api.sock")
-	s := &Server{Target: &ramTarget{ram: make([]byte, 4096), metrics: NewMetrics()}, Log: zerolog.Nop(), Groups: []int{gid}}
+	target := &ramTarget{ram: make([]byte, 4096)}
+	s := &Server{Target: target, Session: target.session(), Log: zerolog.Nop(), Groups: []int{gid}}
 	if err := s.Listen(sock); err != nil {
 		t.Fatal(err)
 	}

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
-	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
@@ -29,8 +29,6 @@ const maxBody = 1 << 20
 type Target interface {
 	// Describe returns the VM's identity, vCPUs and memory map.
 	Describe() VM
-	// Source is the guest's memory and registers.
-	Source() guestmem.Source
 }
 
 // Server serves one VM's API.
@@ -43,12 +41,11 @@ type Server struct {
 	// supplementary group of the peer). With groups the socket is 0660 and
 	// belongs to Groups[0] when we may give it that group.
 	Groups []int
-	// Metrics are served at GET /metrics (created by Listen when nil). The
-	// Target should meter its sources with Metrics.Meter.
-	Metrics *Metrics
-	// Scanner, when set, serves the guest kernel's objects
-	// (/v1/kernel, /v1/processes, /v1/modules, /v1/offsets).
-	Scanner *introspect.Scanner
+	// Session reads the guest: memory, registers and the guest kernel's
+	// objects (/v1/kernel, /v1/processes, /v1/modules, /v1/offsets).
+	Session *session.Session
+
+	metrics *Metrics
 
 	srv *http.Server
 	ln  net.Listener
@@ -61,6 +58,9 @@ const credKey ctxKey = 0
 // Listen creates the socket at path (0600, parent dirs 0700 when created)
 // and serves until Close.
 func (s *Server) Listen(path string) error {
+	if s.Session == nil {
+		return errors.New("api: a Server needs a Session")
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return fmt.Errorf("create socket directory: %w", err)
 	}
@@ -92,12 +92,10 @@ func (s *Server) Listen(path string) error {
 	if s.Owner == 0 {
 		s.Owner = os.Geteuid()
 	}
-	if s.Metrics == nil {
-		s.Metrics = NewMetrics()
-	}
-	s.Metrics.MustRegister(newVMCollector(s.Target))
+	s.metrics = newMetrics(s.Session.Metrics())
+	s.metrics.Registry.MustRegister(newVMCollector(s.Target))
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", s.Metrics.handler())
+	mux.Handle("GET /metrics", s.metrics.handler())
 	mux.HandleFunc("GET /v1/vm", s.getVM)
 	mux.HandleFunc("GET /v1/vcpus", s.getVCPUs)
 	mux.HandleFunc("GET /v1/memory", s.getMemory)
@@ -107,7 +105,7 @@ func (s *Server) Listen(path string) error {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))
 	})
 	s.srv = &http.Server{
-		Handler:           s.Metrics.instrument(s.authorize(mux)),
+		Handler:           s.metrics.instrument(s.authorize(mux)),
 		ReadHeaderTimeout: 5 * time.Second,
 		MaxHeaderBytes:    16 << 10,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
@@ -184,13 +182,35 @@ func (s *Server) authorize(next http.Handler) http.Handler {
 }
 
 func (s *Server) getVM(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, s.Target.Describe())
+	vm := s.Target.Describe()
+	if c, err := s.Session.Capabilities(); err == nil {
+		out := &Capabilities{Batch: c.Batch, Write: c.Write}
+		for _, rg := range c.InPlace {
+			out.InPlace = append(out.InPlace, RegionOut{GPA: Hex64(rg.GPA), Size: Hex64(rg.Size), ReadOnly: rg.ReadOnly, Name: rg.Name})
+		}
+		vm.Source = out
+	}
+	writeJSON(w, vm)
+}
+
+// memory is the guest's current memory source, or a 503 reply.
+func (s *Server) memory(w http.ResponseWriter) (guestmem.Source, bool) {
+	src, err := s.Session.Memory()
+	if err != nil {
+		httpError(w, http.StatusServiceUnavailable, err.Error())
+		return nil, false
+	}
+	return src, true
 }
 
 func (s *Server) getVCPUs(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	cpus, err := s.Target.Source().CPUs(ctx)
+	src, ok := s.memory(w)
+	if !ok {
+		return
+	}
+	cpus, err := src.CPUs(ctx)
 	if err != nil {
 		httpError(w, http.StatusServiceUnavailable, err.Error())
 		return
@@ -231,8 +251,12 @@ func (s *Server) getMemory(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	src, ok := s.memory(w)
+	if !ok {
+		return
+	}
 	buf := make([]byte, n)
-	if _, err := s.Target.Source().ReadAt(buf, int64(gpa)); err != nil {
+	if _, err := src.ReadAt(buf, int64(gpa)); err != nil {
 		status := http.StatusInternalServerError
 		var hole *guestmem.HoleError
 		if errors.As(err, &hole) {
@@ -252,8 +276,12 @@ func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	wr, ok := s.Target.Source().(guestmem.Writer)
-	if !ok || !s.Target.Describe().Writable {
+	src, ok := s.memory(w)
+	if !ok {
+		return
+	}
+	wr, ok := src.(guestmem.Writer)
+	if !ok || !guestmem.CapabilitiesOf(src).Write {
 		httpError(w, http.StatusForbidden, guestmem.ErrReadOnly.Error())
 		return
 	}

@@ -35,6 +35,16 @@ type VM struct {
 	VCPUs     []VCPUInfo  `json:"vcpus"`
 	Memslots  []Memslot   `json:"memslots,omitempty"` // KVM only
 	Regions   []RegionOut `json:"regions"`
+	// Source is what the memory source that scans read can do, as the
+	// scans see it (batched reads, writes, RAM read in place).
+	Source *Capabilities `json:"source,omitempty"`
+}
+
+// Capabilities are a memory source's (guestmem.Capabilities), for the API.
+type Capabilities struct {
+	Batch   bool        `json:"batch"`
+	Write   bool        `json:"write"`
+	InPlace []RegionOut `json:"in_place,omitempty"`
 }
 
 // VCPUInfo names one vCPU and the QEMU thread that runs it.

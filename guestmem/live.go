@@ -104,3 +104,6 @@ func cpuFromKVM(id int, r tracer.SyncRegs) CPU {
 		CSL: s.CS.L != 0, CSDB: s.CS.DB != 0,
 	}
 }
+
+// Writable reports whether WriteAt may change guest memory.
+func (l *Live) Writable() bool { return l.write }

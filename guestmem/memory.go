@@ -46,3 +46,37 @@ func (e *HoleError) Error() string {
 
 // ErrReadOnly is returned by writes to memory that may not be written.
 var ErrReadOnly = errors.New("guest memory is read-only (start kvmscope run with --allow-write)")
+
+// InPlace is implemented by sources that read some guest RAM in place,
+// from their own mapping of the memfd QEMU backs it with, rather than with
+// a system call per read.
+type InPlace interface {
+	// MemfdRegions lists the guest RAM read in place.
+	MemfdRegions() ([]Region, error)
+}
+
+// Capabilities say what a source can do beyond ReadAt.
+type Capabilities struct {
+	// Batch: many reads in one call (BatchReader).
+	Batch bool `json:"batch"`
+	// Write: guest memory may be written (Writer, and writes allowed).
+	Write bool `json:"write"`
+	// InPlace lists the guest RAM read in place from a memfd mapping.
+	InPlace []Region `json:"in_place,omitempty"`
+}
+
+// CapabilitiesOf reports what src can do.
+func CapabilitiesOf(src Memory) Capabilities {
+	var c Capabilities
+	_, c.Batch = src.(BatchReader)
+	if w, ok := src.(Writer); ok {
+		c.Write = true
+		if a, ok := w.(interface{ Writable() bool }); ok {
+			c.Write = a.Writable()
+		}
+	}
+	if ip, ok := src.(InPlace); ok {
+		c.InPlace, _ = ip.MemfdRegions()
+	}
+	return c
+}

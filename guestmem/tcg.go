@@ -299,3 +299,6 @@ func isSeg(s string) bool {
 	}
 	return false
 }
+
+// Writable reports whether WriteAt may change guest memory.
+func (t *TCG) Writable() bool { return t.write }

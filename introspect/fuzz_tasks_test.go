@@ -143,7 +143,6 @@ func FuzzTasks(f *testing.F) {
 			t.Fatalf("%d processes from %d bytes", len(ps), len(data))
 		}
 		modulesAt(k, fuzzOffsets(), fuzzBase+fuzzMods)
-		k.ForEachThread(fuzzOffsets(), fuzzBase, func(uint64) error { return nil })
 	})
 }
 

@@ -1,6 +1,7 @@
 package introspect
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -53,12 +54,6 @@ type Kernel struct {
 	// Found says where each of the values above came from, e.g.
 	// "pgd": "init_top_pgt" or "found by structure".
 	Found map[string]string `json:"found"`
-
-	// userMem, when set, is where user page tables and user pages are
-	// read (command lines): a scan reads kernel objects through a block
-	// cache (Scanner's scanView) that scattered user pages would only
-	// slow down.
-	userMem guestmem.Memory
 
 	// imageSize is the size of the image from _text: reads inside it
 	// need no page walk (it is mapped linearly).
@@ -149,25 +144,8 @@ func (k *Kernel) ReadU32(va uint64) (uint32, error) {
 	return binary.LittleEndian.Uint32(b[:]), nil
 }
 
-// ReadU16 reads a little-endian uint16 at kernel virtual address va.
-func (k *Kernel) ReadU16(va uint64) (uint16, error) {
-	var b [2]byte
-	if err := k.ReadVirt(b[:], va); err != nil {
-		return 0, err
-	}
-	return binary.LittleEndian.Uint16(b[:]), nil
-}
-
 // ReadPtr reads a kernel pointer at va.
 func (k *Kernel) ReadPtr(va uint64) (uint64, error) { return k.ReadU64(va) }
-
-// userMemory is the memory for user page tables and pages.
-func (k *Kernel) userMemory() guestmem.Memory {
-	if k.userMem != nil {
-		return k.userMem
-	}
-	return k.Mem
-}
 
 // Reset drops the page-table translations cached in k.AS. A live guest
 // changes its page tables (vmalloc, modules, process PGDs): call Reset
@@ -263,4 +241,37 @@ func (k *Kernel) imageBytes() ([]byte, error) {
 		k.image = img
 	}
 	return k.image, nil
+}
+
+// On returns k reading guest memory through mem, with a page-table cache
+// of its own: make one per scan, so that nothing read of the guest is kept
+// from one scan to the next.
+func (k *Kernel) On(mem guestmem.Memory) *Kernel {
+	kc := *k
+	kc.Mem = mem
+	kc.image = nil
+	if k.AS != nil {
+		kc.AS = guestmem.NewAddressSpace(mem, k.AS.Root(), k.AS.Levels())
+	}
+	return &kc
+}
+
+// Check reports whether k still describes the kernel in guest memory:
+// init_task, read where k says it is, must be the idle task ("swapper",
+// "swapper/0"). A guest that rebooted into another kernel, or into the
+// same one at another KASLR slide, fails it. Without init_task or its
+// comm offset there is nothing to check against.
+func (k *Kernel) Check(off *Offsets) error {
+	initTask, ok := k.Symbol("init_task")
+	if !ok || !off.TaskComm.Known() {
+		return nil
+	}
+	var comm [16]byte
+	if err := k.ReadVirt(comm[:], initTask+uint64(off.TaskComm.Value)); err != nil {
+		return fmt.Errorf("check the kernel found before: init_task: %w", err)
+	}
+	if !bytes.HasPrefix(comm[:], []byte("swapper")) {
+		return fmt.Errorf("check the kernel found before: init_task's comm is %q, not swapper: the guest runs another kernel now", bytes.TrimRight(comm[:], "\x00"))
+	}
+	return nil
 }

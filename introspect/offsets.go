@@ -10,6 +10,10 @@ import (
 	"github.com/cilium/ebpf/btf"
 )
 
+// ErrOffsetsMissing is wrapped when an operation needs an offset that was
+// not found.
+var ErrOffsetsMissing = errors.New("needed offset unknown")
+
 // Offset is the byte offset of one member inside its kernel structure and
 // where it came from.
 type Offset struct {

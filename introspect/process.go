@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"sort"
 
 	"github.com/kvmscope/kvmscope/guestmem"
 )
@@ -77,7 +78,8 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		parent uint64
 	}
 	var parents []parentOf
-	var jobs []cmdlineJob
+	var groups []group        // each leader and its threads listed after it
+	var counts []threadCount  // groups whose size is signal->nr_threads
 	tgids := map[uint64]int{} // task -> tgid
 	// Walk init_task's tasks list (for_each_process) with the reads that
 	// fetch each task's members: each task's bytes hold its tasks links,
@@ -101,27 +103,21 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		} else if pr := r.u64(b, off.TaskTasks.Value+8); pr != prevNode {
 			return nil, fmt.Errorf("processes: tasks list at %#x: node %#x: prev is %#x, want %#x", head, cur+lo, pr, prevNode)
 		}
-		p := r.process(cur, b)
+		p := r.process(cur, b, len(out))
 		if parent, ok := r.field(b, off.TaskRealParent, 8); ok {
 			parents = append(parents, parentOf{len(out), parent})
 		}
 		if p.TGID >= 0 {
 			tgids[cur] = p.TGID
 		}
-		// Command lines are read after the walk, all together (one
-		// batched read per page-table level for every process).
-		job, hasJob := cmdlineJob{}, false
-		if !opts.NoCmdline {
-			job, hasJob = r.cmdlineJob(b)
-		}
 		var threads []Process
 		if threadsKnown {
 			n, single := r.singleThread(b)
 			if !single && !opts.Threads && off.SignalNrThreads.Known() {
-				// One read instead of one per thread.
-				if v, err := k.ReadU32(r.u64(b, off.TaskSignal.Value) + uint64(off.SignalNrThreads.Value)); err == nil && v > 0 && v <= maxTasks {
-					n, single = int(v), true
-				}
+				// signal->nr_threads, read with the others' after the
+				// walk, instead of a walk of the thread list.
+				counts = append(counts, threadCount{i: len(out), signal: r.u64(b, off.TaskSignal.Value)})
+				n, single = 0, true
 			}
 			if !single {
 				n = 1 // the leader
@@ -130,7 +126,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 					if tb == nil {
 						return
 					}
-					tp := r.process(th, tb)
+					tp := r.process(th, tb, len(out)+1+len(threads))
 					if parent, ok := r.field(tb, off.TaskRealParent, 8); ok {
 						parents = append(parents, parentOf{len(out) + 1 + len(threads), parent})
 					}
@@ -151,10 +147,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		for i := range threads {
 			threads[i].Threads = p.Threads
 		}
-		if hasJob {
-			job.i, job.n = len(out), 1+len(threads)
-			jobs = append(jobs, job)
-		}
+		groups = append(groups, group{i: len(out), n: 1 + len(threads)})
 		out = append(out, p)
 		out = append(out, threads...)
 		if len(out) > maxTasks {
@@ -175,7 +168,14 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	if pr := r.u64(initB, off.TaskTasks.Value+8); pr != cur+lo {
 		return nil, fmt.Errorf("processes: tasks list at %#x: head's prev %#x is not the last node %#x", head, pr, cur+lo)
 	}
-	r.readCmdlines(out, jobs)
+	// The members behind each task's pointers (creds, mm, signal), one
+	// batched read for all tasks, then the command lines through each
+	// process's page tables, one batched read per page-table level.
+	r.resolve(out)
+	r.countThreads(out, groups, counts)
+	if !opts.NoCmdline {
+		r.readCmdlines(out, groups)
+	}
 	// PPid is the tgid of real_parent, most often a task seen above.
 	if off.TaskTGID.Known() {
 		for _, p := range parents {
@@ -189,17 +189,42 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	return out, nil
 }
 
-// taskReader reads the members of task_structs in one read per task.
+// taskReader reads the members of task_structs: each task's members in
+// one batched read of just their bytes (never the whole structure), and
+// what the tasks point to (creds, mm) in batched reads for all tasks.
 type taskReader struct {
 	k      *Kernel
 	off    *Offsets
 	lo, hi int64
-	creds  map[uint64][4]int // cred address -> uid, gid, euid, egid
-	pgds   map[uint64]uint64 // mm -> physical PGD (threads share an mm)
+	// spans are the byte ranges of task_struct that hold the members,
+	// relative to the task, merged where they lie close.
+	spans [][2]int64
+	// refs[i] is what out[i] points to, resolved after the walk.
+	refs []taskRefs
+	// mms are the members read of each mm, by address (resolve).
+	mms map[uint64]mmMembers
 }
 
+// taskRefs are the pointers of one task that resolve reads.
+type taskRefs struct{ cred, mm uint64 }
+
+// group is a thread-group leader at out[i] and its n-1 threads after it.
+type group struct{ i, n int }
+
+// threadCount is a group whose size is read from signal->nr_threads.
+type threadCount struct {
+	i      int
+	signal uint64
+}
+
+// spanGap is how far apart two members may lie and still be read as one
+// range: a read of live memory costs about as much per range as per 128
+// bytes copied.
+const spanGap = 128
+
 func newTaskReader(k *Kernel, off *Offsets) *taskReader {
-	r := &taskReader{k: k, off: off, lo: 1 << 62, creds: map[uint64][4]int{}, pgds: map[uint64]uint64{}}
+	r := &taskReader{k: k, off: off, lo: 1 << 62}
+	var ms [][2]int64
 	for _, m := range []struct {
 		o Offset
 		n int64
@@ -212,7 +237,16 @@ func newTaskReader(k *Kernel, off *Offsets) *taskReader {
 		if m.o.Known() {
 			r.lo = min(r.lo, m.o.Value)
 			r.hi = max(r.hi, m.o.Value+m.n)
+			ms = append(ms, [2]int64{m.o.Value, m.o.Value + m.n})
 		}
+	}
+	sort.Slice(ms, func(i, j int) bool { return ms[i][0] < ms[j][0] })
+	for _, m := range ms {
+		if n := len(r.spans); n > 0 && m[0] <= r.spans[n-1][1]+spanGap {
+			r.spans[n-1][1] = max(r.spans[n-1][1], m[1])
+			continue
+		}
+		r.spans = append(r.spans, m)
 	}
 	return r
 }
@@ -230,11 +264,19 @@ func (r *taskReader) field(b []byte, o Offset, size int) (uint64, bool) {
 
 func (r *taskReader) u64(b []byte, off int64) uint64 { return le64(b, int(off-r.lo)) }
 
-// read returns the task's bytes from r.lo to r.hi.
+// read returns the task's bytes from r.lo to r.hi, of which only the
+// members' spans are read (the rest stays zero), in one batched read.
 func (r *taskReader) read(task uint64) ([]byte, error) {
 	b := make([]byte, r.hi-r.lo)
-	if err := r.k.readContig(b, task+uint64(r.lo)); err != nil {
-		return nil, fmt.Errorf("read task_struct at %#x: %w", task, err)
+	reqs := make([]kernelRead, len(r.spans))
+	for i, s := range r.spans {
+		reqs[i] = kernelRead{VA: task + uint64(s[0]), Buf: b[s[0]-r.lo : s[1]-r.lo]}
+	}
+	r.k.readKernelBatch(reqs)
+	for _, q := range reqs {
+		if q.Err != nil {
+			return nil, fmt.Errorf("read task_struct at %#x: %w", task, q.Err)
+		}
 	}
 	return b, nil
 }
@@ -249,32 +291,6 @@ func (r *taskReader) singleThread(b []byte) (int, bool) {
 		return 1, true
 	}
 	return 0, false
-}
-
-// readCred reads the ids of the cred at va in one read (-1 when unknown).
-func (r *taskReader) readCred(va uint64) [4]int {
-	ids := [4]int{-1, -1, -1, -1}
-	o := r.off
-	members := []Offset{o.CredUID, o.CredGID, o.CredEUID, o.CredEGID}
-	lo, hi := int64(1<<62), int64(0)
-	for _, m := range members {
-		if m.Known() {
-			lo, hi = min(lo, m.Value), max(hi, m.Value+4)
-		}
-	}
-	if hi == 0 || hi-lo > credWindow {
-		return ids
-	}
-	b := make([]byte, hi-lo)
-	if err := r.k.ReadVirt(b, va+uint64(lo)); err != nil {
-		return ids
-	}
-	for i, m := range members {
-		if m.Known() {
-			ids[i] = int(le32(b, int(m.Value-lo)))
-		}
-	}
-	return ids
 }
 
 // threads walks the thread list of the group whose leader is at leader
@@ -329,8 +345,9 @@ func (r *taskReader) threads(leader uint64, b []byte, budget *int, read bool, f 
 	return nil
 }
 
-// process decodes the task's bytes b.
-func (r *taskReader) process(task uint64, b []byte) Process {
+// process decodes the task's bytes b, the task to be listed at out[i]; the
+// members behind its pointers are filled in later by resolve.
+func (r *taskReader) process(task uint64, b []byte, i int) Process {
 	o := r.off
 	p := Process{Task: task, TGID: -1, PPID: -1, UID: -1, GID: -1, EUID: -1, EGID: -1, State: "?"}
 	ci := int(o.TaskComm.Value - r.lo)
@@ -360,81 +377,139 @@ func (r *taskReader) process(task uint64, b []byte) Process {
 	if !credOff.Known() {
 		credOff = o.TaskCred
 	}
-	if cred, ok := r.field(b, credOff, 8); ok && cred != 0 {
-		ids, ok := r.creds[cred]
-		if !ok {
-			ids = r.readCred(cred)
-			r.creds[cred] = ids
-		}
-		p.UID, p.GID, p.EUID, p.EGID = ids[0], ids[1], ids[2], ids[3]
+	var refs taskRefs
+	refs.cred, _ = r.field(b, credOff, 8)
+	refs.mm = mm
+	for len(r.refs) <= i {
+		r.refs = append(r.refs, taskRefs{})
 	}
-	if haveMM && mm != 0 && o.MMPgd.Known() {
-		pa, ok := r.pgds[mm]
-		if !ok {
-			if pgd, err := r.k.ReadPtr(mm + uint64(o.MMPgd.Value)); err == nil {
-				pa, _ = r.k.VirtToPhys(pgd)
-			}
-			r.pgds[mm] = pa
-		}
-		p.PGD = pa
-	}
+	r.refs[i] = refs
 	return p
 }
 
-// cmdlineJob is a command line to read: argv of the process at out[i]
-// (and its n-1 threads after it) lies at start..start+len in the address
-// space whose top page table is at pgd.
-type cmdlineJob struct {
-	i, n       int
-	pgd, start uint64
-	len        uint64
+// mmMembers is what resolve reads of each mm_struct: pgd, and
+// arg_start..arg_end (adjacent in every layout seen).
+type mmMembers struct {
+	pgd, argStart, argEnd uint64
+	ok, args              bool
 }
 
-// cmdlineJob finds where a task's argv is: mm->arg_start..arg_end
-// (proc_pid_cmdline_read without the setproctitle cases).
-func (r *taskReader) cmdlineJob(b []byte) (cmdlineJob, bool) {
+// resolve fills in the ids from every task's cred and the page-table root
+// from its mm, reading each distinct cred and mm once, all of them in one
+// batched read. Tasks whose cred or mm cannot be read keep -1 and 0.
+func (r *taskReader) resolve(out []Process) {
 	o := r.off
-	if !o.TaskMM.Known() || !o.MMPgd.Known() || !o.MMArgStart.Known() || !o.MMArgEnd.Known() {
-		return cmdlineJob{}, false
+	lo, hi := int64(1<<62), int64(0)
+	credIDs := []Offset{o.CredUID, o.CredGID, o.CredEUID, o.CredEGID}
+	for _, m := range credIDs {
+		if m.Known() {
+			lo, hi = min(lo, m.Value), max(hi, m.Value+4)
+		}
 	}
-	mm, _ := r.field(b, o.TaskMM, 8)
-	if mm == 0 {
-		return cmdlineJob{}, false
+	haveCred := hi > 0 && hi-lo <= credWindow
+	haveArgs := o.MMArgStart.Known() && o.MMArgEnd.Known() && o.MMArgEnd.Value == o.MMArgStart.Value+8
+	var reqs []kernelRead
+	creds := map[uint64]int{} // cred -> index in reqs
+	mms := map[uint64]int{}   // mm -> index of its pgd read in reqs (args follow)
+	for i := range out {
+		if i >= len(r.refs) {
+			break
+		}
+		c, mm := r.refs[i].cred, r.refs[i].mm
+		if _, ok := creds[c]; haveCred && c != 0 && !ok {
+			creds[c] = len(reqs)
+			reqs = append(reqs, kernelRead{VA: c + uint64(lo), Buf: make([]byte, hi-lo)})
+		}
+		if _, ok := mms[mm]; o.MMPgd.Known() && mm != 0 && !ok {
+			mms[mm] = len(reqs)
+			reqs = append(reqs, kernelRead{VA: mm + uint64(o.MMPgd.Value), Buf: make([]byte, 8)})
+			if haveArgs {
+				reqs = append(reqs, kernelRead{VA: mm + uint64(o.MMArgStart.Value), Buf: make([]byte, 16)})
+			}
+		}
 	}
-	pa, ok := r.pgds[mm]
-	if !ok || pa == 0 {
-		return cmdlineJob{}, false
+	r.k.readKernelBatch(reqs)
+	mm := map[uint64]mmMembers{}
+	for a, j := range mms {
+		var m mmMembers
+		if reqs[j].Err == nil {
+			if pa, err := r.k.VirtToPhys(le64(reqs[j].Buf, 0)); err == nil {
+				m.pgd, m.ok = pa, true
+			}
+		}
+		if haveArgs && reqs[j+1].Err == nil {
+			m.argStart, m.argEnd, m.args = le64(reqs[j+1].Buf, 0), le64(reqs[j+1].Buf, 8), true
+		}
+		mm[a] = m
 	}
-	var args [16]byte
-	if err := r.k.ReadVirt(args[:], mm+uint64(o.MMArgStart.Value)); err != nil || o.MMArgEnd.Value != o.MMArgStart.Value+8 {
-		return cmdlineJob{}, false
+	r.mms = mm
+	for i := range out {
+		if i >= len(r.refs) {
+			break
+		}
+		if j, ok := creds[r.refs[i].cred]; ok && reqs[j].Err == nil {
+			ids := [4]*int{&out[i].UID, &out[i].GID, &out[i].EUID, &out[i].EGID}
+			for k, m := range credIDs {
+				if m.Known() {
+					*ids[k] = int(le32(reqs[j].Buf, int(m.Value-lo)))
+				}
+			}
+		}
+		if m, ok := mm[r.refs[i].mm]; ok && m.ok {
+			out[i].PGD = m.pgd
+		}
 	}
-	start, end := le64(args[:], 0), le64(args[:], 8)
-	if end <= start || start >= r.k.userTop() {
-		return cmdlineJob{}, false
-	}
-	return cmdlineJob{pgd: pa, start: start, len: min(end-start, maxCmdline)}, true
 }
 
-// readCmdlines reads the command lines of jobs through each process's own
-// page tables, all processes together: a walk per process, but one batched
-// read per page-table level (a system call for a live guest) for all of
-// them. Pages that are not present leave the command line short or nil.
-func (r *taskReader) readCmdlines(out []Process, jobs []cmdlineJob) {
-	if len(jobs) == 0 {
+// countThreads sets Threads of the groups in counts from their
+// signal->nr_threads, all read in one batch: a count that cannot be read
+// or makes no sense stays 0 (unknown).
+func (r *taskReader) countThreads(out []Process, groups []group, counts []threadCount) {
+	if len(counts) == 0 {
 		return
 	}
-	reqs := make([]guestmem.VirtReq, len(jobs))
-	for i, j := range jobs {
-		reqs[i] = guestmem.VirtReq{Root: j.pgd, VA: j.start, Buf: make([]byte, j.len)}
+	reqs := make([]kernelRead, len(counts))
+	for j, c := range counts {
+		reqs[j] = kernelRead{VA: c.signal + uint64(r.off.SignalNrThreads.Value), Buf: make([]byte, 4)}
 	}
-	guestmem.ReadVirtBatch(r.k.userMemory(), r.k.Levels, reqs)
-	for i, j := range jobs {
+	r.k.readKernelBatch(reqs)
+	for j, c := range counts {
+		if v := le32(reqs[j].Buf, 0); reqs[j].Err == nil && v > 0 && v <= maxTasks {
+			out[c.i].Threads = int(v)
+		}
+	}
+}
+
+// readCmdlines reads the command line of every group's leader, argv at
+// mm->arg_start..arg_end (proc_pid_cmdline_read without the setproctitle
+// cases), through each process's own page tables, all processes together:
+// a walk per process, but one batched read per page-table level (a system
+// call for a live guest) for all of them. The group's threads share it.
+// Pages that are not present leave the command line short or nil.
+func (r *taskReader) readCmdlines(out []Process, groups []group) {
+	var reqs []guestmem.VirtReq
+	var of []group
+	for _, g := range groups {
+		if g.i >= len(r.refs) {
+			continue
+		}
+		m, ok := r.mms[r.refs[g.i].mm]
+		if !ok || !m.ok || !m.args || m.pgd == 0 || m.argEnd <= m.argStart || m.argStart >= r.k.userTop() {
+			continue
+		}
+		reqs = append(reqs, guestmem.VirtReq{Root: m.pgd, VA: m.argStart, Buf: make([]byte, min(m.argEnd-m.argStart, maxCmdline))})
+		of = append(of, g)
+	}
+	if len(reqs) == 0 {
+		return
+	}
+	guestmem.ReadVirtBatch(r.k.Mem, r.k.Levels, reqs)
+	for i, g := range of {
 		if reqs[i].N == 0 {
 			continue
 		}
 		args := splitArgs(bytes.TrimRight(reqs[i].Buf[:reqs[i].N], "\x00"))
-		for k := j.i; k < j.i+j.n && k < len(out); k++ {
+		for k := g.i; k < g.i+g.n && k < len(out); k++ {
 			out[k].Cmdline = args
 		}
 	}
@@ -473,29 +548,46 @@ func stateLetter(v uint32) string {
 	}
 }
 
-// readContig reads len(p) bytes at kernel virtual address va with one
-// memory read per physically contiguous run of pages (a task_struct in
-// the direct map is one run), where ReadVirt reads page by page: each
-// read of live guest memory is a system call.
-func (k *Kernel) readContig(p []byte, va uint64) error {
-	for len(p) > 0 {
-		pa, err := k.VirtToPhys(va)
-		if err != nil {
-			return err
-		}
-		n := min(uint64(len(p)), 0x1000-va&0xfff)
-		for n < uint64(len(p)) {
-			next, err := k.VirtToPhys(va + n)
-			if err != nil || next != pa+n {
+// kernelRead is one read of kernel virtual memory in a batch.
+type kernelRead struct {
+	VA  uint64
+	Buf []byte
+	Err error
+}
+
+// readKernelBatch does every read of reqs in one batched read of guest
+// physical memory (one system call for a live guest, copies for memfd RAM
+// or a core), with one piece per physically contiguous run of pages: a
+// slab object in the direct map is one run. A read that cannot be
+// translated fails alone.
+func (k *Kernel) readKernelBatch(reqs []kernelRead) {
+	phys := make([]guestmem.PhysReq, 0, len(reqs))
+	owner := make([]int, 0, len(reqs))
+	for i := range reqs {
+		va, p := reqs[i].VA, reqs[i].Buf
+		for len(p) > 0 {
+			pa, err := k.VirtToPhys(va)
+			if err != nil {
+				reqs[i].Err = err
 				break
 			}
-			n += min(uint64(len(p))-n, 0x1000)
+			n := min(uint64(len(p)), 0x1000-va&0xfff)
+			for n < uint64(len(p)) {
+				next, err := k.VirtToPhys(va + n)
+				if err != nil || next != pa+n {
+					break
+				}
+				n += min(uint64(len(p))-n, 0x1000)
+			}
+			phys = append(phys, guestmem.PhysReq{GPA: pa, Buf: p[:n]})
+			owner = append(owner, i)
+			p, va = p[n:], va+n
 		}
-		if _, err := k.Mem.ReadAt(p[:n], int64(pa)); err != nil {
-			return fmt.Errorf("read kernel va %#x (pa %#x): %w", va, pa, err)
-		}
-		p = p[n:]
-		va += n
 	}
-	return nil
+	guestmem.ReadBatch(k.Mem, phys)
+	for j, q := range phys {
+		if r := &reqs[owner[j]]; q.Err != nil && r.Err == nil {
+			r.Err = fmt.Errorf("read kernel va %#x (pa %#x): %w", r.VA, q.GPA, q.Err)
+		}
+	}
 }

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"sort"
@@ -15,6 +18,7 @@ import (
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/urfave/cli/v2"
 )
 
@@ -28,6 +32,8 @@ var coreFlag = &cli.StringFlag{Name: "core", Usage: "read an ELF core (QEMU dump
 type guest interface {
 	kernel(ctx context.Context) (api.Kernel, error)
 	processes(ctx context.Context, threads, consistent bool) ([]api.Process, error)
+	// processesJSON writes the processes to w as `--json` prints them.
+	processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error
 	modules(ctx context.Context) ([]api.Module, error)
 	offsets(ctx context.Context, format, name string) ([]byte, error)
 	close()
@@ -42,7 +48,7 @@ func openGuest(c *cli.Context) (guest, error) {
 		if err != nil {
 			return nil, cli.Exit(fmt.Sprintf("open core: %v", err), 1)
 		}
-		return &coreGuest{core: core, sc: introspect.NewScanner(core)}, nil
+		return &coreGuest{core: core, sess: session.New(session.Frozen{Src: core}, nil)}, nil
 	}
 	cl, err := client(c)
 	if err != nil {
@@ -58,7 +64,7 @@ func (g *liveGuest) kernel(ctx context.Context) (api.Kernel, error) {
 	return k, g.c.Get(ctx, "/v1/kernel", &k)
 }
 
-func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]api.Process, error) {
+func processesPath(threads, consistent bool) string {
 	q := url.Values{}
 	if threads {
 		q.Set("threads", "1")
@@ -66,8 +72,55 @@ func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]
 	if consistent {
 		q.Set("consistent", "1")
 	}
+	return "/v1/processes?" + q.Encode()
+}
+
+func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]api.Process, error) {
 	var ps []api.Process
-	return ps, g.c.Get(ctx, "/v1/processes?"+q.Encode(), &ps)
+	return ps, g.c.Get(ctx, processesPath(threads, consistent), &ps)
+}
+
+// processesJSON streams the server's reply to w element by element,
+// indented as printJSON indents: nothing waits for the whole list, and no
+// element is decoded into Go values and encoded again.
+func (g *liveGuest) processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error {
+	body, _, err := g.c.Open(ctx, processesPath(threads, consistent))
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	dec := json.NewDecoder(body)
+	bad := func(err error) error { return fmt.Errorf("decode the process list: %w", err) }
+	if t, err := dec.Token(); err != nil || t != json.Delim('[') {
+		return bad(fmt.Errorf("want a JSON array (%v)", err))
+	}
+	bw := bufio.NewWriterSize(w, 64<<10)
+	var buf bytes.Buffer
+	bw.WriteString("[")
+	for n := 0; dec.More(); n++ {
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return bad(err)
+		}
+		buf.Reset()
+		if err := json.Indent(&buf, raw, "  ", "  "); err != nil {
+			return bad(err)
+		}
+		if n > 0 {
+			bw.WriteString(",")
+		}
+		bw.WriteString("\n  ")
+		bw.Write(buf.Bytes())
+	}
+	if _, err := dec.Token(); err != nil {
+		return bad(err)
+	}
+	if empty := bw.Buffered() == 1; empty {
+		bw.WriteString("]\n")
+	} else {
+		bw.WriteString("\n]\n")
+	}
+	return bw.Flush()
 }
 
 func (g *liveGuest) modules(ctx context.Context) ([]api.Module, error) {
@@ -82,30 +135,40 @@ func (g *liveGuest) offsets(ctx context.Context, format, name string) ([]byte, e
 
 func (g *liveGuest) close() {}
 
+// coreGuest reads an ELF core through the same session code as the
+// server, on a Machine that never changes.
 type coreGuest struct {
 	core *guestmem.Core
-	sc   *introspect.Scanner
+	sess *session.Session
 }
 
 func (g *coreGuest) kernel(ctx context.Context) (api.Kernel, error) {
-	k, off, err := g.sc.Kernel(ctx)
+	k, off, offErr, err := g.sess.Kernel(ctx)
 	if err != nil {
 		return api.Kernel{}, err
 	}
-	return api.KernelFrom(k, off, g.sc.OffsetsError()), nil
+	return api.KernelFrom(k, off, offErr), nil
 }
 
 func (g *coreGuest) processes(ctx context.Context, threads, _ bool) ([]api.Process, error) {
 	// A core is consistent by nature.
-	scan, err := g.sc.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
+	scan, err := g.sess.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
 	if err != nil {
 		return nil, err
 	}
 	return api.ProcessesFrom(scan.Processes), nil
 }
 
+func (g *coreGuest) processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error {
+	ps, err := g.processes(ctx, threads, consistent)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, ps)
+}
+
 func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
-	ms, err := g.sc.Modules(ctx)
+	ms, err := g.sess.Modules(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -113,7 +176,7 @@ func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
 }
 
 func (g *coreGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {
-	k, off, err := g.sc.Kernel(ctx)
+	k, off, _, err := g.sess.Kernel(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -154,12 +217,12 @@ func psCommand() *cli.Command {
 			&cli.BoolFlag{Name: "consistent", Usage: "pause the VM during the scan (live VMs)"},
 		},
 		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			if c.Bool("json") {
+				return g.processesJSON(ctx, c.Bool("threads"), c.Bool("consistent"), os.Stdout)
+			}
 			ps, err := g.processes(ctx, c.Bool("threads"), c.Bool("consistent"))
 			if err != nil {
 				return err
-			}
-			if c.Bool("json") {
-				return printJSON(ps)
 			}
 			if c.Bool("tree") {
 				printTree(ps)

@@ -1,6 +1,7 @@
 package launch
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -189,12 +191,12 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 				log.Warn().Err(err).Msg("socket directory")
 			}
 		}
-		metrics := api.NewMetrics()
-		target.metrics = metrics
-		server = &api.Server{Target: target, Log: log, Groups: o.Groups, Scanner: newScanner(target), Metrics: metrics}
-		server.Scanner.OnScan = func(d time.Duration, err error) { metrics.ObserveScan("processes", d, err) }
+		sess := session.New(target, nil)
+		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups}
 		if o.ScanInterval > 0 {
-			startScans(target, server.Scanner, o.ScanInterval, t.Done())
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() { <-t.Done(); cancel() }()
+			go sess.Run(ctx, o.ScanInterval, func(err error) { log.Debug().Err(err).Msg("scheduled scan") })
 		}
 		if err := server.Listen(sock); err != nil {
 			log.Error().Err(err).Msg("API disabled")

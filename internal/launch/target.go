@@ -12,12 +12,13 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// runTarget is the api.Target of a VM launched under the tracer.
+// runTarget is the tracer side of a VM launched under the tracer: the
+// session.Machine its Session reads through (the current memory source,
+// pause) and the api.Target that describes it.
 type runTarget struct {
 	t        *tracer.Tracer
 	qa       QEMUArgs
 	log      zerolog.Logger
-	metrics  *api.Metrics // counts guest memory accesses when set
 	name     string
 	writable bool
 	live     *guestmem.Live
@@ -56,25 +57,22 @@ func (r *runTarget) connectQMP(done <-chan struct{}) {
 // kvm reports whether QEMU runs the guest on KVM.
 func (r *runTarget) kvm() bool { return r.t.VM().Pid() != 0 }
 
-func (r *runTarget) Source() guestmem.Source {
-	src := r.source()
-	if r.metrics != nil {
-		return r.metrics.Meter(src)
-	}
-	return src
-}
-
-func (r *runTarget) source() guestmem.Source {
+// Source is KVM's source once QEMU has created its VM, else TCG's once
+// QEMU answers on the private QMP socket.
+func (r *runTarget) Source() (guestmem.Source, error) {
 	if r.kvm() {
-		return r.live
+		return r.live, nil
 	}
 	select {
 	case <-r.tcgReady:
-		return r.tcg
+		return r.tcg, nil
 	default:
-		return notReady{}
+		return nil, errNotReady
 	}
 }
+
+// Pause stops QEMU (tracer.Tracer.Pause).
+func (r *runTarget) Pause(ctx context.Context) (func(), error) { return r.t.Pause(ctx) }
 
 func (r *runTarget) Describe() api.VM {
 	out := api.VM{Name: r.name, TracerPid: os.Getpid(), Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
@@ -101,23 +99,29 @@ func (r *runTarget) Describe() api.VM {
 		out.Pid = r.t.QEMUPid()
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		if cpus, err := r.Source().CPUs(ctx); err == nil {
+		if cpus, err := r.tcgCPUs(ctx); err == nil {
 			for _, c := range cpus {
 				out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: c.ID})
 			}
 		}
 	}
-	for _, rg := range r.Source().Regions() {
+	var regions []guestmem.Region
+	if src, err := r.Source(); err == nil {
+		regions = src.Regions()
+	}
+	for _, rg := range regions {
 		out.Regions = append(out.Regions, api.RegionOut{GPA: api.Hex64(rg.GPA), Size: api.Hex64(rg.Size), ReadOnly: rg.ReadOnly, Name: rg.Name})
 	}
 	return out
 }
 
-// notReady is the source before QEMU has created its VM or answered QMP.
-type notReady struct{}
-
 var errNotReady = errors.New("the VM is not running yet (QEMU has created no VM and its QMP socket is not answering)")
 
-func (notReady) ReadAt([]byte, int64) (int, error)            { return 0, errNotReady }
-func (notReady) Regions() []guestmem.Region                   { return nil }
-func (notReady) CPUs(context.Context) ([]guestmem.CPU, error) { return nil, errNotReady }
+// tcgCPUs are the vCPUs QMP lists.
+func (r *runTarget) tcgCPUs(ctx context.Context) ([]guestmem.CPU, error) {
+	src, err := r.Source()
+	if err != nil {
+		return nil, err
+	}
+	return src.CPUs(ctx)
+}
