@@ -68,7 +68,13 @@ type Capabilities struct {
 // CapabilitiesOf reports what src can do.
 func CapabilitiesOf(src Memory) Capabilities {
 	var c Capabilities
-	_, c.Batch = src.(BatchReader)
+	if b, ok := src.(BatchReader); ok {
+		c.Batch = true
+		// A wrapper batches only when what it wraps does.
+		if w, ok := b.(interface{ Batched() bool }); ok {
+			c.Batch = w.Batched()
+		}
+	}
 	if w, ok := src.(Writer); ok {
 		c.Write = true
 		if a, ok := w.(interface{ Writable() bool }); ok {

@@ -66,6 +66,13 @@ func (m metered) ReadBatch(reqs []guestmem.PhysReq) {
 	m.c.read(n, 1, errs)
 }
 
+// Batched reports whether the source below makes batched reads in one
+// call (guestmem.CapabilitiesOf); ReadBatch works either way.
+func (m metered) Batched() bool {
+	_, ok := m.src.(guestmem.BatchReader)
+	return ok
+}
+
 type meteredWriter struct {
 	metered
 	w guestmem.Writer

@@ -4,13 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"path/filepath"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
+	"github.com/kvmscope/kvmscope/session"
 )
 
 // TestGuestLinux boots real Linux guests under `kvmscope run`, on TCG and
@@ -25,11 +29,16 @@ func TestGuestLinux(t *testing.T) {
 		kernel string
 		btf    bool
 		accel  string
+		// memfd backs guest RAM with a memfd, read in place, and lets
+		// the API write guest memory (--allow-write).
+		memfd bool
 	}{
-		{"debian-6.1", p.DebianKernel, true, "tcg"},
-		{"gokrazy-7.x", p.GokrazyKernel, false, "tcg"},
-		{"debian-6.1-kvm", p.DebianKernel, true, "kvm"},
-		{"gokrazy-7.x-kvm", p.GokrazyKernel, false, "kvm"},
+		{"debian-6.1", p.DebianKernel, true, "tcg", false},
+		{"debian-6.1-memfd", p.DebianKernel, true, "tcg", true},
+		{"gokrazy-7.x", p.GokrazyKernel, false, "tcg", false},
+		{"debian-6.1-kvm", p.DebianKernel, true, "kvm", false},
+		{"debian-6.1-kvm-memfd", p.DebianKernel, true, "kvm", true},
+		{"gokrazy-7.x-kvm", p.GokrazyKernel, false, "kvm", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.accel == "kvm" {
@@ -39,11 +48,16 @@ func TestGuestLinux(t *testing.T) {
 			sock := filepath.Join(t.TempDir(), "api.sock")
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 			defer cancel()
-			g, err := testlinux.Boot(ctx, testlinux.Options{
+			opts := testlinux.Options{
 				Kernel:  tc.kernel,
 				Accel:   tc.accel,
 				Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
-			})
+			}
+			if tc.memfd {
+				opts.Wrapper = []string{kvmscopeBin, "--log-level", "warn", "run", "--allow-write", "--api", sock, "--"}
+				opts.ExtraArgs = []string{"-object", "memory-backend-memfd,id=ram,size=512M", "-machine", "memory-backend=ram"}
+			}
+			g, err := testlinux.Boot(ctx, opts)
 			if err != nil {
 				t.Fatalf("boot under kvmscope run: %v", err)
 			}
@@ -52,6 +66,7 @@ func TestGuestLinux(t *testing.T) {
 			live := psJSON(t, "--api", sock)
 			checkPS(t, "live", live, g.PS())
 			checkVCPUs(t, sock, g, tc.accel)
+			checkSource(t, sock, tc.memfd, tc.memfd)
 
 			// The kernel and where each offset came from.
 			out, errOut, code := kvmscope(t, "kernel", "--api", sock, "--json")
@@ -95,6 +110,7 @@ func TestGuestLinux(t *testing.T) {
 				t.Fatalf("kvmscope dump: %s", errOut)
 			}
 			checkPS(t, "dump", psJSON(t, "--core", core), g.PS())
+			checkCoreSource(t, core)
 			// The guest runs on after a dump (the dump paused it).
 			checkPS(t, "after dump", psJSON(t, "--api", sock), g.PS())
 			if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code == 0 || !strings.Contains(errOut, "exists") {
@@ -200,5 +216,63 @@ func checkVCPUs(t *testing.T, sock string, g *testlinux.Guest, accel string) {
 	}
 	if inText == 0 {
 		t.Errorf("%s: no vCPU in kernel text [%#x, %#x): %s", accel, text, etext, out)
+	}
+}
+
+// checkSource checks that what the memory source below can do survives
+// the production stack up to the scans (session, metering), as GET /v1/vm
+// reports it and as a scan's read calls show it: with batched reads, a
+// scan makes about one read call per task, where reads one at a time
+// would make several per task and one per page-table entry.
+func checkSource(t *testing.T, sock string, inPlace, writable bool) {
+	t.Helper()
+	c := api.NewClient(sock)
+	var vm api.VM
+	if err := c.Get(ctxT(t), "/v1/vm", &vm); err != nil {
+		t.Fatal(err)
+	}
+	src := vm.Source
+	if src == nil {
+		t.Fatal("GET /v1/vm has no source capabilities")
+	}
+	if !src.Batch || src.Write != writable || (len(src.InPlace) > 0) != inPlace {
+		t.Errorf("source as the scans see it: %+v; want batch, write %v, RAM read in place %v", *src, writable, inPlace)
+	}
+	resp, err := c.Response(ctxT(t), "/v1/processes")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ps []api.Process
+	err = json.NewDecoder(resp.Body).Decode(&ps)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reads, _ := strconv.Atoi(resp.Header.Get(api.HeaderScanReads))
+	bytes, _ := strconv.Atoi(resp.Header.Get(api.HeaderScanReadBytes))
+	t.Logf("scan of %d processes: %d read calls, %d bytes; source %+v", len(ps), reads, bytes, *src)
+	if reads == 0 || reads > len(ps)+64 {
+		t.Errorf("a scan of %d processes made %d read calls; batched reads make at most one per task and a few more", len(ps), reads)
+	}
+	if bytes == 0 || bytes > 2048*len(ps)+1<<20 {
+		t.Errorf("a scan of %d processes read %d bytes; it should read only the members it needs", len(ps), bytes)
+	}
+}
+
+// checkCoreSource checks that the --core path's session keeps the core's
+// capabilities.
+func checkCoreSource(t *testing.T, path string) {
+	t.Helper()
+	core, err := guestmem.OpenCore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer core.Close()
+	got, err := session.New(session.Frozen{Src: core}, nil).Capabilities()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := guestmem.CapabilitiesOf(core); !reflect.DeepEqual(got, want) {
+		t.Errorf("a core's capabilities through the session: %+v; the core's own: %+v", got, want)
 	}
 }
