@@ -89,17 +89,20 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	seen := map[uint64]bool{}
 	cur, prevNode := initTask, uint64(0)
 	var initB []byte
+	// The bytes of one leader, read again for each: nothing keeps them
+	// past its iteration but initB, a copy.
+	lb := make([]byte, r.hi-r.lo)
 	for {
 		if len(seen) >= maxTasks+1 {
 			return nil, fmt.Errorf("processes: tasks list at %#x: more than %d nodes", head, maxTasks)
 		}
 		seen[cur] = true
-		b, err := r.read(cur)
+		b, err := r.readInto(lb, cur)
 		if err != nil {
 			return nil, fmt.Errorf("processes: %w", err)
 		}
 		if cur == initTask {
-			initB = b
+			initB = append([]byte(nil), b...)
 		} else if pr := r.u64(b, off.TaskTasks.Value+8); pr != prevNode {
 			return nil, fmt.Errorf("processes: tasks list at %#x: node %#x: prev is %#x, want %#x", head, cur+lo, pr, prevNode)
 		}
@@ -203,6 +206,9 @@ type taskReader struct {
 	refs []taskRefs
 	// mms are the members read of each mm, by address (resolve).
 	mms map[uint64]mmMembers
+	// reqs and scratch are reused by every readInto.
+	reqs    []kernelRead
+	scratch batchScratch
 }
 
 // taskRefs are the pointers of one task that resolve reads.
@@ -264,15 +270,16 @@ func (r *taskReader) field(b []byte, o Offset, size int) (uint64, bool) {
 
 func (r *taskReader) u64(b []byte, off int64) uint64 { return le64(b, int(off-r.lo)) }
 
-// read returns the task's bytes from r.lo to r.hi, of which only the
-// members' spans are read (the rest stays zero), in one batched read.
-func (r *taskReader) read(task uint64) ([]byte, error) {
-	b := make([]byte, r.hi-r.lo)
-	reqs := make([]kernelRead, len(r.spans))
-	for i, s := range r.spans {
-		reqs[i] = kernelRead{VA: task + uint64(s[0]), Buf: b[s[0]-r.lo : s[1]-r.lo]}
+// readInto reads into b (r.hi-r.lo bytes) the task's bytes from r.lo to
+// r.hi, of which only the members' spans, in one batched read; b's other
+// bytes are left as they were, and nothing reads them.
+func (r *taskReader) readInto(b []byte, task uint64) ([]byte, error) {
+	reqs := r.reqs[:0]
+	for _, s := range r.spans {
+		reqs = append(reqs, kernelRead{VA: task + uint64(s[0]), Buf: b[s[0]-r.lo : s[1]-r.lo]})
 	}
-	r.k.readKernelBatch(reqs)
+	r.reqs = reqs
+	r.k.readKernelBatchInto(reqs, &r.scratch)
 	for _, q := range reqs {
 		if q.Err != nil {
 			return nil, fmt.Errorf("read task_struct at %#x: %w", task, q.Err)
@@ -316,7 +323,7 @@ func (r *taskReader) threads(leader uint64, b []byte, budget *int, read bool, f 
 		seen[cur] = true
 		var next, back uint64
 		if read && cur != head {
-			tb, err := r.read(cur - tn)
+			tb, err := r.readInto(make([]byte, r.hi-r.lo), cur-tn)
 			if err != nil {
 				return fmt.Errorf("threads of %#x: %w", leader, err)
 			}
@@ -561,8 +568,20 @@ type kernelRead struct {
 // slab object in the direct map is one run. A read that cannot be
 // translated fails alone.
 func (k *Kernel) readKernelBatch(reqs []kernelRead) {
-	phys := make([]guestmem.PhysReq, 0, len(reqs))
-	owner := make([]int, 0, len(reqs))
+	k.readKernelBatchInto(reqs, &batchScratch{})
+}
+
+// batchScratch is the memory of readKernelBatchInto, kept by callers that
+// make many batches.
+type batchScratch struct {
+	phys  []guestmem.PhysReq
+	owner []int
+}
+
+// readKernelBatchInto is readKernelBatch using s.
+func (k *Kernel) readKernelBatchInto(reqs []kernelRead, s *batchScratch) {
+	phys, owner := s.phys[:0], s.owner[:0]
+	defer func() { s.phys, s.owner = phys, owner }()
 	for i := range reqs {
 		va, p := reqs[i].VA, reqs[i].Buf
 		for len(p) > 0 {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 	"github.com/kvmscope/kvmscope/introspect"
 	"github.com/kvmscope/kvmscope/session"
@@ -47,10 +48,17 @@ type scanGuest struct {
 // the kernel before the caller's first request).
 func bootScanGuest(b *testing.B, extra, memMB int, memfd bool) *scanGuest {
 	b.Helper()
+	return bootScanGuestOn(b, "tcg", extra, memMB, memfd)
+}
+
+// bootScanGuestOn is bootScanGuest with QEMU's accelerator accel.
+func bootScanGuestOn(b *testing.B, accel string, extra, memMB int, memfd bool) *scanGuest {
+	b.Helper()
 	p := testlinux.Require(b)
 	sock := filepath.Join(b.TempDir(), "api.sock")
 	opts := testlinux.Options{
 		Kernel:  p.DebianKernel,
+		Accel:   accel,
 		MemMB:   memMB,
 		Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
 		// 5,000 forks and /init's /proc walks are slow under TCG.
@@ -194,78 +202,98 @@ func checkScan(b *testing.B, what string, ps []introspect.Process, guest []testl
 // through the socket, 60 ms for the CLI, 4 MB read per scan; each
 // target/measured ratio >= 1 meets its target.
 func BenchmarkPS(b *testing.B) {
-	for _, c := range []struct {
-		name   string
-		extra  int // kvmscope.procs
-		memMB  int // 512 MiB allows ~3,900 tasks (threads-max)
-		memfd  bool
-		target time.Duration
-	}{
-		{"procs=100", 3, 512, false, time.Millisecond},
-		{"procs=100-memfd", 3, 512, true, time.Millisecond},
-		{"procs=5000", 4900, 1024, false, 20 * time.Millisecond},
-		{"procs=5000-memfd", 4900, 1024, true, 20 * time.Millisecond},
+	for _, c := range []psCase{
+		{"procs=100", "tcg", 3, 512, false, time.Millisecond},
+		{"procs=100-memfd", "tcg", 3, 512, true, time.Millisecond},
+		{"procs=5000", "tcg", 4900, 1024, false, 20 * time.Millisecond},
+		{"procs=5000-memfd", "tcg", 4900, 1024, true, 20 * time.Millisecond},
+	} {
+		b.Run(c.name, func(b *testing.B) { benchPS(b, c) })
+	}
+}
+
+// BenchmarkPSKVM is BenchmarkPS on a guest that runs on KVM: here where
+// KVM can boot Linux, else in the nested-KVM lab (scripts/bench.sh).
+func BenchmarkPSKVM(b *testing.B) {
+	for _, c := range []psCase{
+		{"procs=100", "kvm", 3, 512, false, time.Millisecond},
+		{"procs=100-memfd", "kvm", 3, 512, true, time.Millisecond},
 	} {
 		b.Run(c.name, func(b *testing.B) {
-			const cliTarget, readTarget = 60 * time.Millisecond, 4e6
-			sg := bootScanGuest(b, c.extra, c.memMB, c.memfd)
-			ctx := context.Background()
-			// Discovery, then the scans timed.
-			first, err := sg.scanAPI(ctx)
-			if err != nil {
-				b.Fatal(err)
-			}
-			checkScan(b, "GET /v1/processes", first.procs, sg.g.PS())
-			sleeps := 0
-			for _, p := range first.procs {
-				if strings.Join(p.Cmdline, " ") == "sleep 100000" {
-					sleeps++
-				}
-			}
-			if sleeps < 40+c.extra {
-				b.Fatalf("%d processes with command line \"sleep 100000\"; the guest runs %d", sleeps, 40+c.extra)
-			}
-			var calls, scans []time.Duration
-			var bytes, reads float64
-			n := 0
-			for b.Loop() {
-				r, err := sg.scanAPI(ctx)
-				if err != nil {
-					b.Fatal(err)
-				}
-				calls = append(calls, r.wall)
-				scans = append(scans, r.scan)
-				bytes += float64(r.readBytes)
-				reads += float64(r.reads)
-				n = len(r.procs)
-			}
-			var clis []time.Duration
-			for range 7 {
-				t0 := time.Now()
-				out, errOut, code := kvmscopeB(b, "ps", "--json", "--api", sg.sock)
-				clis = append(clis, time.Since(t0))
-				if code != 0 {
-					b.Fatalf("kvmscope ps --json: %s", errOut)
-				}
-				if !strings.Contains(out, `"comm": "sleep"`) {
-					b.Fatalf("kvmscope ps --json lists no sleep process")
-				}
-			}
-			med, cli := medianDuration(calls), medianDuration(clis)
-			perScan := bytes / float64(len(calls))
-			b.ReportMetric(float64(n), "procs")
-			b.ReportMetric(ms(med), "api-ms")
-			b.ReportMetric(ms(quantileDuration(calls, 0.9)), "api-p90-ms")
-			b.ReportMetric(ms(medianDuration(scans)), "scan-ms")
-			b.ReportMetric(perScan/1e3, "read-kb")
-			b.ReportMetric(reads/float64(len(calls)), "reads")
-			b.ReportMetric(ms(cli), "cli-ms")
-			b.ReportMetric(ms(c.target), "target-ms")
-			b.ReportMetric(c.target.Seconds()/med.Seconds(), "target-ratio")
-			b.ReportMetric(cliTarget.Seconds()/cli.Seconds(), "cli-target-ratio")
-			b.ReportMetric(readTarget/perScan, "read-target-ratio")
+			testenv.Require(b, testenv.FastKVM)
+			benchPS(b, c)
 		})
 	}
+}
+
+// psCase is one guest of the ps benchmarks.
+type psCase struct {
+	name   string
+	accel  string
+	extra  int // kvmscope.procs
+	memMB  int // 512 MiB allows ~3,900 tasks (threads-max)
+	memfd  bool
+	target time.Duration
+}
+
+func benchPS(b *testing.B, c psCase) {
+	const cliTarget, readTarget = 60 * time.Millisecond, 4e6
+	sg := bootScanGuestOn(b, c.accel, c.extra, c.memMB, c.memfd)
+	ctx := context.Background()
+	// Discovery, then the scans timed.
+	first, err := sg.scanAPI(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	checkScan(b, "GET /v1/processes", first.procs, sg.g.PS())
+	sleeps := 0
+	for _, p := range first.procs {
+		if strings.Join(p.Cmdline, " ") == "sleep 100000" {
+			sleeps++
+		}
+	}
+	if sleeps < 40+c.extra {
+		b.Fatalf("%d processes with command line \"sleep 100000\"; the guest runs %d", sleeps, 40+c.extra)
+	}
+	var calls, scans []time.Duration
+	var bytes, reads float64
+	n := 0
+	for b.Loop() {
+		r, err := sg.scanAPI(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		calls = append(calls, r.wall)
+		scans = append(scans, r.scan)
+		bytes += float64(r.readBytes)
+		reads += float64(r.reads)
+		n = len(r.procs)
+	}
+	var clis []time.Duration
+	for range 7 {
+		t0 := time.Now()
+		out, errOut, code := kvmscopeB(b, "ps", "--json", "--api", sg.sock)
+		clis = append(clis, time.Since(t0))
+		if code != 0 {
+			b.Fatalf("kvmscope ps --json: %s", errOut)
+		}
+		if !strings.Contains(out, `"comm": "sleep"`) {
+			b.Fatalf("kvmscope ps --json lists no sleep process")
+		}
+	}
+	med, cli := medianDuration(calls), medianDuration(clis)
+	perScan := bytes / float64(len(calls))
+	b.ReportMetric(float64(n), "procs")
+	b.ReportMetric(ms(med), "api-ms")
+	b.ReportMetric(ms(quantileDuration(calls, 0.9)), "api-p90-ms")
+	b.ReportMetric(ms(medianDuration(scans)), "scan-ms")
+	b.ReportMetric(perScan/1e3, "read-kb")
+	b.ReportMetric(reads/float64(len(calls)), "reads")
+	b.ReportMetric(ms(cli), "cli-ms")
+	b.ReportMetric(ms(c.target), "target-ms")
+	b.ReportMetric(c.target.Seconds()/med.Seconds(), "target-ratio")
+	b.ReportMetric(cliTarget.Seconds()/cli.Seconds(), "cli-target-ratio")
+	b.ReportMetric(readTarget/perScan, "read-target-ratio")
 }
 
 // apiScan is one GET /v1/processes as timed by the client, with what the
