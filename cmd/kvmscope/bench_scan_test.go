@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -136,36 +135,11 @@ func (sg *scanGuest) source() *countingSource {
 type countingSource struct {
 	*guestmem.TCG
 	reads atomic.Int64
-	// sizes, when set, counts reads by size (not concurrency-safe: one
-	// scan at a time).
-	sizes map[int]int
 }
 
 func (c *countingSource) ReadAt(p []byte, gpa int64) (int, error) {
 	c.reads.Add(1)
-	if c.sizes != nil {
-		c.sizes[len(p)]++
-	}
 	return c.TCG.ReadAt(p, gpa)
-}
-
-// sizeLog describes reads by size, most frequent first.
-func sizeLog(sizes map[int]int) string {
-	type kv struct{ size, n int }
-	var l []kv
-	for s, n := range sizes {
-		l = append(l, kv{s, n})
-	}
-	sort.Slice(l, func(i, j int) bool { return l[i].n > l[j].n })
-	var sb strings.Builder
-	for i, e := range l {
-		if i == 8 {
-			fmt.Fprintf(&sb, " ...")
-			break
-		}
-		fmt.Fprintf(&sb, " %d B ×%d", e.size, e.n)
-	}
-	return sb.String()
 }
 
 // checkScan fails unless every user process the guest lists is in ps.
