@@ -63,14 +63,9 @@ func (l *Live) ReadAt(p []byte, gpa int64) (int, error) {
 }
 
 // ReadBatch does many small reads in few system calls (see BatchReader).
-// Where guest RAM is a memfd mapping, reads are plain copies already.
+// Where guest RAM is a memfd mapping, reads are plain copies.
 func (l *Live) ReadBatch(reqs []PhysReq) {
-	pid, rs := l.vm.Pid(), l.slots()
-	if l.memfd.mapped(pid, rs) {
-		readEach(l, reqs)
-		return
-	}
-	readBatchRanges(pid, rs, reqs)
+	l.memfd.readBatch(l.vm.Pid(), l.slots(), reqs)
 }
 
 // WriteAt writes guest physical memory (only with allowWrite).

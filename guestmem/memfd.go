@@ -279,12 +279,7 @@ func (m *memfdRAM) readAt(pid int, rs []procRange, p []byte, gpa int64) (int, er
 	if pid == 0 {
 		return 0, fmt.Errorf("the VM has not been created yet")
 	}
-	m.mu.RLock()
-	if !m.current(pid, rs) {
-		m.mu.RUnlock()
-		m.refresh(pid, rs)
-		m.mu.RLock()
-	}
+	m.rlockCurrent(pid, rs)
 	defer m.mu.RUnlock()
 	// Use the table the views belong to: rs, or an even newer one another
 	// reader installed meanwhile.
@@ -374,19 +369,59 @@ func (l *Live) Close() error {
 	return nil
 }
 
-// mapped reports whether any range of rs is read from a memfd mapping.
-func (m *memfdRAM) mapped(pid int, rs []procRange) bool {
+
+// readBatch does reqs from pid through the slot table rs: the reads that
+// lie in one memfd-backed slot are copies from our mappings, made under
+// one lock and one fault guard for the whole batch (a read costs about a
+// copy, not a lookup and a guard of its own); the rest go in batched
+// process_vm_readv calls.
+func (m *memfdRAM) readBatch(pid int, rs []procRange, reqs []PhysReq) {
+	m.rlockCurrent(pid, rs)
+	key, views := m.key, m.views
+	var copies []mappedCopy
+	var rest []int
+	for i := range reqs {
+		r := &reqs[i]
+		if j, ok := findRangeIndex(key, r.GPA); ok && views[j].data != nil && r.GPA+uint64(len(r.Buf)) <= key[j].GPA+key[j].Size {
+			off := r.GPA - key[j].GPA
+			copies = append(copies, mappedCopy{dst: r.Buf, src: views[j].data[off : off+uint64(len(r.Buf))]})
+			continue
+		}
+		rest = append(rest, i)
+	}
+	if err := copyMappedAll(copies); err != nil {
+		// A mapping faulted (the memfd shrank under us): those reads, and
+		// any after them in the batch, go through process_vm_readv.
+		m.faults.Add(1)
+		rest = rest[:0]
+		for i := range reqs {
+			rest = append(rest, i)
+		}
+	}
+	m.mu.RUnlock()
+	if len(rest) == 0 {
+		return
+	}
+	sub := make([]PhysReq, len(rest))
+	for k, i := range rest {
+		sub[k] = PhysReq{GPA: reqs[i].GPA, Buf: reqs[i].Buf}
+	}
+	readBatchRanges(pid, rs, sub)
+	for k, i := range rest {
+		reqs[i].Err = sub[k].Err
+	}
+}
+
+// mappedCopy is one copy from a memfd mapping.
+type mappedCopy struct{ dst, src []byte }
+
+// rlockCurrent takes m.mu for reading with the views built for rs (or a
+// newer table another reader installed meanwhile).
+func (m *memfdRAM) rlockCurrent(pid int, rs []procRange) {
 	m.mu.RLock()
 	if !m.current(pid, rs) {
 		m.mu.RUnlock()
 		m.refresh(pid, rs)
 		m.mu.RLock()
 	}
-	defer m.mu.RUnlock()
-	for _, v := range m.views {
-		if v.data != nil {
-			return true
-		}
-	}
-	return false
 }

@@ -117,3 +117,21 @@ func copyMapped(dst, src []byte) (err error) {
 	copy(dst, src)
 	return nil
 }
+
+// copyMappedAll is copyMapped for many copies under one fault guard.
+func copyMappedAll(cs []mappedCopy) (err error) {
+	if len(cs) == 0 {
+		return nil
+	}
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if r := recover(); r != nil {
+			err = fmt.Errorf("fault reading mapped guest RAM: %v", r)
+		}
+	}()
+	for _, c := range cs {
+		copy(c.dst, c.src)
+	}
+	return nil
+}

@@ -157,11 +157,11 @@ func (t *TCG) io(p []byte, gpa int64, write bool) (int, error) {
 // ReadBatch does many small reads in few system calls (see BatchReader).
 func (t *TCG) ReadBatch(reqs []PhysReq) {
 	rs, err := t.memoryMap(false)
-	if err != nil || t.memfd.mapped(t.pid(), rs) {
+	if err != nil {
 		readEach(t, reqs)
 		return
 	}
-	readBatchRanges(t.pid(), rs, reqs)
+	t.memfd.readBatch(t.pid(), rs, reqs)
 	// A hole may mean a stale map: ReadAt refreshes it and retries.
 	for i := range reqs {
 		var hole *HoleError
