@@ -92,9 +92,6 @@ func DefaultDir() string {
 	return "/run/kvmscope"
 }
 
-// DefaultSocket is the socket path for a VM called name.
-func DefaultSocket(name string) string { return filepath.Join(DefaultDir(), name+".sock") }
-
 // Open fetches path and returns the body as a stream with its length (-1
 // when unknown), for large replies such as /v1/dump. The caller closes it.
 func (c *Client) Open(ctx context.Context, path string) (io.ReadCloser, int64, error) {

@@ -65,11 +65,6 @@ func (r *kvmRun) requestSyncRegs() {
 	*p = kvmSyncX86Regs | kvmSyncX86Sregs | kvmSyncX86Events
 }
 
-// exitReason is kvm_run->exit_reason of the last exit.
-func (r *kvmRun) exitReason() uint32 {
-	return *(*uint32)(unsafe.Pointer(&r.mem[KVMRunExitReasonOffset]))
-}
-
 // syncRegs copies the registers KVM last stored. The copy is consistent
 // only while the vCPU thread is stopped (or not in KVM_RUN).
 func (r *kvmRun) syncRegs() SyncRegs {

@@ -281,6 +281,3 @@ func (v *VM) Registers(ctx context.Context, id int) (Sample, error) {
 	}
 	return Sample{ID: id, Regs: c.run.syncRegs(), At: time.Now()}, nil
 }
-
-// ExitReason is the KVM exit reason of the vCPU's last exit.
-func (c *VCPU) ExitReason() uint32 { return c.run.exitReason() }

@@ -41,9 +41,6 @@ type Options struct {
 	EventLog bool
 	// FailMode says what to do when the tracer cannot start.
 	FailMode FailMode
-	// PassProbes executes probe runs (-version, -help, -machine none)
-	// directly, untraced: no tracer, no socket, no log.
-	PassProbes bool
 	// ScanInterval, when positive, scans the guest's processes on that
 	// interval, keeping the latest table for the API.
 	ScanInterval time.Duration
