@@ -11,11 +11,9 @@
 // (KVM_CAP_SYNC_REGS). The memslot table is rebuilt from the
 // KVM_SET_USER_MEMORY_REGION calls that succeeded.
 //
-// Two ways to start: Start runs QEMU as a child of the calling process
-// (through a re-executed shim that installs the filter), for programs that
-// embed the tracer; Attach + ExecTraced trace a process that then becomes
-// QEMU itself, which is how kvmscope run and kvmscope-qemu keep QEMU at the
-// pid its caller started.
+// Attach + ExecTraced trace a process that then becomes QEMU itself, which
+// is how kvmscope run and kvmscope-qemu keep QEMU at the pid its caller
+// started (see internal/launch).
 //
 // One goroutine, locked to its OS thread, owns every ptrace call: ptrace
 // requests are only valid from the thread that attached, and the stop loop
