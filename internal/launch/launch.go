@@ -181,7 +181,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		target.name = qa.Name
 		sock := o.Socket
 		if sock == "" {
-			sock = filepath.Join(dir, FileName(name)+".sock")
+			sock = SocketPath(dir, name)
 			if err := prepareDir(dir, o.Groups); err != nil {
 				log.Warn().Err(err).Msg("socket directory")
 			}
