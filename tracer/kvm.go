@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package tracer
 
 // KVM ioctl numbers and structure layouts for x86-64.
