@@ -81,7 +81,7 @@ func (l *Live) WriteAt(p []byte, gpa int64) (int, error) {
 	if !l.write {
 		return 0, ErrReadOnly
 	}
-	return writeRanges(l.vm.Pid(), l.slots(), p, gpa)
+	return ioRanges(l.vm.Pid(), l.slots(), p, gpa, true)
 }
 
 // CPUs returns fresh registers of every captured vCPU.
