@@ -83,17 +83,18 @@ func (c *Client) dialError(err error) error {
 	return fmt.Errorf("cannot reach kvmscope API at %s: %v", c.Socket, err)
 }
 
-// DefaultDir is where sockets live: $XDG_RUNTIME_DIR/kvmscope for a user
-// with a runtime dir, else /run/kvmscope.
+// SystemDir is the socket directory of VMs run as root and, unless its
+// config says otherwise, of the libvirt wrapper's domains.
+const SystemDir = "/run/kvmscope"
+
+// DefaultDir is where `kvmscope run` puts sockets: $XDG_RUNTIME_DIR/kvmscope
+// for a user with a runtime dir, else SystemDir.
 func DefaultDir() string {
 	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
 		return filepath.Join(d, "kvmscope")
 	}
-	return "/run/kvmscope"
+	return SystemDir
 }
-
-// DefaultSocket is the socket path for a VM called name.
-func DefaultSocket(name string) string { return filepath.Join(DefaultDir(), name+".sock") }
 
 // Open fetches path and returns the body as a stream with its length (-1
 // when unknown), for large replies such as /v1/dump. The caller closes it.

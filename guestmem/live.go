@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package guestmem
 
 import (
@@ -11,7 +13,8 @@ import (
 
 // Live is the memory and vCPUs of a running QEMU/KVM guest captured by the
 // tracer: memory is read from QEMU's process through the memslot table,
-// registers come from the vCPUs' kvm_run pages.
+// registers come from the vCPUs' kvm_run pages. Like the tracer it is
+// built for linux/amd64 only; the other sources build for any Linux.
 type Live struct {
 	vm    *tracer.VM
 	write bool
@@ -73,7 +76,7 @@ func (l *Live) WriteAt(p []byte, gpa int64) (int, error) {
 	if !l.write {
 		return 0, ErrReadOnly
 	}
-	return writeRanges(l.vm.Pid(), l.slots(), p, gpa)
+	return ioRanges(l.vm.Pid(), l.slots(), p, gpa, true)
 }
 
 // CPUs returns fresh registers of every captured vCPU.
@@ -102,3 +105,25 @@ func cpuFromKVM(id int, r tracer.SyncRegs) CPU {
 
 // Writable reports whether WriteAt may change guest memory.
 func (l *Live) Writable() bool { return l.write }
+
+// MemfdRegions lists the guest physical ranges that ReadAt serves by copying
+// from a read-only mapping of QEMU's memfd-backed guest RAM (Name is the
+// memfd's name, e.g. "memfd:memory-backend-memfd"); every other range is
+// read with process_vm_readv. The error says why memfd-backed RAM was found
+// but could not be mapped (reads of it still work, through
+// process_vm_readv).
+func (l *Live) MemfdRegions() ([]Region, error) {
+	pid := l.vm.Pid()
+	if pid == 0 {
+		return nil, nil
+	}
+	return l.memfd.regions(pid, l.slots())
+}
+
+// Close releases the mappings of QEMU's memfd-backed guest RAM. A mapping
+// keeps its memfd (the whole guest RAM) alive after QEMU exits, so call Close
+// when the VM is gone. The Live source stays usable: a later read maps again.
+func (l *Live) Close() error {
+	l.memfd.close()
+	return nil
+}

@@ -347,29 +347,6 @@ func (m *memfdRAM) close() {
 	m.err = nil
 }
 
-// MemfdRegions lists the guest physical ranges that ReadAt serves by copying
-// from a read-only mapping of QEMU's memfd-backed guest RAM (Name is the
-// memfd's name, e.g. "memfd:memory-backend-memfd"); every other range is
-// read with process_vm_readv. The error says why memfd-backed RAM was found
-// but could not be mapped (reads of it still work, through
-// process_vm_readv).
-func (l *Live) MemfdRegions() ([]Region, error) {
-	pid := l.vm.Pid()
-	if pid == 0 {
-		return nil, nil
-	}
-	return l.memfd.regions(pid, l.slots())
-}
-
-// Close releases the mappings of QEMU's memfd-backed guest RAM. A mapping
-// keeps its memfd (the whole guest RAM) alive after QEMU exits, so call Close
-// when the VM is gone. The Live source stays usable: a later read maps again.
-func (l *Live) Close() error {
-	l.memfd.close()
-	return nil
-}
-
-
 // readBatch does reqs from pid through the slot table rs: the reads that
 // lie in one memfd-backed slot are copies from our mappings, made under
 // one lock and one fault guard for the whole batch (a read costs about a

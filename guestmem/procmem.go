@@ -31,10 +31,6 @@ func readRanges(pid int, rs []procRange, p []byte, gpa int64) (int, error) {
 	return ioRanges(pid, rs, p, gpa, false)
 }
 
-func writeRanges(pid int, rs []procRange, p []byte, gpa int64) (int, error) {
-	return ioRanges(pid, rs, p, gpa, true)
-}
-
 func ioRanges(pid int, rs []procRange, p []byte, gpa int64, write bool) (int, error) {
 	if gpa < 0 {
 		return 0, fmt.Errorf("negative guest physical address %#x", gpa)

@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package tracer
 
 import (
@@ -15,7 +17,7 @@ import (
 // traces it. pid then calls ExecTraced. Only pid's thread-group leader is
 // seized; its other threads vanish at execve.
 func Attach(pid int, log zerolog.Logger) (*Tracer, error) {
-	t := newTracer(Config{Log: log})
+	t := newTracer(log)
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()

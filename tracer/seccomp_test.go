@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package tracer
 
 import (
@@ -55,7 +57,7 @@ func TestFilter(t *testing.T) {
 		{"KVM_SET_USER_MEMORY_REGION", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, KVMSetUserMemoryRegion), unix.SECCOMP_RET_TRACE},
 		{"KVM_SET_USER_MEMORY_REGION2", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, kvmSetUserMemoryRegion2), unix.SECCOMP_RET_TRACE},
 		{"high bits ignored", seccompData(unix.SYS_IOCTL, auditArchX8664, 8, 0xffffffff00000000|KVMCreateVCPU), unix.SECCOMP_RET_TRACE},
-		{"KVM_RUN", seccompData(unix.SYS_IOCTL, auditArchX8664, 9, 0xae80), unix.SECCOMP_RET_ALLOW},
+		{"KVM_RUN", seccompData(unix.SYS_IOCTL, auditArchX8664, 9, KVMRun), unix.SECCOMP_RET_ALLOW},
 		{"TCGETS", seccompData(unix.SYS_IOCTL, auditArchX8664, 0, unix.TCGETS), unix.SECCOMP_RET_ALLOW},
 		{"read", seccompData(unix.SYS_READ, auditArchX8664, 3, KVMCreateVM), unix.SECCOMP_RET_ALLOW},
 		{"i386 ABI", seccompData(54, 0x40000003, 3, KVMCreateVM), unix.SECCOMP_RET_ALLOW},

@@ -1,10 +1,10 @@
+//go:build linux && amd64
+
 package tracer
 
 import (
 	"errors"
 	"fmt"
-	"os"
-	"runtime"
 	"sync"
 	"syscall"
 
@@ -12,22 +12,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Config says what to launch.
-type Config struct {
-	// Path is the QEMU binary to execute, already resolved.
-	Path string
-	// Argv is QEMU's argv, argv[0] included, passed through unchanged.
-	Argv []string
-	// Self is the kvmscope binary that serves as the shim; empty means
-	// /proc/self/exe.
-	Self string
-	Log  zerolog.Logger
-}
-
 // Tracer owns a traced QEMU and the VM it creates.
 type Tracer struct {
-	cfg    Config
-	pid    int // the first process: the shim, then QEMU after execve
+	log    zerolog.Logger
+	pid    int // the seized process, which becomes QEMU at its execve
 	vm     *VM
 	leader chan struct{}      // closed when the first process exits
 	status syscall.WaitStatus // its wait status, valid after leader closes
@@ -51,26 +39,10 @@ type pendingCall struct {
 	region  Memslot // decoded argument of memory-region calls
 }
 
-// Start launches QEMU under the tracer and returns once QEMU's execve is
-// under way. Errors that happen before QEMU runs (the shim cannot start,
-// ptrace is refused) are returned here.
-func Start(cfg Config) (*Tracer, error) {
-	if cfg.Self == "" {
-		cfg.Self = "/proc/self/exe"
-	}
-	t := newTracer(cfg)
-	started := make(chan error, 1)
-	go t.run(started)
-	if err := <-started; err != nil {
-		return nil, err
-	}
-	return t, nil
-}
-
-func newTracer(cfg Config) *Tracer {
+func newTracer(log zerolog.Logger) *Tracer {
 	return &Tracer{
-		cfg:     cfg,
-		vm:      newVM(cfg.Log),
+		log:     log,
+		vm:      newVM(log),
 		leader:  make(chan struct{}),
 		done:    make(chan struct{}),
 		pending: make(map[int]pendingCall),
@@ -123,58 +95,6 @@ func (t *Tracer) Signal(sig syscall.Signal) error {
 	return unix.Kill(pid, sig)
 }
 
-// run is the tracer thread: it starts the shim and then loops on waitpid.
-func (t *Tracer) run(started chan<- error) {
-	// ptrace requests are valid only from the thread that attached. This
-	// goroutine never unlocks and never returns before the tracees are
-	// gone: a tracer thread that exits detaches (and with EXITKILL kills)
-	// its tracees.
-	runtime.LockOSThread()
-	defer close(t.done)
-	if err := t.launch(); err != nil {
-		started <- err
-		return
-	}
-	started <- nil
-	t.err = t.loop()
-}
-
-// launch forks the shim, waits for it to stop itself, seizes it, and lets it
-// exec QEMU.
-func (t *Tracer) launch() error {
-	argv := append([]string{t.cfg.Self, ShimArg, t.cfg.Path}, t.cfg.Argv...)
-	// Only fds 0-2 are named; every other fd the caller passed us without
-	// close-on-exec (libvirt's tap and monitor fds) stays open at its own
-	// number across both execs, because Go marks only its own fds CLOEXEC.
-	pid, err := syscall.ForkExec(t.cfg.Self, argv, &syscall.ProcAttr{
-		Env:   os.Environ(),
-		Files: []uintptr{0, 1, 2},
-	})
-	if err != nil {
-		return fmt.Errorf("start %s: %w", t.cfg.Path, err)
-	}
-	t.pid = pid
-	var ws unix.WaitStatus
-	if _, err := unix.Wait4(pid, &ws, unix.WUNTRACED, nil); err != nil {
-		return fmt.Errorf("wait for shim: %w", err)
-	}
-	if !ws.Stopped() {
-		// The shim printed its own error line.
-		return fmt.Errorf("could not start %s (status %v)", t.cfg.Path, exitCode(syscall.WaitStatus(ws)))
-	}
-	if err := seize(pid); err != nil {
-		unix.Kill(pid, unix.SIGKILL)
-		return fmt.Errorf("ptrace(PTRACE_SEIZE, %d): %w", pid, err)
-	}
-	t.threads[pid] = true
-	t.procs = []int{pid}
-	if err := unix.Kill(pid, unix.SIGCONT); err != nil {
-		return fmt.Errorf("resume shim: %w", err)
-	}
-	t.cfg.Log.Debug().Int("pid", pid).Str("qemu", t.cfg.Path).Msg("launched under tracer")
-	return nil
-}
-
 // loop handles every stop of every traced task until none is left.
 func (t *Tracer) loop() error {
 	for {
@@ -197,7 +117,7 @@ func (t *Tracer) loop() error {
 				// ESRCH: the task died under us (SIGKILL); its exit
 				// comes next. Anything else is logged, never fatal:
 				// QEMU must keep running.
-				t.cfg.Log.Warn().Err(err).Int("tid", tid).Msg("tracer stop")
+				t.log.Warn().Err(err).Int("tid", tid).Msg("tracer stop")
 			}
 		}
 	}
@@ -299,7 +219,7 @@ func (t *Tracer) syscallExitStop(tid int) error {
 	}
 	ok = si.Op == syscallInfoExit && !si.Err && si.Rval >= 0
 	if !ok {
-		t.cfg.Log.Debug().Str("ioctl", IoctlName(pc.cmd)).Int64("ret", si.Rval).Msg("trapped ioctl failed")
+		t.log.Debug().Str("ioctl", IoctlName(pc.cmd)).Int64("ret", si.Rval).Msg("trapped ioctl failed")
 	} else {
 		switch pc.cmd {
 		case KVMCreateVM:
@@ -313,14 +233,11 @@ func (t *Tracer) syscallExitStop(tid int) error {
 	return cont(tid, 0)
 }
 
-// exitCode converts a wait status to a shell-style exit code: the exit
-// status, or 128+N when killed by signal N.
-func exitCode(ws syscall.WaitStatus) int {
+// ExitCode is the shell-style exit code of a wait status: the exit status,
+// or 128+N when killed by signal N.
+func ExitCode(ws syscall.WaitStatus) int {
 	if ws.Signaled() {
 		return 128 + int(ws.Signal())
 	}
 	return ws.ExitStatus()
 }
-
-// ExitCode is the shell-style exit code of a wait status.
-func ExitCode(ws syscall.WaitStatus) int { return exitCode(ws) }

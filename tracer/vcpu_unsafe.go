@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package tracer
 
 import (
@@ -63,11 +65,6 @@ func mapVCPU(pidfd int, qemuFD int) (*kvmRun, error) {
 func (r *kvmRun) requestSyncRegs() {
 	p := (*uint64)(unsafe.Pointer(&r.mem[kvmRunValidRegsOffset]))
 	*p = kvmSyncX86Regs | kvmSyncX86Sregs | kvmSyncX86Events
-}
-
-// exitReason is kvm_run->exit_reason of the last exit.
-func (r *kvmRun) exitReason() uint32 {
-	return *(*uint32)(unsafe.Pointer(&r.mem[KVMRunExitReasonOffset]))
 }
 
 // syncRegs copies the registers KVM last stored. The copy is consistent

@@ -1,3 +1,5 @@
+//go:build linux && amd64
+
 package tracer
 
 import (
@@ -281,6 +283,3 @@ func (v *VM) Registers(ctx context.Context, id int) (Sample, error) {
 	}
 	return Sample{ID: id, Regs: c.run.syncRegs(), At: time.Now()}, nil
 }
-
-// ExitReason is the KVM exit reason of the vCPU's last exit.
-func (c *VCPU) ExitReason() uint32 { return c.run.exitReason() }

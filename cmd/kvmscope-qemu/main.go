@@ -66,7 +66,6 @@ func run(args []string) int {
 		Groups:     groups,
 		EventLog:   *cfg.EventLog,
 		FailMode:   cfg.FailMode,
-		PassProbes: true,
 		Log:        log,
 	})
 	var ee *launch.ExitError

@@ -20,10 +20,6 @@ import (
 // CLI's --vm lookup. KVMSCOPE_CONFIG names another one.
 const DefaultConfigPath = "/etc/kvmscope/config.yaml"
 
-// DefaultSocketDir is where the libvirt wrapper puts each domain's socket
-// and event log unless the config file says otherwise.
-const DefaultSocketDir = "/run/kvmscope"
-
 // DefaultGroup is the group allowed on the API when the config names none
 // and a group of this name exists.
 const DefaultGroup = "kvmscope"
@@ -52,7 +48,8 @@ const (
 type Config struct {
 	// QEMU is the real QEMU binary the wrapper runs.
 	QEMU string `yaml:"qemu"`
-	// SocketDir holds NAME.sock and NAME.log per VM.
+	// SocketDir holds NAME.sock and NAME.log per VM (default
+	// api.SystemDir).
 	SocketDir string `yaml:"socket_dir"`
 	// Group (a name or a number) may use the API besides root and the
 	// user QEMU runs as. Default: "kvmscope" when that group exists.
@@ -110,7 +107,7 @@ func LoadConfig(path string) (Config, error) {
 
 func (c Config) withDefaults() Config {
 	if c.SocketDir == "" {
-		c.SocketDir = DefaultSocketDir
+		c.SocketDir = api.SystemDir
 	}
 	if c.FailMode == "" {
 		c.FailMode = FailClosed
@@ -200,7 +197,7 @@ func SocketDirs() []string {
 	if c, err := LoadConfig(ConfigPath()); err == nil {
 		dirs = append(dirs, c.SocketDir)
 	} else {
-		dirs = append(dirs, DefaultSocketDir)
+		dirs = append(dirs, api.SystemDir)
 	}
 	if d := api.DefaultDir(); d != dirs[0] {
 		dirs = append(dirs, d)
@@ -214,13 +211,16 @@ func SocketDirs() []string {
 func FindSocket(name string) string {
 	dirs := SocketDirs()
 	for _, d := range dirs {
-		p := filepath.Join(d, FileName(name)+".sock")
+		p := SocketPath(d, name)
 		if fi, err := os.Stat(p); err == nil && fi.Mode()&os.ModeSocket != 0 {
 			return p
 		}
 	}
-	return filepath.Join(dirs[0], FileName(name)+".sock")
+	return SocketPath(dirs[0], name)
 }
+
+// SocketPath is the API socket of the VM called name in dir.
+func SocketPath(dir, name string) string { return filepath.Join(dir, FileName(name)+".sock") }
 
 // FileName is the VM name as used in socket and log file names: a name
 // from QEMU's command line must not reach outside the socket directory, so

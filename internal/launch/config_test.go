@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/kvmscope/kvmscope/api"
 )
 
 func writeFile(t *testing.T, body string) string {
@@ -19,11 +21,11 @@ func writeFile(t *testing.T, body string) string {
 
 func TestLoadConfig(t *testing.T) {
 	c, err := LoadConfig(filepath.Join(t.TempDir(), "missing.yaml"))
-	if err != nil || c.SocketDir != DefaultSocketDir || c.FailMode != FailClosed || !*c.EventLog || c.LogLevel != "info" {
+	if err != nil || c.SocketDir != api.SystemDir || c.FailMode != FailClosed || !*c.EventLog || c.LogLevel != "info" {
 		t.Fatalf("missing file: %+v, %v; want the defaults", c, err)
 	}
 	c, err = LoadConfig(writeFile(t, ""))
-	if err != nil || c.SocketDir != DefaultSocketDir {
+	if err != nil || c.SocketDir != api.SystemDir {
 		t.Fatalf("empty file: %+v, %v", c, err)
 	}
 	c, err = LoadConfig(writeFile(t, "# all of it\nqemu: /opt/qemu/bin/qemu-system-x86_64\nsocket_dir: /run/vmi\ngroup: vmi-readers\nfail_mode: open\nallow_write: true\nlog_level: debug\nevent_log: false\n"))

@@ -43,9 +43,6 @@ type Options struct {
 	EventLog bool
 	// FailMode says what to do when the tracer cannot start.
 	FailMode FailMode
-	// PassProbes executes probe runs (-version, -help, -machine none)
-	// directly, untraced: no tracer, no socket, no log.
-	PassProbes bool
 	// ScanInterval, when positive, scans the guest's processes on that
 	// interval, keeping the latest table for the API.
 	ScanInterval time.Duration
@@ -186,7 +183,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		target.name = qa.Name
 		sock := o.Socket
 		if sock == "" {
-			sock = filepath.Join(dir, FileName(name)+".sock")
+			sock = SocketPath(dir, name)
 			if err := prepareDir(dir, o.Groups); err != nil {
 				log.Warn().Err(err).Msg("socket directory")
 			}

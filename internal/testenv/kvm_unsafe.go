@@ -1,4 +1,4 @@
-//go:build amd64
+//go:build linux && amd64
 
 package testenv
 
@@ -13,15 +13,15 @@ import (
 	"github.com/kvmscope/kvmscope/tracer"
 )
 
-// The tracer's KVM ioctl numbers, and what it never needs itself (from
-// include/uapi/linux/kvm.h).
+// The tracer's KVM ioctl numbers (defined once, in tracer/kvm.go), and the
+// API version and exit reasons only the probe needs (include/uapi/linux/kvm.h).
 const (
 	kvmGetAPIVersion       = tracer.KVMGetAPIVersion
 	kvmCreateVM            = tracer.KVMCreateVM
 	kvmGetVCPUMmapSize     = tracer.KVMGetVCPUMmapSize
 	kvmCreateVCPU          = tracer.KVMCreateVCPU
 	kvmSetUserMemoryRegion = tracer.KVMSetUserMemoryRegion
-	kvmRun                 = 0xae80
+	kvmRun                 = tracer.KVMRun
 	kvmAPIVersion          = 12
 	kvmExitHLT             = 5
 	kvmExitIntr            = 10

@@ -38,7 +38,7 @@ func needQEMUKVM(t *testing.T) string {
 // runningGuest is QEMU running the tiny guest with a QMP socket.
 type runningGuest struct {
 	cmd     *exec.Cmd
-	q       *qmp
+	q       *monitor
 	stderr  *bytes.Buffer
 	started time.Time
 	exited  chan struct{}
@@ -69,7 +69,7 @@ func boot(t *testing.T, kernel string, smp int, cmdline string) *runningGuest {
 			<-g.exited
 		}
 	})
-	q, err := dialQMP(sock, dir, time.Now().Add(10*time.Second))
+	q, err := dialMonitor(sock, dir)
 	if err != nil {
 		t.Fatalf("%v; QEMU stderr: %s", err, g.stderr)
 	}

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kvmscope/kvmscope/internal/qmp"
 )
 
 // Options say what to boot and how.
@@ -58,7 +60,7 @@ type Guest struct {
 	stderr   *os.File
 	exited   chan struct{}
 	waitErr  error
-	qmp      *qmpClient
+	qmp      *qmp.Client
 	ps       []Proc
 	kallsyms map[string]uint64
 	release  string
@@ -188,7 +190,9 @@ func boot(ctx context.Context, opts Options) (*Guest, error) {
 		return nil, err
 	}
 	g.bootTime = time.Since(start)
-	g.qmp, err = dialQMP(g.qmpPath, 10*time.Second)
+	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	g.qmp, err = qmp.Dial(dialCtx, g.qmpPath)
+	cancel()
 	if err != nil {
 		g.Close()
 		return nil, err
@@ -309,26 +313,30 @@ func (g *Guest) stderrText() string {
 	return string(b)
 }
 
+// qmpTimeout bounds one QMP or HMP command of the tests.
+const qmpTimeout = 60 * time.Second
+
+var errNoQMP = errors.New("QMP not connected")
+
 // QMP runs a QMP command and returns its "return" value; args may be nil.
 func (g *Guest) QMP(cmd string, args any) (json.RawMessage, error) {
 	if g.qmp == nil {
-		return nil, errors.New("QMP not connected")
+		return nil, errNoQMP
 	}
-	return g.qmp.execute(cmd, args, 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), qmpTimeout)
+	defer cancel()
+	return g.qmp.Execute(ctx, cmd, args)
 }
 
 // HMP runs a human monitor command (e.g. "info registers") and returns its
 // output.
 func (g *Guest) HMP(cmdline string) (string, error) {
-	r, err := g.QMP("human-monitor-command", map[string]any{"command-line": cmdline})
-	if err != nil {
-		return "", err
+	if g.qmp == nil {
+		return "", errNoQMP
 	}
-	var s string
-	if err := json.Unmarshal(r, &s); err != nil {
-		return "", fmt.Errorf("HMP %q: %w", cmdline, err)
-	}
-	return s, nil
+	ctx, cancel := context.WithTimeout(context.Background(), qmpTimeout)
+	defer cancel()
+	return g.qmp.HMP(ctx, cmdline)
 }
 
 // Dump writes guest memory as an ELF core to path with QMP
@@ -373,8 +381,10 @@ func (g *Guest) Dump(path string) error {
 // Close stops QEMU (and a wrapper) and removes the guest's files.
 func (g *Guest) Close() error {
 	if g.qmp != nil {
-		g.qmp.execute("quit", nil, 5*time.Second)
-		g.qmp.close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		g.qmp.Execute(ctx, "quit", nil)
+		cancel()
+		g.qmp.Close()
 		g.qmp = nil
 	}
 	select {

@@ -1,7 +1,6 @@
 // Package testlinux boots real Linux guests under QEMU (TCG) for kvmscope's
 // tests: the kernels and busybox initramfs that scripts/fetch-guests.sh
-// (`just guests`) puts in .cache/guests, and a small QMP client to drive
-// them.
+// (`just guests`) puts in .cache/guests, driven over QMP (internal/qmp).
 //
 // The guests' /init (scripts/initramfs/init) starts a known set of
 // processes and prints the guest's own view of them on the serial console;
