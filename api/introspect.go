@@ -2,9 +2,11 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"strconv"
 	"time"
@@ -155,20 +157,31 @@ func (s *Server) getProcesses(ctx context.Context, sess *session.Session, w http
 }
 
 // writeProcesses streams ps as a JSON array, one element at a time
-// through a buffer, rather than building the whole reply in memory.
+// through a buffer, rather than building the whole reply in memory: one
+// element a line, so that `kvmscope ps --json` passes it on as it comes.
 func writeProcesses(w http.ResponseWriter, ps []introspect.Process) {
 	w.Header().Set("Content-Type", "application/json")
+	WriteProcesses(w, ps)
+}
+
+// WriteProcesses writes ps as GET /v1/processes does: a JSON array, one
+// process a line.
+func WriteProcesses(w io.Writer, ps []introspect.Process) error {
 	bw := bufio.NewWriterSize(w, 64<<10)
-	enc := json.NewEncoder(bw)
-	bw.WriteByte('[')
+	var elem bytes.Buffer
+	enc := json.NewEncoder(&elem)
+	bw.WriteString("[")
 	for i := range ps {
-		if i > 0 {
-			bw.WriteByte(',')
-		}
+		elem.Reset()
 		enc.Encode(Process{Process: ps[i], PGD: Hex64(ps[i].PGD), Task: Hex64(ps[i].Task)})
+		if i > 0 {
+			bw.WriteString(",")
+		}
+		bw.WriteString("\n")
+		bw.Write(bytes.TrimSuffix(elem.Bytes(), []byte("\n")))
 	}
-	bw.WriteString("]\n")
-	bw.Flush()
+	bw.WriteString("\n]\n")
+	return bw.Flush()
 }
 
 func (s *Server) getModules(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {

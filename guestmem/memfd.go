@@ -354,43 +354,40 @@ func (m *memfdRAM) close() {
 // process_vm_readv calls.
 func (m *memfdRAM) readBatch(pid int, rs []procRange, reqs []PhysReq) {
 	m.rlockCurrent(pid, rs)
-	key, views := m.key, m.views
-	var copies []mappedCopy
-	var rest []int
-	for i := range reqs {
-		r := &reqs[i]
-		if j, ok := findRangeIndex(key, r.GPA); ok && views[j].data != nil && r.GPA+uint64(len(r.Buf)) <= key[j].GPA+key[j].Size {
-			off := r.GPA - key[j].GPA
-			copies = append(copies, mappedCopy{dst: r.Buf, src: views[j].data[off : off+uint64(len(r.Buf))]})
-			continue
-		}
-		rest = append(rest, i)
-	}
-	if err := copyMappedAll(copies); err != nil {
-		// A mapping faulted (the memfd shrank under us): those reads, and
-		// any after them in the batch, go through process_vm_readv.
+	copied, err := copyMappedBatch(m.key, m.views, reqs)
+	if err != nil {
+		// A mapping faulted (the memfd shrank under us): every read goes
+		// through process_vm_readv.
 		m.faults.Add(1)
-		rest = rest[:0]
-		for i := range reqs {
-			rest = append(rest, i)
-		}
+		clear(copied)
 	}
 	m.mu.RUnlock()
+	var rest []PhysReq
+	var idx []int
+	for i := range reqs {
+		if !copied[i] {
+			rest = append(rest, PhysReq{GPA: reqs[i].GPA, Buf: reqs[i].Buf})
+			idx = append(idx, i)
+		}
+	}
 	if len(rest) == 0 {
 		return
 	}
-	sub := make([]PhysReq, len(rest))
-	for k, i := range rest {
-		sub[k] = PhysReq{GPA: reqs[i].GPA, Buf: reqs[i].Buf}
-	}
-	readBatchRanges(pid, rs, sub)
-	for k, i := range rest {
-		reqs[i].Err = sub[k].Err
+	readBatchRanges(pid, rs, rest)
+	for k, i := range idx {
+		reqs[i].Err = rest[k].Err
 	}
 }
 
-// mappedCopy is one copy from a memfd mapping.
-type mappedCopy struct{ dst, src []byte }
+// mappedView returns the bytes of our mapping that hold r, if one does.
+func mappedView(key []procRange, views []memfdView, r PhysReq) ([]byte, bool) {
+	j, ok := findRangeIndex(key, r.GPA)
+	if !ok || views[j].data == nil || r.GPA+uint64(len(r.Buf)) > key[j].GPA+key[j].Size {
+		return nil, false
+	}
+	off := r.GPA - key[j].GPA
+	return views[j].data[off : off+uint64(len(r.Buf))], true
+}
 
 // rlockCurrent takes m.mu for reading with the views built for rs (or a
 // newer table another reader installed meanwhile).

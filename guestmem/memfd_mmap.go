@@ -118,11 +118,10 @@ func copyMapped(dst, src []byte) (err error) {
 	return nil
 }
 
-// copyMappedAll is copyMapped for many copies under one fault guard.
-func copyMappedAll(cs []mappedCopy) (err error) {
-	if len(cs) == 0 {
-		return nil
-	}
+// copyMappedBatch copies, under one fault guard, every read of reqs that
+// a mapping in views holds, and reports which it copied.
+func copyMappedBatch(key []procRange, views []memfdView, reqs []PhysReq) (copied []bool, err error) {
+	copied = make([]bool, len(reqs))
 	old := debug.SetPanicOnFault(true)
 	defer func() {
 		debug.SetPanicOnFault(old)
@@ -130,8 +129,11 @@ func copyMappedAll(cs []mappedCopy) (err error) {
 			err = fmt.Errorf("fault reading mapped guest RAM: %v", r)
 		}
 	}()
-	for _, c := range cs {
-		copy(c.dst, c.src)
+	for i, r := range reqs {
+		if v, ok := mappedView(key, views, r); ok {
+			copy(r.Buf, v)
+			copied[i] = true
+		}
 	}
-	return nil
+	return copied, nil
 }

@@ -251,7 +251,7 @@ func benchPS(b *testing.B, c psCase) {
 		if code != 0 {
 			b.Fatalf("kvmscope ps --json: %s", errOut)
 		}
-		if !strings.Contains(out, `"comm": "sleep"`) {
+		if !strings.Contains(out, `"comm":"sleep"`) {
 			b.Fatalf("kvmscope ps --json lists no sleep process")
 		}
 	}

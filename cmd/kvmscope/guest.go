@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -80,47 +78,18 @@ func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]
 	return ps, g.c.Get(ctx, processesPath(threads, consistent), &ps)
 }
 
-// processesJSON streams the server's reply to w element by element,
-// indented as printJSON indents: nothing waits for the whole list, and no
-// element is decoded into Go values and encoded again.
+// processesJSON passes the server's reply on to w as it comes: one
+// process a line (api's writeProcesses), nothing decoded and encoded again.
 func (g *liveGuest) processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error {
 	body, _, err := g.c.Open(ctx, processesPath(threads, consistent))
 	if err != nil {
 		return err
 	}
 	defer body.Close()
-	dec := json.NewDecoder(body)
-	bad := func(err error) error { return fmt.Errorf("decode the process list: %w", err) }
-	if t, err := dec.Token(); err != nil || t != json.Delim('[') {
-		return bad(fmt.Errorf("want a JSON array (%v)", err))
+	if _, err := io.Copy(w, body); err != nil {
+		return fmt.Errorf("read the process list: %w", err)
 	}
-	bw := bufio.NewWriterSize(w, 64<<10)
-	var buf bytes.Buffer
-	bw.WriteString("[")
-	for n := 0; dec.More(); n++ {
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return bad(err)
-		}
-		buf.Reset()
-		if err := json.Indent(&buf, raw, "  ", "  "); err != nil {
-			return bad(err)
-		}
-		if n > 0 {
-			bw.WriteString(",")
-		}
-		bw.WriteString("\n  ")
-		bw.Write(buf.Bytes())
-	}
-	if _, err := dec.Token(); err != nil {
-		return bad(err)
-	}
-	if empty := bw.Buffered() == 1; empty {
-		bw.WriteString("]\n")
-	} else {
-		bw.WriteString("\n]\n")
-	}
-	return bw.Flush()
+	return nil
 }
 
 func (g *liveGuest) modules(ctx context.Context) ([]api.Module, error) {
@@ -159,12 +128,12 @@ func (g *coreGuest) processes(ctx context.Context, threads, _ bool) ([]api.Proce
 	return api.ProcessesFrom(scan.Processes), nil
 }
 
-func (g *coreGuest) processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error {
-	ps, err := g.processes(ctx, threads, consistent)
+func (g *coreGuest) processesJSON(ctx context.Context, threads, _ bool, w io.Writer) error {
+	scan, err := g.sess.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
 	if err != nil {
 		return err
 	}
-	return writeJSON(w, ps)
+	return api.WriteProcesses(w, scan.Processes)
 }
 
 func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
