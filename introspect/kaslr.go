@@ -171,10 +171,10 @@ func (k *Kernel) pgdLevels(pgd uint64) (int, error) {
 // page it points to (0 when not present).
 func (k *Kernel) entry(gpa uint64, i int) (uint64, error) {
 	e, err := k.pte(gpa, i)
-	if err != nil || e&ptePresent == 0 {
+	if err != nil || e&guestmem.PTEPresent == 0 {
 		return 0, err
 	}
-	return e & pteAddrMask, nil
+	return e & guestmem.PTEAddrMask, nil
 }
 
 // findBases sets page_offset_base, vmalloc_base and vmemmap_base: the
@@ -290,14 +290,14 @@ func (k *Kernel) mappedGiB(gpa uint64, lv int, base, start, end uint64, out *[]u
 		if err != nil {
 			return err
 		}
-		if e&ptePresent == 0 {
+		if e&guestmem.PTEPresent == 0 {
 			continue
 		}
-		if lv == 3 || e&ptePS != 0 {
+		if lv == 3 || e&guestmem.PTEPS != 0 {
 			*out = append(*out, va)
 			continue
 		}
-		if err := k.mappedGiB(e&pteAddrMask, lv-1, va, start, end, out, budget); err != nil {
+		if err := k.mappedGiB(e&guestmem.PTEAddrMask, lv-1, va, start, end, out, budget); err != nil {
 			return err
 		}
 	}

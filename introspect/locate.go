@@ -15,8 +15,7 @@ import (
 // ties the image's physical address to its virtual one.
 
 const (
-	pageSize = 0x1000
-	pmdSize  = 2 << 20
+	pmdSize = 2 << 20
 	// physicalStart is CONFIG_PHYSICAL_START, where the kernel is loaded
 	// when KASLR does not move it.
 	physicalStart = 16 << 20
@@ -30,10 +29,6 @@ const (
 	// imageWindow bounds how far from the kallsyms tables the kernel's
 	// page tables (in .data, after .rodata) are searched.
 	imageWindow = 96 << 20
-
-	pteAddrMask = 0x000f_ffff_ffff_f000
-	ptePresent  = 1 << 0
-	ptePS       = 1 << 7
 )
 
 // span is a range of guest physical addresses inside one RAM region.
@@ -89,7 +84,7 @@ func readSpan(mem guestmem.Memory, regions []guestmem.Region, around, start, end
 		end = r.end
 	}
 	// Page-aligned, so offsets keep the alignment of guest addresses.
-	if a := start &^ (pageSize - 1); a >= r.start {
+	if a := start &^ (guestmem.PageSize - 1); a >= r.start {
 		start = a
 	}
 	buf := make([]byte, end-start)
@@ -219,9 +214,9 @@ func sampleKallsyms(mem guestmem.Memory, regions []guestmem.Region, enabled bool
 	if !enabled {
 		return nil
 	}
-	page := make([]byte, pageSize)
+	page := make([]byte, guestmem.PageSize)
 	for _, sp := range scanOrder(regions, 0) {
-		for a := (sp.start + sampleStride - 1) &^ (sampleStride - 1); a+pageSize <= sp.end; a += sampleStride {
+		for a := (sp.start + sampleStride - 1) &^ (sampleStride - 1); a+guestmem.PageSize <= sp.end; a += sampleStride {
 			if len(hits) > 0 && a < hits[len(hits)-1]+16<<20 {
 				continue
 			}
@@ -330,10 +325,10 @@ func level2Run(t []byte) (i0, last int, pa0 uint64, ok bool) {
 			continue
 		}
 		if i0 < 0 {
-			if e&(ptePresent|ptePS) != ptePresent|ptePS {
+			if e&(guestmem.PTEPresent|guestmem.PTEPS) != guestmem.PTEPresent|guestmem.PTEPS {
 				return 0, 0, 0, false
 			}
-			i0, pa0 = i, e&pteAddrMask
+			i0, pa0 = i, e&guestmem.PTEAddrMask
 			if pa0%pmdSize != 0 {
 				return 0, 0, 0, false
 			}
@@ -341,8 +336,8 @@ func level2Run(t []byte) (i0, last int, pa0 uint64, ok bool) {
 		// Entries split into 4 KiB tables (set_memory_*) or made
 		// non-present (freed init memory) are skipped; every 2 MiB
 		// page must be where a linear mapping puts it.
-		if e&(ptePresent|ptePS) == ptePresent|ptePS {
-			if e&pteAddrMask != pa0+uint64(i-i0)*pmdSize {
+		if e&(guestmem.PTEPresent|guestmem.PTEPS) == guestmem.PTEPresent|guestmem.PTEPS {
+			if e&guestmem.PTEAddrMask != pa0+uint64(i-i0)*pmdSize {
 				return 0, 0, 0, false
 			}
 			count++
@@ -371,7 +366,7 @@ func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, m
 	// on, so read forward from the tables in steps, then backward.
 	const step = 2 << 20
 	buf := make([]byte, step)
-	from := around &^ (pageSize - 1)
+	from := around &^ (guestmem.PageSize - 1)
 	var starts []uint64
 	for a := from; a < from+imageWindow && a < r.end; a += step {
 		starts = append(starts, a)
@@ -385,8 +380,8 @@ func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, m
 		if _, err := mem.ReadAt(b, int64(a)); err != nil {
 			return level2{}, fmt.Errorf("read guest physical %#x: %w", a, err)
 		}
-		for off := 0; off+pageSize <= len(b); off += pageSize {
-			i, last, pa, ok := level2Run(b[off : off+pageSize])
+		for off := 0; off+guestmem.PageSize <= len(b); off += guestmem.PageSize {
+			i, last, pa, ok := level2Run(b[off : off+guestmem.PageSize])
 			if ok && match(i, pa) {
 				return level2{gpa: a + uint64(off), first: i, last: last, pa: pa}, nil
 			}
@@ -416,7 +411,7 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 	if !ok {
 		return 0, 0, false, fmt.Errorf("%#x is not in guest RAM", around)
 	}
-	start, end = max(start&^(pageSize-1), r.start), min(end, r.end)
+	start, end = max(start&^(guestmem.PageSize-1), r.start), min(end, r.end)
 	// The window can be large: stream it in chunks, one pass per level.
 	buf := make([]byte, 2<<20)
 	var readErr error
@@ -427,8 +422,8 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 				readErr = fmt.Errorf("read guest physical %#x: %w", a, err)
 				return
 			}
-			for off := 0; off+pageSize <= len(b); off += pageSize {
-				if !yield(a+uint64(off), b[off:off+pageSize]) {
+			for off := 0; off+guestmem.PageSize <= len(b); off += guestmem.PageSize {
+				if !yield(a+uint64(off), b[off:off+guestmem.PageSize]) {
 					return
 				}
 			}
@@ -436,10 +431,10 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 	}
 	next := func(page []byte, idx int) uint64 {
 		e := binary.LittleEndian.Uint64(page[8*idx:])
-		if e&ptePresent == 0 || e&ptePS != 0 {
+		if e&guestmem.PTEPresent == 0 || e&guestmem.PTEPS != 0 {
 			return 0
 		}
-		return e & pteAddrMask
+		return e & guestmem.PTEAddrMask
 	}
 	level3 := map[uint64]bool{}
 	for gpa, p := range pages {
@@ -480,7 +475,7 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 	for _, c := range cands {
 		used := 0
 		for i := 0; i < 512; i++ {
-			present := binary.LittleEndian.Uint64(c.page[8*i:])&ptePresent != 0
+			present := binary.LittleEndian.Uint64(c.page[8*i:])&guestmem.PTEPresent != 0
 			switch {
 			case present && i < 256:
 				used = -1 << 20

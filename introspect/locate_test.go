@@ -146,7 +146,7 @@ func checkSynth(t *testing.T, s *synth, k *Kernel) {
 	}
 	// Reads through the direct map go through the page tables.
 	var b [8]byte
-	if err := k.ReadVirt(b[:], k.PhysToVirt(s.pgd+511*8)); err != nil || binary.LittleEndian.Uint64(b[:])&pteAddrMask != s.pgd+0x1000 {
+	if err := k.ReadVirt(b[:], k.PhysToVirt(s.pgd+511*8)); err != nil || binary.LittleEndian.Uint64(b[:])&guestmem.PTEAddrMask != s.pgd+0x1000 {
 		t.Errorf("PGD[511] through the direct map: %x, %v", b, err)
 	}
 }
@@ -230,15 +230,15 @@ func TestDiscoverSynthetic(t *testing.T) {
 
 func TestLooksLikeAddresses(t *testing.T) {
 	page := func(f func(i int) uint32) []byte {
-		b := make([]byte, pageSize)
-		for i := 0; i < pageSize/4; i++ {
+		b := make([]byte, guestmem.PageSize)
+		for i := 0; i < guestmem.PageSize/4; i++ {
 			binary.LittleEndian.PutUint32(b[4*i:], f(i))
 		}
 		return b
 	}
 	page64 := func(f func(i int) uint64) []byte {
-		b := make([]byte, pageSize)
-		for i := 0; i < pageSize/8; i++ {
+		b := make([]byte, guestmem.PageSize)
+		for i := 0; i < guestmem.PageSize/8; i++ {
 			binary.LittleEndian.PutUint64(b[8*i:], f(i))
 		}
 		return b
@@ -253,9 +253,9 @@ func TestLooksLikeAddresses(t *testing.T) {
 		{"absolute per-CPU (negative, shrinking)", page(func(i int) uint32 { return uint32(-0x200000 - int32(gap(i))) }), true},
 		{"PC-relative", page(func(i int) uint32 { return uint32(-0x1df0000 + int32(gap(i)) - 4*int32(i)) }), true},
 		{"absolute addresses", page64(func(i int) uint64 { return 0xffffffff81000000 + uint64(gap(i)) }), true},
-		{"zeros", make([]byte, pageSize), false},
-		{"all ones", bytes.Repeat([]byte{0xff}, pageSize), false},
-		{"text", bytes.Repeat([]byte("kallsyms_names "), pageSize/15+1)[:pageSize], false},
+		{"zeros", make([]byte, guestmem.PageSize), false},
+		{"all ones", bytes.Repeat([]byte{0xff}, guestmem.PageSize), false},
+		{"text", bytes.Repeat([]byte("kallsyms_names "), guestmem.PageSize/15+1)[:guestmem.PageSize], false},
 		{"random-ish", page(func(i int) uint32 { return uint32(i * 2654435761) }), false},
 	} {
 		if got := looksLikeAddresses(tc.page); got != tc.want {
