@@ -223,7 +223,7 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 			h.syms = filter(h.syms)
 		}
 		k = &Kernel{Mem: mem, Syms: h.syms, Found: map[string]string{"kallsyms": h.syms.Layout()}, logf: logf}
-		if err := k.locateImage(h, regions); err != nil {
+		if err := k.locateImage(h, regions, opts.CPUs); err != nil {
 			return fmt.Errorf("kernel image: %w", err)
 		}
 		return nil

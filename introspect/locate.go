@@ -19,13 +19,20 @@ const (
 	// physicalStart is CONFIG_PHYSICAL_START, where the kernel is loaded
 	// when KASLR does not move it.
 	physicalStart = 16 << 20
-	// scanChunk is how much guest memory one scan step reads.
-	scanChunk = 8 << 20
+	// scanChunk is how much guest memory one scan step reads (into one
+	// reused buffer).
+	scanChunk = 1 << 20
 	// kallsymsBack and kallsymsFwd bound the part of the image read
 	// around the token table: the names, markers and (before 6.4) the
 	// offsets lie before it, the offsets and seqs_of_names (6.4+) after.
-	kallsymsBack = 24 << 20
-	kallsymsFwd  = 8 << 20
+	// The tables are read first with the smaller bounds, which fit a
+	// distribution kernel's ~150k symbols (about 3.5 MiB before the token
+	// table, 1 MiB after), and only when those do not parse with the
+	// larger ones.
+	kallsymsBackSmall = 6 << 20
+	kallsymsFwdSmall  = 2 << 20
+	kallsymsBack      = 24 << 20
+	kallsymsFwd       = 8 << 20
 	// imageWindow bounds how far from the kallsyms tables the kernel's
 	// page tables (in .data, after .rodata) are searched.
 	imageWindow = 96 << 20
@@ -290,15 +297,19 @@ func tryKallsyms(mem guestmem.Memory, regions []guestmem.Region, hit uint64) (*k
 	if _, err := findTokenTable(small, int(hit-base)); err != nil {
 		return nil, err
 	}
-	win, base, err := readSpan(mem, regions, hit, sat(hit, kallsymsBack), hit+kallsymsFwd)
-	if err != nil {
-		return nil, err
+	var errs []error
+	for _, w := range [][2]uint64{{kallsymsBackSmall, kallsymsFwdSmall}, {kallsymsBack, kallsymsFwd}} {
+		win, base, err := readSpan(mem, regions, hit, sat(hit, w[0]), hit+w[1])
+		if err != nil {
+			return nil, err
+		}
+		ks, err := parseKallsyms(win, int(hit-base))
+		if err == nil {
+			return &kallsymsHit{syms: ks, hit: hit, bufGPA: base}, nil
+		}
+		errs = append(errs, fmt.Errorf("%d MiB around the token table: %w", len(win)>>20, err))
 	}
-	ks, err := parseKallsyms(win, int(hit-base))
-	if err != nil {
-		return nil, err
-	}
-	return &kallsymsHit{syms: ks, hit: hit, bufGPA: base}, nil
+	return nil, errors.Join(errs...)
 }
 
 // sat returns a-b, or 0 when b > a.
@@ -355,12 +366,26 @@ type level2 struct {
 	pa          uint64
 }
 
-// findLevel2 searches the pages around the kallsyms tables for
-// level2_kernel_pgt; match picks the right one.
-func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, match func(i0 int, pa0 uint64) bool) (level2, error) {
+// findLevel2 finds level2_kernel_pgt, the table that maps the image
+// holding the kallsyms tables at around; match picks the right one. With
+// vCPU registers it is where their page tables map the image; else the
+// pages around the tables are searched.
+func findLevel2(mem guestmem.Memory, regions []guestmem.Region, cpus []guestmem.CPU, around uint64, match func(i0 int, pa0 uint64) bool) (level2, error) {
 	r, ok := regionOf(regions, around)
 	if !ok {
 		return level2{}, fmt.Errorf("%#x is not in guest RAM", around)
+	}
+	page := make([]byte, guestmem.PageSize)
+	for _, gpa := range level2FromCPUs(mem, cpus) {
+		if _, err := mem.ReadAt(page, int64(gpa)); err != nil {
+			continue
+		}
+		// A PTI user page table has its own copy, mapping only the
+		// entry text: the table must map the kallsyms tables too.
+		i, last, pa, ok := level2Run(page)
+		if ok && match(i, pa) && around >= pa && around-pa < uint64(last-i+1)*pmdSize {
+			return level2{gpa: gpa, first: i, last: last, pa: pa}, nil
+		}
 	}
 	// .data (where head_64.S puts the table) follows .rodata a few MiB
 	// on, so read forward from the tables in steps, then backward.
@@ -388,6 +413,47 @@ func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, m
 		}
 	}
 	return level2{}, fmt.Errorf("level2_kernel_pgt: %w", ErrNotFound)
+}
+
+// level2FromCPUs returns the page tables that map __START_KERNEL_map
+// (PGD entry 511, PUD entry 510) under the vCPUs' CR3s: every Linux page
+// table shares level2_kernel_pgt. With PTI, a vCPU in user mode has the
+// user half of its PGD pair in CR3; the kernel half is tried first then.
+func level2FromCPUs(mem guestmem.Memory, cpus []guestmem.CPU) []uint64 {
+	var out []uint64
+	entry := func(table uint64, i int) uint64 {
+		var b [8]byte
+		if _, err := mem.ReadAt(b[:], int64(table+uint64(i)*8)); err != nil {
+			return 0
+		}
+		e := binary.LittleEndian.Uint64(b[:])
+		if e&guestmem.PTEPresent == 0 || e&guestmem.PTEPS != 0 {
+			return 0
+		}
+		return e & guestmem.PTEAddrMask
+	}
+	for _, c := range cpus {
+		lv := c.Paging()
+		if lv < 4 {
+			continue
+		}
+		roots := []uint64{guestmem.KernelCR3(c.CR3), c.CR3 & guestmem.PTEAddrMask}
+		if c.RIP >= startKernelMap {
+			roots[0], roots[1] = roots[1], roots[0] // kernel mode: CR3 is the kernel's
+		}
+		for _, t := range roots {
+			for l := lv; l > 3 && t != 0; l-- {
+				t = entry(t, 511)
+			}
+			if t != 0 {
+				t = entry(t, 510)
+			}
+			if t != 0 && len(out) < 16 {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
 }
 
 // findPGD searches the image for the kernel's top-level page table: the

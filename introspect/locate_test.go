@@ -151,6 +151,13 @@ func checkSynth(t *testing.T, s *synth, k *Kernel) {
 	}
 }
 
+// synthCPU is a vCPU running the synthetic kernel's code on its page
+// tables.
+func synthCPU(s *synth) guestmem.CPU {
+	return guestmem.CPU{CR0: guestmem.CR0PE | guestmem.CR0PG, CR4: guestmem.CR4PAE, EFER: guestmem.EFERLMA | guestmem.EFERLME, CSL: true,
+		CR3: s.pgd, RIP: synthTextVA + 0x1234}
+}
+
 func TestDiscoverSynthetic(t *testing.T) {
 	s := synthKernel(t)
 	t.Run("all symbols", func(t *testing.T) {
@@ -174,10 +181,27 @@ func TestDiscoverSynthetic(t *testing.T) {
 		}
 	})
 	t.Run("vCPU cross-check", func(t *testing.T) {
-		cpu := guestmem.CPU{CR0: guestmem.CR0PE | guestmem.CR0PG, CR4: guestmem.CR4PAE, EFER: guestmem.EFERLMA | guestmem.EFERLME, CSL: true,
-			CR3: s.pgd, RIP: synthTextVA + 0x1234}
+		cpu := synthCPU(s)
 		if _, err := Discover(s.mem, DiscoverOptions{CPUs: []guestmem.CPU{cpu}}); err != nil {
 			t.Errorf("consistent CPU: %v", err)
+		}
+		// level2_kernel_pgt is where CR3's tables map the image; when
+		// they lead nowhere (a zero page), it is searched for.
+		j := int((synthTextVA - startKernelMap) / pmdSize)
+		match := func(i0 int, _ uint64) bool { return i0 == j }
+		for _, c := range []struct {
+			name string
+			cr3  uint64
+		}{{"CR3", s.pgd}, {"zero CR3 page", 0}} {
+			bad := cpu
+			bad.CR3 = c.cr3
+			l2, err := findLevel2(s.mem, s.mem.Regions(), []guestmem.CPU{bad}, s.syms, match)
+			if err != nil || l2.gpa != s.level2 {
+				t.Errorf("%s: level2_kernel_pgt %#x, %v; want %#x", c.name, l2.gpa, err, s.level2)
+			}
+		}
+		if got := level2FromCPUs(s.mem, []guestmem.CPU{cpu}); len(got) == 0 || got[0] != s.level2 {
+			t.Errorf("level2 from CR3 %#x: %#x, want %#x first", cpu.CR3, got, s.level2)
 		}
 		// A page table that maps _text elsewhere contradicts memory.
 		other := append(sliceMem(nil), s.mem...)
