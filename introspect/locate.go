@@ -563,7 +563,9 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 }
 
 // codeHint returns the physical 2 MiB page of the kernel code a vCPU is
-// running, or 0: with registers, the kernel is found without a scan.
+// running or, when every vCPU runs user code, of the start of the image
+// its page tables map at __START_KERNEL_map; 0 without usable registers.
+// With a hint the kernel is found without a sweep of guest RAM.
 func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
 	for _, c := range cpus {
 		if c.Paging() < 4 || c.RIP < startKernelMap {
@@ -575,6 +577,15 @@ func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
 		}
 		if pa, err := as.Translate(c.RIP); err == nil {
 			return pa &^ (pmdSize - 1)
+		}
+	}
+	page := make([]byte, guestmem.PageSize)
+	for _, gpa := range level2FromCPUs(mem, cpus) {
+		if _, err := mem.ReadAt(page, int64(gpa)); err != nil {
+			continue
+		}
+		if _, _, pa, ok := level2Run(page); ok {
+			return pa
 		}
 	}
 	return 0

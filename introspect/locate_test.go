@@ -200,6 +200,12 @@ func TestDiscoverSynthetic(t *testing.T) {
 				t.Errorf("%s: level2_kernel_pgt %#x, %v; want %#x", c.name, l2.gpa, err, s.level2)
 			}
 		}
+		// A vCPU in user mode still leads to the image.
+		user := cpu
+		user.RIP = 0x401000
+		if h := codeHint(s.mem, []guestmem.CPU{user}); h != synthPhysBase {
+			t.Errorf("hint from a vCPU in user mode: %#x, want the image at %#x", h, synthPhysBase)
+		}
 		if got := level2FromCPUs(s.mem, []guestmem.CPU{cpu}); len(got) == 0 || got[0] != s.level2 {
 			t.Errorf("level2 from CR3 %#x: %#x, want %#x first", cpu.CR3, got, s.level2)
 		}
