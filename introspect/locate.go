@@ -26,9 +26,8 @@ const (
 	// around the token table: the names, markers and (before 6.4) the
 	// offsets lie before it, the offsets and seqs_of_names (6.4+) after.
 	// The tables are read first with the smaller bounds, which fit a
-	// distribution kernel's ~150k symbols (about 3.5 MiB before the token
-	// table, 1 MiB after), and only when those do not parse with the
-	// larger ones.
+	// distribution kernel's (Debian 6.1: 87k symbols, about 2 MiB of
+	// tables), and only when those do not parse with the larger ones.
 	kallsymsBackSmall = 6 << 20
 	kallsymsFwdSmall  = 2 << 20
 	kallsymsBack      = 24 << 20
