@@ -22,12 +22,14 @@ import (
 //     vCPU in the same order, a note named "QEMU" holding QEMU's
 //     QEMUCPUState (registers, full segment caches, CR0-CR4).
 //
-// Core implements Memory and Source. Reads copy straight from the
-// read-only mapping of the file into the caller's buffer.
+// Core implements Memory and Source. Reads are pread(2)s of the file
+// into the caller's buffer, not copies from a mapping of it: the pages
+// of a mapped file that a scan touches (and the kernel's fault-around
+// maps next to them, 64 KiB at a time) count in the process's RSS, which
+// for a scan of a large guest reached most of the file.
 type Core struct {
 	r       io.ReaderAt
 	size    int64
-	data    []byte // the mapped file; nil when built with NewCore
 	file    *os.File
 	machine elf.Machine
 	class   elf.Class
@@ -51,7 +53,7 @@ const (
 )
 
 // OpenCore opens an ELF core file written by QEMU's dump-guest-memory
-// (format "elf"). The file is mapped read-only; Close unmaps it.
+// (format "elf"); Close closes it.
 func OpenCore(path string) (*Core, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -62,14 +64,8 @@ func OpenCore(path string) (*Core, error) {
 		f.Close()
 		return nil, fmt.Errorf("open core: %w", err)
 	}
-	data, err := mmapFile(f, st.Size())
+	c, err := NewCore(f, st.Size())
 	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("open core %s: %w", path, err)
-	}
-	c, err := newCore(bytes.NewReader(data), st.Size(), data)
-	if err != nil {
-		munmapFile(data)
 		f.Close()
 		return nil, fmt.Errorf("core %s: %w", path, err)
 	}
@@ -80,10 +76,6 @@ func OpenCore(path string) (*Core, error) {
 // NewCore reads an ELF core from r, size bytes long. Reads of guest memory
 // go to r.
 func NewCore(r io.ReaderAt, size int64) (*Core, error) {
-	return newCore(r, size, nil)
-}
-
-func newCore(r io.ReaderAt, size int64, data []byte) (*Core, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("negative core size %d", size)
 	}
@@ -103,7 +95,7 @@ func newCore(r io.ReaderAt, size int64, data []byte) (*Core, error) {
 	if len(f.Progs) > maxCoreSegments {
 		return nil, fmt.Errorf("%d program headers, more than %d", len(f.Progs), maxCoreSegments)
 	}
-	c := &Core{r: r, size: size, data: data, machine: f.Machine, class: f.Class}
+	c := &Core{r: r, size: size, machine: f.Machine, class: f.Class}
 	var notes [][]byte
 	notesSize := uint64(0)
 	for i, p := range f.Progs {
@@ -200,12 +192,6 @@ func (c *Core) ReadAt(p []byte, gpa int64) (int, error) {
 }
 
 func (c *Core) readFile(dst []byte, off uint64) error {
-	if c.data != nil {
-		// Bounds were checked against the file size when the segment
-		// was accepted.
-		copy(dst, c.data[off:off+uint64(len(dst))])
-		return nil
-	}
 	k, err := c.r.ReadAt(dst, int64(off))
 	if k == len(dst) {
 		return nil
@@ -231,19 +217,13 @@ func (c *Core) CPUs(ctx context.Context) ([]CPU, error) {
 	return append([]CPU(nil), c.cpus...), nil
 }
 
-// Close unmaps and closes the file.
+// Close closes the file.
 func (c *Core) Close() error {
-	var err error
-	if c.data != nil {
-		err = munmapFile(c.data)
-		c.data = nil
+	if c.file == nil {
+		return nil
 	}
-	if c.file != nil {
-		if cerr := c.file.Close(); err == nil {
-			err = cerr
-		}
-		c.file = nil
-	}
+	err := c.file.Close()
+	c.file = nil
 	return err
 }
 

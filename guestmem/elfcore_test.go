@@ -158,7 +158,7 @@ func testCore(t *testing.T, kernel, sysmap string, pti bool) {
 			n1, err1 := c.ReadAt(a, gpa)
 			n2, err2 := c2.ReadAt(b, gpa)
 			if n1 != len(a) || n2 != len(b) || err1 != nil || err2 != nil || !bytes.Equal(a, b) {
-				t.Errorf("at %#x: mmap %d %v, ReaderAt %d %v, equal %v", gpa, n1, err1, n2, err2, bytes.Equal(a, b))
+				t.Errorf("at %#x: OpenCore %d %v, NewCore %d %v, equal %v", gpa, n1, err1, n2, err2, bytes.Equal(a, b))
 			}
 		}
 	})

@@ -9,20 +9,31 @@ import (
 )
 
 // x86-64 paging structures (Intel SDM vol. 3, 4.5 "4-level and 5-level
-// paging"). Every level is a 4 KiB table of 512 8-byte entries.
+// paging"). Every level is a 4 KiB table of 512 8-byte entries. Exported
+// for the kernel locator (introspect), which reads page tables by hand.
 const (
 	pageShift = 12
-	pageSize  = 1 << pageShift
-	// pteAddrMask selects bits 51:12 of CR3 or a paging-structure entry:
+	PageSize  = 1 << pageShift
+	// PTEAddrMask selects bits 51:12 of CR3 or a paging-structure entry:
 	// the physical address of the next table or of a 4 KiB page. Bits
 	// 62:52 are ignored or protection-key bits and bit 63 is XD (NX); none
 	// of them are part of the address.
-	pteAddrMask uint64 = 0x000f_ffff_ffff_f000
-	ptePresent  uint64 = 1 << 0
-	// ptePS marks a PDPTE that maps a 1 GiB page or a PDE that maps a
+	PTEAddrMask uint64 = 0x000f_ffff_ffff_f000
+	PTEPresent  uint64 = 1 << 0
+	// PTEPS marks a PDPTE that maps a 1 GiB page or a PDE that maps a
 	// 2 MiB page; at PML4 and PML5 level the bit is reserved.
-	ptePS uint64 = 1 << 7
+	PTEPS uint64 = 1 << 7
+)
 
+// Short names inside the package.
+const (
+	pageSize    = PageSize
+	pteAddrMask = PTEAddrMask
+	ptePresent  = PTEPresent
+	ptePS       = PTEPS
+)
+
+const (
 	// ptiUserPGDBit is the bit that tells the two halves of a PTI page
 	// table pair apart (arch/x86/mm/pti.c: PTI_USER_PGTABLE_BIT is
 	// PAGE_SHIFT; the kernel allocates PGDs with PGD_ALLOCATION_ORDER 1).

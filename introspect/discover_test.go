@@ -184,7 +184,7 @@ func checkKernel(t *testing.T, d *discoverGuest, k *Kernel, wantBTF bool) {
 		}
 	}
 	// Direct map and vmalloc reads go through the page tables.
-	if v, err := k.ReadU64(k.PhysToVirt(k.PGD) + 511*8); err != nil || v&pteAddrMask == 0 {
+	if v, err := k.ReadU64(k.PhysToVirt(k.PGD) + 511*8); err != nil || v&guestmem.PTEAddrMask == 0 {
 		t.Errorf("read PGD[511] through the direct map: %#x, %v", v, err)
 	}
 	if got, err := k.VirtToPhys(k.PhysToVirt(0x123456)); err != nil || got != 0x123456 {

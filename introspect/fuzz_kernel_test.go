@@ -110,8 +110,15 @@ func FuzzDiscover(f *testing.F) {
 		{synthPhysBase + 3<<20, 0x400},   // BTF
 		{0, synthMem},
 	}
+	f.Add([]byte{1, 0x1f, 0xf8, 8, 0x63, 0, 0x90, 0, 0, 0, 0, 0, 0, 0}) // PGD[511], with a vCPU
 	f.Fuzz(func(t *testing.T, patch []byte) {
 		odd := len(patch)%2 == 1
+		// Lengths 4k+2 add a vCPU on the kernel's page tables, so the
+		// patched tables are walked from CR3 too.
+		var cpus []guestmem.CPU
+		if len(patch)%4 == 2 {
+			cpus = []guestmem.CPU{synthCPU(s)}
+		}
 		m := &patchedMem{base: s.mem}
 		for len(patch) >= 5 {
 			r := regions[int(patch[0])%len(regions)]
@@ -127,7 +134,7 @@ func FuzzDiscover(f *testing.F) {
 		if odd {
 			filter = textOnly
 		}
-		k, err := discover(m, DiscoverOptions{}, filter)
+		k, err := discover(m, DiscoverOptions{CPUs: cpus}, filter)
 		if err != nil {
 			return
 		}

@@ -23,8 +23,9 @@ var defaultBases = map[int][3]uint64{
 const maxImage = 256 << 20
 
 // locateImage finds the image's physical base and virtual address from
-// the kallsyms tables and level2_kernel_pgt.
-func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
+// the kallsyms tables and level2_kernel_pgt (found through cpus' page
+// tables when given).
+func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region, cpus []guestmem.CPU) error {
 	ks := h.syms
 	text, ok := ks.Lookup("_text")
 	if !ok {
@@ -40,7 +41,7 @@ func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
 		// level2_kernel_pgt then tells where it is mapped.
 		table := h.bufGPA + uint64(ks.tableOff)
 		k.PhysBase = table + text
-		l2, err = findLevel2(k.Mem, regions, h.hit, func(i0 int, pa0 uint64) bool {
+		l2, err = findLevel2(k.Mem, regions, cpus, h.hit, func(i0 int, pa0 uint64) bool {
 			return pa0 == k.PhysBase&^(pmdSize-1)
 		})
 		if err != nil {
@@ -58,7 +59,7 @@ func (k *Kernel) locateImage(h *kallsymsHit, regions []guestmem.Region) error {
 		}
 		k.TextVA = text
 		j := int((text - startKernelMap) / pmdSize)
-		l2, err = findLevel2(k.Mem, regions, h.hit, func(i0 int, pa0 uint64) bool { return i0 == j })
+		l2, err = findLevel2(k.Mem, regions, cpus, h.hit, func(i0 int, pa0 uint64) bool { return i0 == j })
 		if err != nil {
 			return err
 		}
@@ -171,10 +172,10 @@ func (k *Kernel) pgdLevels(pgd uint64) (int, error) {
 // page it points to (0 when not present).
 func (k *Kernel) entry(gpa uint64, i int) (uint64, error) {
 	e, err := k.pte(gpa, i)
-	if err != nil || e&ptePresent == 0 {
+	if err != nil || e&guestmem.PTEPresent == 0 {
 		return 0, err
 	}
-	return e & pteAddrMask, nil
+	return e & guestmem.PTEAddrMask, nil
 }
 
 // findBases sets page_offset_base, vmalloc_base and vmemmap_base: the
@@ -290,14 +291,14 @@ func (k *Kernel) mappedGiB(gpa uint64, lv int, base, start, end uint64, out *[]u
 		if err != nil {
 			return err
 		}
-		if e&ptePresent == 0 {
+		if e&guestmem.PTEPresent == 0 {
 			continue
 		}
-		if lv == 3 || e&ptePS != 0 {
+		if lv == 3 || e&guestmem.PTEPS != 0 {
 			*out = append(*out, va)
 			continue
 		}
-		if err := k.mappedGiB(e&pteAddrMask, lv-1, va, start, end, out, budget); err != nil {
+		if err := k.mappedGiB(e&guestmem.PTEAddrMask, lv-1, va, start, end, out, budget); err != nil {
 			return err
 		}
 	}

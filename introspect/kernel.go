@@ -111,11 +111,17 @@ func (k *Kernel) SymbolAt(va uint64) (name string, off uint64, ok bool) {
 func (k *Kernel) ReadVirt(p []byte, va uint64) error {
 	for len(p) > 0 {
 		// Page by page: contiguous virtual pages need not be contiguous
-		// physically.
+		// physically, except in the image and the direct map, which are
+		// read in one piece (BTF is megabytes).
 		n := min(uint64(len(p)), 0x1000-va&0xfff)
-		pa, err := k.VirtToPhys(va)
-		if err != nil {
-			return err
+		pa, end, ok := k.linear(va)
+		if ok {
+			n = min(uint64(len(p)), end-va)
+		} else {
+			var err error
+			if pa, err = k.VirtToPhys(va); err != nil {
+				return err
+			}
 		}
 		if _, err := k.Mem.ReadAt(p[:n], int64(pa)); err != nil {
 			return fmt.Errorf("read kernel va %#x (pa %#x): %w", va, pa, err)
@@ -160,16 +166,25 @@ func (k *Kernel) Reset() {
 // PhysToVirt returns the direct-map (page_offset_base) address of pa.
 func (k *Kernel) PhysToVirt(pa uint64) uint64 { return k.PageOffsetBase + pa }
 
+// linear translates va when it is in the image or the direct map, which
+// need no page walk, and returns the end of that mapping.
+func (k *Kernel) linear(va uint64) (pa, end uint64, ok bool) {
+	if va >= k.TextVA && va-k.TextVA < k.imageSize {
+		return k.PhysBase + (va - k.TextVA), k.TextVA + k.imageSize, true
+	}
+	if k.PageOffsetBase != 0 && va >= k.PageOffsetBase && va-k.PageOffsetBase < k.ramEnd {
+		return va - k.PageOffsetBase, k.PageOffsetBase + k.ramEnd, true
+	}
+	return 0, 0, false
+}
+
 // VirtToPhys translates a kernel virtual address. The kernel image and the
 // direct map are linear and need no page walk (most kernel objects, from
 // slab, are in the direct map); anything else (vmalloc, modules, vmemmap)
 // goes through the kernel's page tables.
 func (k *Kernel) VirtToPhys(va uint64) (uint64, error) {
-	if va >= k.TextVA && va-k.TextVA < k.imageSize {
-		return k.PhysBase + (va - k.TextVA), nil
-	}
-	if k.PageOffsetBase != 0 && va >= k.PageOffsetBase && va-k.PageOffsetBase < k.ramEnd {
-		return va - k.PageOffsetBase, nil
+	if pa, _, ok := k.linear(va); ok {
+		return pa, nil
 	}
 	if k.AS == nil {
 		return 0, fmt.Errorf("translate %#x: no kernel page tables", va)
@@ -201,7 +216,7 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 			h.syms = filter(h.syms)
 		}
 		k = &Kernel{Mem: mem, Syms: h.syms, Found: map[string]string{"kallsyms": h.syms.Layout()}, logf: logf}
-		if err := k.locateImage(h, regions); err != nil {
+		if err := k.locateImage(h, regions, opts.CPUs); err != nil {
 			return fmt.Errorf("kernel image: %w", err)
 		}
 		return nil

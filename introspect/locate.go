@@ -15,25 +15,26 @@ import (
 // ties the image's physical address to its virtual one.
 
 const (
-	pageSize = 0x1000
-	pmdSize  = 2 << 20
+	pmdSize = 2 << 20
 	// physicalStart is CONFIG_PHYSICAL_START, where the kernel is loaded
 	// when KASLR does not move it.
 	physicalStart = 16 << 20
-	// scanChunk is how much guest memory one scan step reads.
-	scanChunk = 8 << 20
+	// scanChunk is how much guest memory one scan step reads (into one
+	// reused buffer).
+	scanChunk = 1 << 20
 	// kallsymsBack and kallsymsFwd bound the part of the image read
 	// around the token table: the names, markers and (before 6.4) the
 	// offsets lie before it, the offsets and seqs_of_names (6.4+) after.
-	kallsymsBack = 24 << 20
-	kallsymsFwd  = 8 << 20
+	// The tables are read first with the smaller bounds, which fit a
+	// distribution kernel's (Debian 6.1: 87k symbols, about 2 MiB of
+	// tables), and only when those do not parse with the larger ones.
+	kallsymsBackSmall = 6 << 20
+	kallsymsFwdSmall  = 2 << 20
+	kallsymsBack      = 24 << 20
+	kallsymsFwd       = 8 << 20
 	// imageWindow bounds how far from the kallsyms tables the kernel's
 	// page tables (in .data, after .rodata) are searched.
 	imageWindow = 96 << 20
-
-	pteAddrMask = 0x000f_ffff_ffff_f000
-	ptePresent  = 1 << 0
-	ptePS       = 1 << 7
 )
 
 // span is a range of guest physical addresses inside one RAM region.
@@ -89,7 +90,7 @@ func readSpan(mem guestmem.Memory, regions []guestmem.Region, around, start, end
 		end = r.end
 	}
 	// Page-aligned, so offsets keep the alignment of guest addresses.
-	if a := start &^ (pageSize - 1); a >= r.start {
+	if a := start &^ (guestmem.PageSize - 1); a >= r.start {
 		start = a
 	}
 	buf := make([]byte, end-start)
@@ -219,9 +220,9 @@ func sampleKallsyms(mem guestmem.Memory, regions []guestmem.Region, enabled bool
 	if !enabled {
 		return nil
 	}
-	page := make([]byte, pageSize)
+	page := make([]byte, guestmem.PageSize)
 	for _, sp := range scanOrder(regions, 0) {
-		for a := (sp.start + sampleStride - 1) &^ (sampleStride - 1); a+pageSize <= sp.end; a += sampleStride {
+		for a := (sp.start + sampleStride - 1) &^ (sampleStride - 1); a+guestmem.PageSize <= sp.end; a += sampleStride {
 			if len(hits) > 0 && a < hits[len(hits)-1]+16<<20 {
 				continue
 			}
@@ -295,15 +296,19 @@ func tryKallsyms(mem guestmem.Memory, regions []guestmem.Region, hit uint64) (*k
 	if _, err := findTokenTable(small, int(hit-base)); err != nil {
 		return nil, err
 	}
-	win, base, err := readSpan(mem, regions, hit, sat(hit, kallsymsBack), hit+kallsymsFwd)
-	if err != nil {
-		return nil, err
+	var errs []error
+	for _, w := range [][2]uint64{{kallsymsBackSmall, kallsymsFwdSmall}, {kallsymsBack, kallsymsFwd}} {
+		win, base, err := readSpan(mem, regions, hit, sat(hit, w[0]), hit+w[1])
+		if err != nil {
+			return nil, err
+		}
+		ks, err := parseKallsyms(win, int(hit-base))
+		if err == nil {
+			return &kallsymsHit{syms: ks, hit: hit, bufGPA: base}, nil
+		}
+		errs = append(errs, fmt.Errorf("%d MiB around the token table: %w", len(win)>>20, err))
 	}
-	ks, err := parseKallsyms(win, int(hit-base))
-	if err != nil {
-		return nil, err
-	}
-	return &kallsymsHit{syms: ks, hit: hit, bufGPA: base}, nil
+	return nil, errors.Join(errs...)
 }
 
 // sat returns a-b, or 0 when b > a.
@@ -330,10 +335,10 @@ func level2Run(t []byte) (i0, last int, pa0 uint64, ok bool) {
 			continue
 		}
 		if i0 < 0 {
-			if e&(ptePresent|ptePS) != ptePresent|ptePS {
+			if e&(guestmem.PTEPresent|guestmem.PTEPS) != guestmem.PTEPresent|guestmem.PTEPS {
 				return 0, 0, 0, false
 			}
-			i0, pa0 = i, e&pteAddrMask
+			i0, pa0 = i, e&guestmem.PTEAddrMask
 			if pa0%pmdSize != 0 {
 				return 0, 0, 0, false
 			}
@@ -341,8 +346,8 @@ func level2Run(t []byte) (i0, last int, pa0 uint64, ok bool) {
 		// Entries split into 4 KiB tables (set_memory_*) or made
 		// non-present (freed init memory) are skipped; every 2 MiB
 		// page must be where a linear mapping puts it.
-		if e&(ptePresent|ptePS) == ptePresent|ptePS {
-			if e&pteAddrMask != pa0+uint64(i-i0)*pmdSize {
+		if e&(guestmem.PTEPresent|guestmem.PTEPS) == guestmem.PTEPresent|guestmem.PTEPS {
+			if e&guestmem.PTEAddrMask != pa0+uint64(i-i0)*pmdSize {
 				return 0, 0, 0, false
 			}
 			count++
@@ -360,18 +365,32 @@ type level2 struct {
 	pa          uint64
 }
 
-// findLevel2 searches the pages around the kallsyms tables for
-// level2_kernel_pgt; match picks the right one.
-func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, match func(i0 int, pa0 uint64) bool) (level2, error) {
+// findLevel2 finds level2_kernel_pgt, the table that maps the image
+// holding the kallsyms tables at around; match picks the right one. With
+// vCPU registers it is where their page tables map the image; else the
+// pages around the tables are searched.
+func findLevel2(mem guestmem.Memory, regions []guestmem.Region, cpus []guestmem.CPU, around uint64, match func(i0 int, pa0 uint64) bool) (level2, error) {
 	r, ok := regionOf(regions, around)
 	if !ok {
 		return level2{}, fmt.Errorf("%#x is not in guest RAM", around)
+	}
+	page := make([]byte, guestmem.PageSize)
+	for _, gpa := range level2FromCPUs(mem, cpus) {
+		if _, err := mem.ReadAt(page, int64(gpa)); err != nil {
+			continue
+		}
+		// A PTI user page table has its own copy, mapping only the
+		// entry text: the table must map the kallsyms tables too.
+		i, last, pa, ok := level2Run(page)
+		if ok && match(i, pa) && around >= pa && around-pa < uint64(last-i+1)*pmdSize {
+			return level2{gpa: gpa, first: i, last: last, pa: pa}, nil
+		}
 	}
 	// .data (where head_64.S puts the table) follows .rodata a few MiB
 	// on, so read forward from the tables in steps, then backward.
 	const step = 2 << 20
 	buf := make([]byte, step)
-	from := around &^ (pageSize - 1)
+	from := around &^ (guestmem.PageSize - 1)
 	var starts []uint64
 	for a := from; a < from+imageWindow && a < r.end; a += step {
 		starts = append(starts, a)
@@ -385,14 +404,55 @@ func findLevel2(mem guestmem.Memory, regions []guestmem.Region, around uint64, m
 		if _, err := mem.ReadAt(b, int64(a)); err != nil {
 			return level2{}, fmt.Errorf("read guest physical %#x: %w", a, err)
 		}
-		for off := 0; off+pageSize <= len(b); off += pageSize {
-			i, last, pa, ok := level2Run(b[off : off+pageSize])
+		for off := 0; off+guestmem.PageSize <= len(b); off += guestmem.PageSize {
+			i, last, pa, ok := level2Run(b[off : off+guestmem.PageSize])
 			if ok && match(i, pa) {
 				return level2{gpa: a + uint64(off), first: i, last: last, pa: pa}, nil
 			}
 		}
 	}
 	return level2{}, fmt.Errorf("level2_kernel_pgt: %w", ErrNotFound)
+}
+
+// level2FromCPUs returns the page tables that map __START_KERNEL_map
+// (PGD entry 511, PUD entry 510) under the vCPUs' CR3s: every Linux page
+// table shares level2_kernel_pgt. With PTI, a vCPU in user mode has the
+// user half of its PGD pair in CR3; the kernel half is tried first then.
+func level2FromCPUs(mem guestmem.Memory, cpus []guestmem.CPU) []uint64 {
+	var out []uint64
+	entry := func(table uint64, i int) uint64 {
+		var b [8]byte
+		if _, err := mem.ReadAt(b[:], int64(table+uint64(i)*8)); err != nil {
+			return 0
+		}
+		e := binary.LittleEndian.Uint64(b[:])
+		if e&guestmem.PTEPresent == 0 || e&guestmem.PTEPS != 0 {
+			return 0
+		}
+		return e & guestmem.PTEAddrMask
+	}
+	for _, c := range cpus {
+		lv := c.Paging()
+		if lv < 4 {
+			continue
+		}
+		roots := []uint64{guestmem.KernelCR3(c.CR3), c.CR3 & guestmem.PTEAddrMask}
+		if c.RIP >= startKernelMap {
+			roots[0], roots[1] = roots[1], roots[0] // kernel mode: CR3 is the kernel's
+		}
+		for _, t := range roots {
+			for l := lv; l > 3 && t != 0; l-- {
+				t = entry(t, 511)
+			}
+			if t != 0 {
+				t = entry(t, 510)
+			}
+			if t != 0 && len(out) < 16 {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
 }
 
 // findPGD searches the image for the kernel's top-level page table: the
@@ -416,7 +476,7 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 	if !ok {
 		return 0, 0, false, fmt.Errorf("%#x is not in guest RAM", around)
 	}
-	start, end = max(start&^(pageSize-1), r.start), min(end, r.end)
+	start, end = max(start&^(guestmem.PageSize-1), r.start), min(end, r.end)
 	// The window can be large: stream it in chunks, one pass per level.
 	buf := make([]byte, 2<<20)
 	var readErr error
@@ -427,8 +487,8 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 				readErr = fmt.Errorf("read guest physical %#x: %w", a, err)
 				return
 			}
-			for off := 0; off+pageSize <= len(b); off += pageSize {
-				if !yield(a+uint64(off), b[off:off+pageSize]) {
+			for off := 0; off+guestmem.PageSize <= len(b); off += guestmem.PageSize {
+				if !yield(a+uint64(off), b[off:off+guestmem.PageSize]) {
 					return
 				}
 			}
@@ -436,10 +496,10 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 	}
 	next := func(page []byte, idx int) uint64 {
 		e := binary.LittleEndian.Uint64(page[8*idx:])
-		if e&ptePresent == 0 || e&ptePS != 0 {
+		if e&guestmem.PTEPresent == 0 || e&guestmem.PTEPS != 0 {
 			return 0
 		}
-		return e & pteAddrMask
+		return e & guestmem.PTEAddrMask
 	}
 	level3 := map[uint64]bool{}
 	for gpa, p := range pages {
@@ -480,7 +540,7 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 	for _, c := range cands {
 		used := 0
 		for i := 0; i < 512; i++ {
-			present := binary.LittleEndian.Uint64(c.page[8*i:])&ptePresent != 0
+			present := binary.LittleEndian.Uint64(c.page[8*i:])&guestmem.PTEPresent != 0
 			switch {
 			case present && i < 256:
 				used = -1 << 20
@@ -502,7 +562,9 @@ func findPGDIn(mem guestmem.Memory, regions []guestmem.Region, around, start, en
 }
 
 // codeHint returns the physical 2 MiB page of the kernel code a vCPU is
-// running, or 0: with registers, the kernel is found without a scan.
+// running or, when every vCPU runs user code, of the start of the image
+// its page tables map at __START_KERNEL_map; 0 without usable registers.
+// With a hint the kernel is found without a sweep of guest RAM.
 func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
 	for _, c := range cpus {
 		if c.Paging() < 4 || c.RIP < startKernelMap {
@@ -514,6 +576,15 @@ func codeHint(mem guestmem.Memory, cpus []guestmem.CPU) uint64 {
 		}
 		if pa, err := as.Translate(c.RIP); err == nil {
 			return pa &^ (pmdSize - 1)
+		}
+	}
+	page := make([]byte, guestmem.PageSize)
+	for _, gpa := range level2FromCPUs(mem, cpus) {
+		if _, err := mem.ReadAt(page, int64(gpa)); err != nil {
+			continue
+		}
+		if _, _, pa, ok := level2Run(page); ok {
+			return pa
 		}
 	}
 	return 0

@@ -146,9 +146,16 @@ func checkSynth(t *testing.T, s *synth, k *Kernel) {
 	}
 	// Reads through the direct map go through the page tables.
 	var b [8]byte
-	if err := k.ReadVirt(b[:], k.PhysToVirt(s.pgd+511*8)); err != nil || binary.LittleEndian.Uint64(b[:])&pteAddrMask != s.pgd+0x1000 {
+	if err := k.ReadVirt(b[:], k.PhysToVirt(s.pgd+511*8)); err != nil || binary.LittleEndian.Uint64(b[:])&guestmem.PTEAddrMask != s.pgd+0x1000 {
 		t.Errorf("PGD[511] through the direct map: %x, %v", b, err)
 	}
+}
+
+// synthCPU is a vCPU running the synthetic kernel's code on its page
+// tables.
+func synthCPU(s *synth) guestmem.CPU {
+	return guestmem.CPU{CR0: guestmem.CR0PE | guestmem.CR0PG, CR4: guestmem.CR4PAE, EFER: guestmem.EFERLMA | guestmem.EFERLME, CSL: true,
+		CR3: s.pgd, RIP: synthTextVA + 0x1234}
 }
 
 func TestDiscoverSynthetic(t *testing.T) {
@@ -174,10 +181,33 @@ func TestDiscoverSynthetic(t *testing.T) {
 		}
 	})
 	t.Run("vCPU cross-check", func(t *testing.T) {
-		cpu := guestmem.CPU{CR0: guestmem.CR0PE | guestmem.CR0PG, CR4: guestmem.CR4PAE, EFER: guestmem.EFERLMA | guestmem.EFERLME, CSL: true,
-			CR3: s.pgd, RIP: synthTextVA + 0x1234}
+		cpu := synthCPU(s)
 		if _, err := Discover(s.mem, DiscoverOptions{CPUs: []guestmem.CPU{cpu}}); err != nil {
 			t.Errorf("consistent CPU: %v", err)
+		}
+		// level2_kernel_pgt is where CR3's tables map the image; when
+		// they lead nowhere (a zero page), it is searched for.
+		j := int((synthTextVA - startKernelMap) / pmdSize)
+		match := func(i0 int, _ uint64) bool { return i0 == j }
+		for _, c := range []struct {
+			name string
+			cr3  uint64
+		}{{"CR3", s.pgd}, {"zero CR3 page", 0}} {
+			bad := cpu
+			bad.CR3 = c.cr3
+			l2, err := findLevel2(s.mem, s.mem.Regions(), []guestmem.CPU{bad}, s.syms, match)
+			if err != nil || l2.gpa != s.level2 {
+				t.Errorf("%s: level2_kernel_pgt %#x, %v; want %#x", c.name, l2.gpa, err, s.level2)
+			}
+		}
+		// A vCPU in user mode still leads to the image.
+		user := cpu
+		user.RIP = 0x401000
+		if h := codeHint(s.mem, []guestmem.CPU{user}); h != synthPhysBase {
+			t.Errorf("hint from a vCPU in user mode: %#x, want the image at %#x", h, synthPhysBase)
+		}
+		if got := level2FromCPUs(s.mem, []guestmem.CPU{cpu}); len(got) == 0 || got[0] != s.level2 {
+			t.Errorf("level2 from CR3 %#x: %#x, want %#x first", cpu.CR3, got, s.level2)
 		}
 		// A page table that maps _text elsewhere contradicts memory.
 		other := append(sliceMem(nil), s.mem...)
@@ -230,15 +260,15 @@ func TestDiscoverSynthetic(t *testing.T) {
 
 func TestLooksLikeAddresses(t *testing.T) {
 	page := func(f func(i int) uint32) []byte {
-		b := make([]byte, pageSize)
-		for i := 0; i < pageSize/4; i++ {
+		b := make([]byte, guestmem.PageSize)
+		for i := 0; i < guestmem.PageSize/4; i++ {
 			binary.LittleEndian.PutUint32(b[4*i:], f(i))
 		}
 		return b
 	}
 	page64 := func(f func(i int) uint64) []byte {
-		b := make([]byte, pageSize)
-		for i := 0; i < pageSize/8; i++ {
+		b := make([]byte, guestmem.PageSize)
+		for i := 0; i < guestmem.PageSize/8; i++ {
 			binary.LittleEndian.PutUint64(b[8*i:], f(i))
 		}
 		return b
@@ -253,9 +283,9 @@ func TestLooksLikeAddresses(t *testing.T) {
 		{"absolute per-CPU (negative, shrinking)", page(func(i int) uint32 { return uint32(-0x200000 - int32(gap(i))) }), true},
 		{"PC-relative", page(func(i int) uint32 { return uint32(-0x1df0000 + int32(gap(i)) - 4*int32(i)) }), true},
 		{"absolute addresses", page64(func(i int) uint64 { return 0xffffffff81000000 + uint64(gap(i)) }), true},
-		{"zeros", make([]byte, pageSize), false},
-		{"all ones", bytes.Repeat([]byte{0xff}, pageSize), false},
-		{"text", bytes.Repeat([]byte("kallsyms_names "), pageSize/15+1)[:pageSize], false},
+		{"zeros", make([]byte, guestmem.PageSize), false},
+		{"all ones", bytes.Repeat([]byte{0xff}, guestmem.PageSize), false},
+		{"text", bytes.Repeat([]byte("kallsyms_names "), guestmem.PageSize/15+1)[:guestmem.PageSize], false},
 		{"random-ish", page(func(i int) uint32 { return uint32(i * 2654435761) }), false},
 	} {
 		if got := looksLikeAddresses(tc.page); got != tc.want {
