@@ -74,8 +74,8 @@ func ReadVirtBatch(mem Memory, levels int, reqs []VirtReq) {
 		r := &reqs[i]
 		for off := 0; off < len(r.Buf); {
 			va := r.VA + uint64(off)
-			n := min(len(r.Buf)-off, int(pageSize-va&(pageSize-1)))
-			pieces = append(pieces, piece{req: i, off: off, n: n, va: va, table: r.Root & pteAddrMask})
+			n := min(len(r.Buf)-off, int(PageSize-va&(PageSize-1)))
+			pieces = append(pieces, piece{req: i, off: off, n: n, va: va, table: r.Root & PTEAddrMask})
 			off += n
 		}
 	}
@@ -105,15 +105,15 @@ func ReadVirtBatch(mem Memory, levels int, reqs []VirtReq) {
 			}
 			v := binary.LittleEndian.Uint64(batch[k].Buf)
 			switch {
-			case v&ptePresent == 0:
+			case v&PTEPresent == 0:
 				p.err = &NotPresentError{VA: p.va, Level: level}
-			case level == 1 || v&ptePS != 0 && level <= 3:
-				p.table = v&pteAddrMask&^(1<<shift-1) + p.va&(1<<shift-1)
+			case level == 1 || v&PTEPS != 0 && level <= 3:
+				p.table = v&PTEAddrMask&^(1<<shift-1) + p.va&(1<<shift-1)
 				p.done = true
-			case v&ptePS != 0:
+			case v&PTEPS != 0:
 				p.err = fmt.Errorf("translate %#x: reserved PS bit in a level-%d entry", p.va, level)
 			default:
-				p.table = v & pteAddrMask
+				p.table = v & PTEAddrMask
 			}
 		}
 	}

@@ -78,7 +78,7 @@ func FuzzTranslate(f *testing.F) {
 		if gpa&0xfff != va&0xfff {
 			t.Fatalf("Translate(%#x) = %#x: page offset changed", va, gpa)
 		}
-		if gpa > pteAddrMask|0xfff {
+		if gpa > PTEAddrMask|0xfff {
 			t.Fatalf("Translate(%#x) = %#x: beyond 52 physical address bits", va, gpa)
 		}
 		// The cached answer and a fresh walk agree.

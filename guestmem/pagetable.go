@@ -25,14 +25,6 @@ const (
 	PTEPS uint64 = 1 << 7
 )
 
-// Short names inside the package.
-const (
-	pageSize    = PageSize
-	pteAddrMask = PTEAddrMask
-	ptePresent  = PTEPresent
-	ptePS       = PTEPS
-)
-
 const (
 	// ptiUserPGDBit is the bit that tells the two halves of a PTI page
 	// table pair apart (arch/x86/mm/pti.c: PTI_USER_PGTABLE_BIT is
@@ -94,7 +86,7 @@ func levelName(level int) string {
 // 12 carries no such meaning: callers should check that the result
 // translates a known kernel address before trusting it.
 func KernelCR3(cr3 uint64) uint64 {
-	return cr3 & pteAddrMask &^ ptiUserPGDBit
+	return cr3 & PTEAddrMask &^ ptiUserPGDBit
 }
 
 // KernelAddressSpace returns an address space that maps the kernel as the
@@ -116,7 +108,7 @@ func KernelAddressSpace(mem Memory, cr3 uint64, levels int, probe uint64) (*Addr
 			return kas, nil
 		}
 	}
-	return nil, fmt.Errorf("page tables at %#x (or their PTI kernel half) do not map kernel address %#x: %w", cr3&pteAddrMask, probe, err)
+	return nil, fmt.Errorf("page tables at %#x (or their PTI kernel half) do not map kernel address %#x: %w", cr3&PTEAddrMask, probe, err)
 }
 
 // AddressSpace is a guest virtual address space: the guest's own page
@@ -154,7 +146,7 @@ type mapping struct {
 func NewAddressSpace(mem Memory, cr3 uint64, levels int) *AddressSpace {
 	return &AddressSpace{
 		mem:    mem,
-		root:   cr3 & pteAddrMask,
+		root:   cr3 & PTEAddrMask,
 		levels: levels,
 		tables: make(map[uint64]*[512]uint64),
 		pages:  make(map[uint64]mapping),
@@ -232,10 +224,10 @@ func (a *AddressSpace) lookup(va uint64) (mapping, error) {
 		if err != nil {
 			return mapping{}, fmt.Errorf("translate %#x: read %s table at %#x: %w", va, levelName(level), table, err)
 		}
-		if e&ptePresent == 0 {
+		if e&PTEPresent == 0 {
 			return mapping{}, &NotPresentError{VA: va, Level: level}
 		}
-		if level == 1 || e&ptePS != 0 {
+		if level == 1 || e&PTEPS != 0 {
 			if level > 3 {
 				// PS is reserved in PML4E/PML5E: the CPU would fault.
 				return mapping{}, fmt.Errorf("translate %#x: %s %#x at %#x has the reserved PS bit set",
@@ -243,14 +235,14 @@ func (a *AddressSpace) lookup(va uint64) (mapping, error) {
 			}
 			// For large pages bits shift-1:12 hold PAT and reserved
 			// bits, not address bits.
-			m := mapping{gpa: e & pteAddrMask &^ (1<<shift - 1), shift: shift}
+			m := mapping{gpa: e & PTEAddrMask &^ (1<<shift - 1), shift: shift}
 			if len(a.pages) >= maxCachedPages {
 				clear(a.pages)
 			}
 			a.pages[va>>pageShift] = m
 			return m, nil
 		}
-		table = e & pteAddrMask
+		table = e & PTEAddrMask
 	}
 	panic("unreachable")
 }
@@ -278,7 +270,7 @@ func (a *AddressSpace) table(gpa uint64) (*[512]uint64, error) {
 	if t, ok := a.tables[gpa]; ok {
 		return t, nil
 	}
-	var buf [pageSize]byte
+	var buf [PageSize]byte
 	if _, err := a.mem.ReadAt(buf[:], int64(gpa)); err != nil {
 		return nil, err
 	}

@@ -41,7 +41,7 @@ func newTableBuilder(size int, levels int) *tableBuilder {
 
 func (b *tableBuilder) alloc() uint64 {
 	p := b.next
-	b.next += pageSize
+	b.next += PageSize
 	if b.next > uint64(len(b.mem)) {
 		panic("tableBuilder: out of memory")
 	}
@@ -64,22 +64,22 @@ func (b *tableBuilder) mapPage(va, gpa uint64, shift uint, flags uint64) {
 		s := uint(pageShift + 9*(level-1))
 		idx := (va >> s) & 511
 		if s == shift {
-			leaf := gpa | flags | ptePresent
+			leaf := gpa | flags | PTEPresent
 			if shift > pageShift {
-				leaf |= ptePS
+				leaf |= PTEPS
 			}
 			b.setEntry(table, idx, leaf)
 			return
 		}
 		e := b.entry(table, idx)
-		if e&ptePresent == 0 {
+		if e&PTEPresent == 0 {
 			// Upper flags as Linux sets them: RW, US, A, D, and
 			// NX plus protection-key garbage in the high bits to
 			// check they are masked off.
 			e = b.alloc() | 0x67 | 1<<63 | 0x7f<<52
 			b.setEntry(table, idx, e)
 		}
-		table = e & pteAddrMask
+		table = e & PTEAddrMask
 	}
 }
 
@@ -204,8 +204,8 @@ func TestTranslate5Level(t *testing.T) {
 func TestTranslateBadTables(t *testing.T) {
 	b := newTableBuilder(1<<20, 4)
 	// A PML4 entry with PS set (reserved) and one pointing outside memory.
-	b.setEntry(b.root, 1, 0x2000|ptePresent|ptePS)
-	b.setEntry(b.root, 2, 0x000f_ffff_ffff_f000|ptePresent)
+	b.setEntry(b.root, 1, 0x2000|PTEPresent|PTEPS)
+	b.setEntry(b.root, 2, 0x000f_ffff_ffff_f000|PTEPresent)
 	as := NewAddressSpace(b.mem, b.root, 4)
 	if _, err := as.Translate(1 << 39); err == nil {
 		t.Error("PS in PML4E: no error")
@@ -219,7 +219,7 @@ func TestTranslateBadTables(t *testing.T) {
 	}
 	// A self-referencing table (the PML4 maps itself at every level)
 	// terminates after at most levels steps.
-	b.setEntry(b.root, 3, b.root|ptePresent)
+	b.setEntry(b.root, 3, b.root|PTEPresent)
 	if _, err := NewAddressSpace(b.mem, b.root, 4).Translate(3<<39 | 3<<30 | 3<<21 | 3<<12); err != nil {
 		t.Errorf("self-map: %v", err)
 	}
