@@ -244,6 +244,12 @@ func (s *Server) getDump(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
+	// The memory map too is asked for before the pause: a paused QEMU
+	// does not answer QMP, which the TCG source asks for its map.
+	if len(src.Regions()) == 0 {
+		httpError(w, http.StatusServiceUnavailable, "the guest has no RAM regions yet")
+		return
+	}
 	if r.URL.Query().Get("pause") != "0" {
 		resume, err := s.Session.Pause(r.Context())
 		if errors.Is(err, session.ErrNoPause) {

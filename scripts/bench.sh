@@ -103,7 +103,7 @@ if [ "${KVMSCOPE_BENCH_SCAN:-1}" != 0 ]; then
   # The KVM rows (BenchmarkPSKVM) ran with the KVM benchmarks above.
   grep '^BenchmarkPSKVM' "$log" >.cache/bench-pskvm.log || true
   echo >&2
-  go test -run '^$' -bench '^Benchmark(PS|FirstContact)$' -benchtime 2s -count 1 -timeout 30m ./cmd/kvmscope 2>&1 |
+  go test -run '^$' -bench '^Benchmark(PS|FirstContact|CorePS)$' -benchtime 2s -count 1 -timeout 30m ./cmd/kvmscope 2>&1 |
     grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
     tee "$scanlog" >&2 || status=1
   cat .cache/bench-pskvm.log >>"$scanlog"
@@ -164,6 +164,9 @@ END {
   row("first contact to ps, 512 MiB guest (in-process)", n, "first-ms", 300, 1)
   row("  first GET /v1/processes of kvmscope run", n, "api-first-ms", 300, 1)
   row("  from an ELF core (in-process, reference)", n, "core-ms", 300, 0)
+  limit("ps --core, 1 GiB dump, ~5000 tasks (CLI): wall", "CorePS", "core-ps-ms", 100, "ms")
+  limit("  peak RSS (CLI, the child rusage)", "CorePS", "core-ps-rss-mb", 64, "MB")
+  count("  processes listed (ps --core, CLI)", "CorePS", "procs")
   exit failed
 }' "$scanlog" || status=1
 fi

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"os/exec"
 	"path/filepath"
@@ -29,14 +28,6 @@ func BenchmarkCorePS(b *testing.B) {
 		targetMB = 64.0
 	)
 	sg := bootScanGuest(b, 4900, 1024, false)
-	// A dump before anything has read guest memory fails ("the guest has
-	// no RAM regions": the TCG source asks QMP for its memory map only
-	// once the VM is paused, and a paused QEMU does not answer), so list
-	// the processes through the API first.
-	var apiPS []api.Process
-	if err := sg.api.Get(context.Background(), "/v1/processes", &apiPS); err != nil {
-		b.Fatal(err)
-	}
 	core := filepath.Join(b.TempDir(), "guest.core")
 	if _, errOut, code := kvmscopeB(b, "dump", "--api", sg.sock, "-o", core); code != 0 {
 		b.Fatalf("kvmscope dump: %s", errOut)
