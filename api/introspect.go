@@ -2,9 +2,7 @@ package api
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -168,17 +166,15 @@ func writeProcesses(w http.ResponseWriter, ps []introspect.Process) {
 // process a line.
 func WriteProcesses(w io.Writer, ps []introspect.Process) error {
 	bw := bufio.NewWriterSize(w, 64<<10)
-	var elem bytes.Buffer
-	enc := json.NewEncoder(&elem)
+	var elem []byte
 	bw.WriteString("[")
 	for i := range ps {
-		elem.Reset()
-		enc.Encode(Process{Process: ps[i], PGD: Hex64(ps[i].PGD), Task: Hex64(ps[i].Task)})
 		if i > 0 {
 			bw.WriteString(",")
 		}
 		bw.WriteString("\n")
-		bw.Write(bytes.TrimSuffix(elem.Bytes(), []byte("\n")))
+		elem = appendProcess(elem[:0], &ps[i])
+		bw.Write(elem)
 	}
 	bw.WriteString("\n]\n")
 	return bw.Flush()
