@@ -159,7 +159,6 @@ END {
   ps("ps, ~5000 processes, TCG", "PS/procs=5000", 20)
   ps("ps, ~5000 processes, TCG, memfd RAM", "PS/procs=5000-memfd", 20)
   ps("ps, ~100 processes, " kvm, "PSKVM/procs=100", 1)
-  ps("ps, ~100 processes, " kvm ", memfd RAM", "PSKVM/procs=100-memfd", 1)
   n = "FirstContact"
   row("first contact to ps, 512 MiB guest (in-process)", n, "first-ms", 300, 1)
   row("  first GET /v1/processes of kvmscope run", n, "api-first-ms", 300, 1)

@@ -189,9 +189,11 @@ func BenchmarkPS(b *testing.B) {
 // BenchmarkPSKVM is BenchmarkPS on a guest that runs on KVM: here where
 // KVM can boot Linux, else in the nested-KVM lab (scripts/bench.sh).
 func BenchmarkPSKVM(b *testing.B) {
+	// Not memfd RAM: in the lab under -icount (scripts/bench.sh) that guest
+	// made no progress in 10 minutes (docs/limitations.md); the KVM memfd
+	// path is covered by TestGuestLinux/debian-6.1-kvm-memfd.
 	for _, c := range []psCase{
 		{"procs=100", "kvm", 3, 512, false, time.Millisecond},
-		{"procs=100-memfd", "kvm", 3, 512, true, time.Millisecond},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			testenv.Require(b, testenv.FastKVM)
