@@ -47,8 +47,8 @@ func (m forgedMem) ReadAt(p []byte, gpa int64) (int, error) {
 }
 
 func fuzzKernel(mem []byte) *Kernel {
-	return &Kernel{Mem: forgedMem(mem), TextVA: fuzzBase, imageSize: uint64(len(mem)), Levels: 4,
-		PageOffsetBase: 0xffff888000000000}
+	return &Kernel{Mem: forgedMem(mem), imageSize: uint64(len(mem)),
+		Record: Record{TextVA: fuzzBase, Levels: 4, PageOffsetBase: 0xffff888000000000}}
 }
 
 // fuzzOffsets is the layout of the forged task_structs.

@@ -23,13 +23,9 @@ const defaultTextVA = 0xffffffff81000000
 // cannot be found in guest memory.
 var ErrNotFound = errors.New("not found in guest memory")
 
-// Kernel is what Discover found out about the guest's Linux kernel.
-// Its exported values marshal to JSON for `kvmscope kernel --json`.
-type Kernel struct {
-	Mem guestmem.Memory `json:"-"`
-	// AS is the kernel's address space, rooted at init_top_pgt
-	// (swapper_pg_dir), which holds no user mappings.
-	AS *guestmem.AddressSpace `json:"-"`
+// Record is what Discover found out about the guest's Linux kernel, as
+// `kvmscope kernel --json` prints it: values, not a way to read memory.
+type Record struct {
 	// PGD is the guest physical address of the kernel's top page table.
 	PGD uint64 `json:"pgd"`
 	// PhysBase is the guest physical address of _text.
@@ -48,12 +44,23 @@ type Kernel struct {
 	// Banner is linux_banner, "Linux version ...", without the newline.
 	Banner  string        `json:"banner"`
 	Version KernelVersion `json:"version"`
-	Syms    *Kallsyms     `json:"-"`
-	// BTF is the kernel's own type information, nil when it has none.
-	BTF *btf.Spec `json:"-"`
 	// Found says where each of the values above came from, e.g.
 	// "pgd": "init_top_pgt" or "found by structure".
 	Found map[string]string `json:"found"`
+}
+
+// Kernel reads the guest's Linux kernel: the Record Discover made, the
+// kernel's symbols and types, and the memory and page tables it reads
+// guest memory through (Kernel.On binds it to another source).
+type Kernel struct {
+	Record
+	Mem guestmem.Memory
+	// AS is the kernel's address space, rooted at init_top_pgt
+	// (swapper_pg_dir), which holds no user mappings.
+	AS   *guestmem.AddressSpace
+	Syms *Kallsyms
+	// BTF is the kernel's own type information, nil when it has none.
+	BTF *btf.Spec
 
 	// imageSize is the size of the image from _text: reads inside it
 	// need no page walk (it is mapped linearly).
@@ -215,7 +222,7 @@ func discover(mem guestmem.Memory, opts DiscoverOptions, filter func(*Kallsyms) 
 		if filter != nil {
 			h.syms = filter(h.syms)
 		}
-		k = &Kernel{Mem: mem, Syms: h.syms, Found: map[string]string{"kallsyms": h.syms.Layout()}, logf: logf}
+		k = &Kernel{Record: Record{Found: map[string]string{"kallsyms": h.syms.Layout()}}, Mem: mem, Syms: h.syms, logf: logf}
 		if err := k.locateImage(h, regions, opts.CPUs); err != nil {
 			return fmt.Errorf("kernel image: %w", err)
 		}
