@@ -3,10 +3,10 @@ package guestmem
 import (
 	"context"
 
-	"github.com/kvmscope/kvmscope/internal/qmp"
+	"github.com/kvmscope/kvmscope/guestmem/qmp"
 )
 
-// QMP is a connection to QEMU's QMP socket, the client of internal/qmp
+// QMP is a connection to QEMU's QMP socket, the client of guestmem/qmp
 // (shared with the test helpers, which cannot import guestmem).
 type QMP = qmp.Client
 

@@ -8,10 +8,10 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/kvmscope/kvmscope/internal/qmp"
+	"github.com/kvmscope/kvmscope/guestmem/qmp"
 )
 
-// monitor drives the booted test guest over QMP (internal/qmp, which
+// monitor drives the booted test guest over QMP (guestmem/qmp, which
 // imports nothing else of kvmscope's) and reads its memory and registers
 // through QEMU alone: pmemsave and memsave files in dir, HMP.
 type monitor struct {

@@ -15,7 +15,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kvmscope/kvmscope/internal/qmp"
+	"github.com/kvmscope/kvmscope/guestmem/qmp"
 )
 
 // Options say what to boot and how.

@@ -1,6 +1,6 @@
 // Package testlinux boots real Linux guests under QEMU (TCG) for kvmscope's
 // tests: the kernels and busybox initramfs that scripts/fetch-guests.sh
-// (`just guests`) puts in .cache/guests, driven over QMP (internal/qmp).
+// (`just guests`) puts in .cache/guests, driven over QMP (guestmem/qmp).
 //
 // The guests' /init (scripts/initramfs/init) starts a known set of
 // processes and prints the guest's own view of them on the serial console;
