@@ -55,6 +55,16 @@ type InPlace interface {
 	MemfdRegions() ([]Region, error)
 }
 
+// Writable reports whether writes through w may change guest memory: a
+// source that can be opened read-only says so with a Writable method
+// (Live, TCG without --allow-write), any other Writer writes.
+func Writable(w Writer) bool {
+	if a, ok := w.(interface{ Writable() bool }); ok {
+		return a.Writable()
+	}
+	return true
+}
+
 // Capabilities say what a source can do beyond ReadAt.
 type Capabilities struct {
 	// Batch: many reads in one call (BatchReader).
@@ -76,10 +86,7 @@ func CapabilitiesOf(src Memory) Capabilities {
 		}
 	}
 	if w, ok := src.(Writer); ok {
-		c.Write = true
-		if a, ok := w.(interface{ Writable() bool }); ok {
-			c.Write = a.Writable()
-		}
+		c.Write = Writable(w)
 	}
 	if ip, ok := src.(InPlace); ok {
 		c.InPlace, _ = ip.MemfdRegions()

@@ -175,7 +175,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	// batched read for all tasks, then the command lines through each
 	// process's page tables, one batched read per page-table level.
 	r.resolve(out)
-	r.countThreads(out, groups, counts)
+	r.countThreads(out, counts)
 	if !opts.NoCmdline {
 		r.readCmdlines(out, groups)
 	}
@@ -471,7 +471,7 @@ func (r *taskReader) resolve(out []Process) {
 // countThreads sets Threads of the groups in counts from their
 // signal->nr_threads, all read in one batch: a count that cannot be read
 // or makes no sense stays 0 (unknown).
-func (r *taskReader) countThreads(out []Process, groups []group, counts []threadCount) {
+func (r *taskReader) countThreads(out []Process, counts []threadCount) {
 	if len(counts) == 0 {
 		return
 	}

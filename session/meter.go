@@ -114,9 +114,4 @@ func meter(src guestmem.Source, c *counts) guestmem.Source {
 }
 
 // Writable answers as the source below does (guestmem.CapabilitiesOf).
-func (m meteredWriter) Writable() bool {
-	if a, ok := m.w.(interface{ Writable() bool }); ok {
-		return a.Writable()
-	}
-	return true
-}
+func (m meteredWriter) Writable() bool { return guestmem.Writable(m.w) }

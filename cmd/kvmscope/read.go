@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"strconv"
@@ -55,11 +54,8 @@ func getJSON[T any](c *cli.Context, path string) (T, error) {
 	return v, nil
 }
 
-func printJSON(v any) error { return writeJSON(os.Stdout, v) }
-
-// writeJSON writes v to w indented, as every --json prints.
-func writeJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
 }
