@@ -33,8 +33,9 @@ type learnKey struct {
 }
 
 // Add records one call: its request, fd kind and decoded fields (nil when
-// not decoded).
-func (l *Learner) Add(cmd uint32, fd ioctl.FD, args *ioctl.Args) {
+// not decoded). It reports whether the call was new: a request, fd kind
+// or field value not seen before.
+func (l *Learner) Add(cmd uint32, fd ioctl.FD, args *ioctl.Args) (changed bool) {
 	if l.seen == nil {
 		l.seen = map[learnKey]map[string]map[uint64]bool{}
 	}
@@ -43,10 +44,11 @@ func (l *Learner) Add(cmd uint32, fd ioctl.FD, args *ioctl.Args) {
 	if fields == nil {
 		fields = map[string]map[uint64]bool{}
 		l.seen[k] = fields
+		changed = true
 	}
 	req, ok := ioctl.ByCmd(cmd)
 	if !ok || args == nil {
-		return
+		return changed
 	}
 	for _, f := range learnedFields[req.Name] {
 		vals, ok := args.Get(f)
@@ -57,9 +59,13 @@ func (l *Learner) Add(cmd uint32, fd ioctl.FD, args *ioctl.Args) {
 			fields[f] = map[uint64]bool{}
 		}
 		for _, v := range vals {
-			fields[f][v] = true
+			if !fields[f][v] {
+				fields[f][v] = true
+				changed = true
+			}
 		}
 	}
+	return changed
 }
 
 // WantsArgs reports whether Add needs the decoded fields of cmd.

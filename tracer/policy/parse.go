@@ -57,7 +57,9 @@ func Parse(name string, b []byte) (*Policy, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	err := dec.Decode(&doc)
 	if err != nil && !errors.Is(err, io.EOF) {
-		return nil, yamlError(name, err)
+		e := yamlError(name, err)
+		e.Line = syntaxErrorLine(b, e)
+		return nil, e
 	}
 	p := &Policy{Default: Allow, Mode: Enforce, Source: name}
 	if err != nil || len(doc.Content) == 0 {
@@ -241,7 +243,32 @@ func errOr(err error, s string) string {
 }
 
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error.
-func yamlError(name string, err error) error {
+// syntaxErrorLine finds the line of a YAML syntax error. yaml.v3 reports
+// the line where the enclosing block starts, not where the error is; the
+// first line whose prefix of the file fails with the same message is the
+// one that broke it. (A prefix can also fail because it cuts a flow
+// collection or a quoted string in two: those fail with other messages.)
+func syntaxErrorLine(b []byte, e *Error) int {
+	lines := bytes.SplitAfter(b, []byte("\n"))
+	if len(lines) > 5000 {
+		return e.Line
+	}
+	var prefix []byte
+	for i, l := range lines {
+		prefix = append(prefix, l...)
+		if i+1 < e.Line {
+			continue
+		}
+		var n yaml.Node
+		err := yaml.Unmarshal(prefix, &n)
+		if err != nil && yamlError(e.File, err).Msg == e.Msg {
+			return i + 1
+		}
+	}
+	return e.Line
+}
+
+func yamlError(name string, err error) *Error {
 	msg := err.Error()
 	var te *yaml.TypeError
 	if errors.As(err, &te) && len(te.Errors) > 0 {
