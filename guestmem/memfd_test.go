@@ -48,7 +48,10 @@ func init() {
 		// The test could not attach and closed the pipe.
 		os.Exit(126)
 	}
-	err := tracer.ExecTraced(os.Args[1], os.Args[2:])
+	prog, err := tracer.Filter(nil)
+	if err == nil {
+		err = tracer.ExecTraced(os.Args[1], os.Args[2:], prog)
+	}
 	fmt.Fprintf(os.Stderr, "%v\n", err)
 	os.Exit(127)
 }
@@ -73,7 +76,7 @@ func startTraced(path string, argv []string) (*tracer.Tracer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", self, err)
 	}
-	tr, err := tracer.Attach(pid, zerolog.Nop())
+	tr, err := tracer.Attach(pid, zerolog.Nop(), tracer.Options{})
 	if err != nil {
 		w.Close()
 		unix.Wait4(pid, nil, 0, nil)

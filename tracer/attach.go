@@ -16,8 +16,8 @@ import (
 // child) stays the process that runs QEMU, and a separate kvmscope process
 // traces it. pid then calls ExecTraced. Only pid's thread-group leader is
 // seized; its other threads vanish at execve.
-func Attach(pid int, log zerolog.Logger) (*Tracer, error) {
-	t := newTracer(log)
+func Attach(pid int, log zerolog.Logger, o Options) (*Tracer, error) {
+	t := newTracer(log, o)
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -28,6 +28,7 @@ func Attach(pid int, log zerolog.Logger) (*Tracer, error) {
 		}
 		t.pid = pid
 		t.threads[pid] = true
+		t.tgids[pid] = pid
 		t.procs = []int{pid}
 		started <- nil
 		t.err = t.loop()
@@ -38,21 +39,18 @@ func Attach(pid int, log zerolog.Logger) (*Tracer, error) {
 	return t, nil
 }
 
-// ExecTraced installs the seccomp filter on the calling thread and
-// executes path with argv and the current environment. It returns only on
-// failure. The process must already be traced (see Attach): without a
-// tracer the trapped ioctls fail with ENOSYS.
+// ExecTraced installs the seccomp filter prog (from Filter, made by the
+// tracer for its policy) on the calling thread and executes path with argv
+// and the current environment. It returns only on failure. The process
+// must already be traced (see Attach): without a tracer the trapped calls
+// fail with ENOSYS, so the filter fails closed.
 //
 // Precondition: the calling goroutine is locked to the main thread, the
 // thread-group leader the tracer seized.
-func ExecTraced(path string, argv []string) error {
-	prog, err := buildFilter(trappedIoctls)
-	if err != nil {
-		return err
-	}
+func ExecTraced(path string, argv []string, prog []unix.SockFilter) error {
 	if err := installFilter(prog); err != nil {
 		return err
 	}
-	err = unix.Exec(path, argv, os.Environ())
+	err := unix.Exec(path, argv, os.Environ())
 	return fmt.Errorf("exec %s: %w", path, err)
 }

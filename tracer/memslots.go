@@ -3,8 +3,9 @@
 package tracer
 
 import (
-	"encoding/binary"
 	"sort"
+
+	"github.com/kvmscope/kvmscope/tracer/ioctl"
 )
 
 // Memslot is one KVM memory slot as the kernel holds it: guest physical
@@ -29,18 +30,9 @@ type Memslot struct {
 // AddressSpace returns the KVM address space id (0 normal, 1 SMM on x86).
 func (m Memslot) AddressSpace() int { return int(m.Slot >> 16) }
 
-// parseMemoryRegion decodes the 32-byte prefix of struct
-// kvm_userspace_memory_region(2): slot u32, flags u32, guest_phys_addr u64,
-// memory_size u64, userspace_addr u64.
-func parseMemoryRegion(b []byte) Memslot {
-	le := binary.LittleEndian
-	m := Memslot{
-		Slot:  le.Uint32(b[0:]),
-		Flags: le.Uint32(b[4:]),
-		GPA:   le.Uint64(b[8:]),
-		Size:  le.Uint64(b[16:]),
-		HVA:   le.Uint64(b[24:]),
-	}
+// memslotOf is the slot a KVM_SET_USER_MEMORY_REGION(2) call sets.
+func memslotOf(r ioctl.MemoryRegion) Memslot {
+	m := Memslot{Slot: r.Slot, Flags: r.Flags, GPA: r.GuestPhysAddr, Size: r.MemorySize, HVA: r.UserspaceAddr}
 	m.ReadOnly = m.Flags&kvmMemReadonly != 0
 	m.DirtyLog = m.Flags&kvmMemLogDirtyPages != 0
 	m.GuestMemfd = m.Flags&kvmMemGuestMemfd != 0

@@ -38,10 +38,32 @@ func syscallExit(tid int) error { return ptrace(unix.PTRACE_SYSCALL, tid, 0, 0) 
 // listen lets a group-stopped tid stay stopped while still reporting events.
 func listen(tid int) error { return ptrace(unix.PTRACE_LISTEN, tid, 0, 0) }
 
+// interrupt stops a running tid (PTRACE_SEIZE'd tasks only); it reports a
+// PTRACE_EVENT_STOP, or whatever stop it reaches first.
+func interrupt(tid int) error { return ptrace(unix.PTRACE_INTERRUPT, tid, 0, 0) }
+
+// failSyscall makes tid, in a seccomp stop, skip its system call and see
+// -errno as its result: the kernel skips a call whose number the tracer
+// set to -1 and leaves rax as the tracer wrote it (seccomp(2), "the
+// tracer can skip the system call").
+func failSyscall(tid int, errno unix.Errno) error {
+	var regs unix.PtraceRegs
+	if err := unix.PtraceGetRegs(tid, &regs); err != nil {
+		return fmt.Errorf("PTRACE_GETREGS(%d): %w", tid, err)
+	}
+	regs.Orig_rax = ^uint64(0)
+	regs.Rax = uint64(-int64(errno))
+	if err := unix.PtraceSetRegs(tid, &regs); err != nil {
+		return fmt.Errorf("PTRACE_SETREGS(%d): %w", tid, err)
+	}
+	return nil
+}
+
 // syscallInfo is the part of struct ptrace_syscall_info (include/uapi/linux/ptrace.h)
 // the tracer uses.
 type syscallInfo struct {
 	Op   uint8
+	Arch uint32    // AUDIT_ARCH_* of the call (i386 for int 0x80)
 	NR   uint64    // entry and seccomp stops
 	Args [6]uint64 // entry and seccomp stops
 	Rval int64     // exit stops
@@ -63,7 +85,7 @@ func getSyscallInfo(tid int) (syscallInfo, error) {
 		return syscallInfo{}, fmt.Errorf("PTRACE_GET_SYSCALL_INFO(%d): %w", tid, err)
 	}
 	le := binary.LittleEndian
-	si := syscallInfo{Op: buf[0]}
+	si := syscallInfo{Op: buf[0], Arch: le.Uint32(buf[4:])}
 	switch si.Op {
 	case syscallInfoEntry, syscallInfoSeccomp:
 		si.NR = le.Uint64(buf[24:])

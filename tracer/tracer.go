@@ -8,6 +8,8 @@ import (
 	"sync"
 	"syscall"
 
+	"github.com/kvmscope/kvmscope/tracer/ioctl"
+	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
@@ -27,27 +29,67 @@ type Tracer struct {
 	procsMu sync.Mutex
 	procs   []int
 
+	handlers []handler
+	enforcer *enforcer // nil without a policy
+
+	killMu sync.Mutex
+	killed string // why the policy killed QEMU ("" if it did not)
+
 	// State below is touched only by the tracer thread.
-	pending map[int]pendingCall
+	pending map[int]*pendingCall
 	threads map[int]bool
+	tgids   map[int]int // thread -> its process
+	frozen  int         // the thread whose call froze its process, or 0
+	held    []heldStop  // stops of frozen threads, handled after the call
+	freezes uint64
 }
 
 // pendingCall is a trapped ioctl waiting for its syscall-exit stop.
 type pendingCall struct {
-	fd, cmd uint32
-	arg     uint64
-	region  Memslot // decoded argument of memory-region calls
+	c      *call
+	follow []handler // the handlers that asked for the result
 }
 
-func newTracer(log zerolog.Logger) *Tracer {
-	return &Tracer{
+// Options are what a tracer enforces and where it reports.
+type Options struct {
+	// Policy decides every ioctl the seccomp filter traps for it (nil:
+	// none; the filter then traps only the tracer's bookkeeping). The
+	// filter the traced process installs must come from the same policy
+	// (Filter).
+	Policy *policy.Policy
+	// Events receives the policy's decisions other than plain allows,
+	// and failed calls on foreign ABIs (nil: they go to the log).
+	Events Events
+	// Learn, when set, records every trapped call (policy learn).
+	Learn *policy.Learner
+	// Learned, with Learn, is called each time Learn sees a new request
+	// or value, while QEMU's call waits (to save the learned policy).
+	Learned func(*policy.Learner)
+}
+
+func newTracer(log zerolog.Logger, o Options) *Tracer {
+	t := &Tracer{
 		log:     log,
 		vm:      newVM(log),
 		leader:  make(chan struct{}),
 		done:    make(chan struct{}),
-		pending: make(map[int]pendingCall),
+		pending: make(map[int]*pendingCall),
 		threads: make(map[int]bool),
+		tgids:   make(map[int]int),
 	}
+	if o.Policy != nil {
+		t.enforcer = &enforcer{p: o.Policy, events: o.Events, learn: o.Learn, learned: o.Learned}
+		t.handlers = append(t.handlers, t.enforcer)
+	}
+	t.handlers = append(t.handlers, vmCapture{t.vm}, memslots{t.vm})
+	return t
+}
+
+// Killed says why the policy killed QEMU, or "" if it did not.
+func (t *Tracer) Killed() string {
+	t.killMu.Lock()
+	defer t.killMu.Unlock()
+	return t.killed
 }
 
 // Pid is the pid of the process kvmscope launched (QEMU, or with
@@ -99,7 +141,17 @@ func (t *Tracer) Signal(sig syscall.Signal) error {
 func (t *Tracer) loop() error {
 	for {
 		var ws unix.WaitStatus
-		tid, err := unix.Wait4(-1, &ws, unix.WALL, nil)
+		var tid int
+		var err error
+		if t.frozen == 0 && len(t.held) > 0 {
+			// A call that froze QEMU is over: handle what the frozen
+			// threads reported meanwhile, in order.
+			h := t.held[0]
+			t.held = t.held[1:]
+			tid, ws = h.tid, h.ws
+		} else {
+			tid, err = unix.Wait4(-1, &ws, unix.WALL, nil)
+		}
 		if err == unix.EINTR {
 			continue
 		}
@@ -126,6 +178,14 @@ func (t *Tracer) loop() error {
 func (t *Tracer) exited(tid int, ws unix.WaitStatus) {
 	delete(t.threads, tid)
 	delete(t.pending, tid)
+	delete(t.tgids, tid)
+	t.thaw(tid)
+	for i, h := range t.held {
+		if h.tid == tid {
+			t.held = append(t.held[:i], t.held[i+1:]...)
+			break
+		}
+	}
 	t.vm.threadExited(tid)
 	t.procsMu.Lock()
 	for i, p := range t.procs {
@@ -142,7 +202,10 @@ func (t *Tracer) exited(tid int, ws unix.WaitStatus) {
 }
 
 func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
-	t.threads[tid] = true
+	if !t.threads[tid] {
+		t.threads[tid] = true
+		t.tgids[tid] = tgidOf(tid)
+	}
 	sig := ws.StopSignal()
 	// The ptrace event is in bits 16-23 of the status. (x/sys/unix's
 	// TrapCause reports it only for SIGTRAP stops, but a group-stop under
@@ -159,11 +222,15 @@ func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
 			t.procs = append(t.procs, int(pid))
 			t.procsMu.Unlock()
 		}
-		return cont(tid, 0)
+		return t.resume(tid, 0)
+	case sig == unix.SIGTRAP && event == unix.PTRACE_EVENT_EXEC:
+		// After execve the thread-group id is the leader's.
+		t.tgids[tid] = tgidOf(tid)
+		return t.resume(tid, 0)
 	case sig == unix.SIGTRAP && event > 0:
-		// clone/exec events: the new thread is already traced
+		// clone events: the new thread is already traced
 		// (PTRACE_O_TRACECLONE) and reports its own stop.
-		return cont(tid, 0)
+		return t.resume(tid, 0)
 	case event == unix.PTRACE_EVENT_STOP:
 		switch sig {
 		case unix.SIGSTOP, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU:
@@ -171,7 +238,7 @@ func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
 			return listen(tid)
 		}
 		// The first stop of a new task, or a PTRACE_INTERRUPT.
-		return cont(tid, 0)
+		return t.resume(tid, 0)
 	default:
 		// Signal-delivery stop. SIGUSR1 is QEMU's vCPU kick: by the time
 		// it is delivered KVM_RUN has returned and stored the registers,
@@ -179,56 +246,136 @@ func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
 		if sig == unix.SIGUSR1 {
 			t.vm.snapshot(tid)
 		}
-		return cont(tid, int(sig))
+		return t.resume(tid, int(sig))
 	}
+}
+
+// resume lets tid go on, delivering sig; a thread in the middle of a
+// followed call keeps stopping at system-call boundaries until its exit
+// stop.
+func (t *Tracer) resume(tid, sig int) error {
+	if t.pending[tid] != nil {
+		return ptrace(unix.PTRACE_SYSCALL, tid, 0, uintptr(sig))
+	}
+	return cont(tid, sig)
 }
 
 func (t *Tracer) seccompStop(tid int) error {
 	si, err := getSyscallInfo(tid)
 	if err != nil {
+		// Without the call's number the tracer cannot decide: fail it.
+		failSyscall(tid, unix.EPERM)
 		cont(tid, 0)
 		return err
 	}
-	if si.Op != syscallInfoSeccomp || si.NR != unix.SYS_IOCTL {
+	if si.Op != syscallInfoSeccomp {
+		return t.resume(tid, 0)
+	}
+	if si.Arch != auditArchX8664 || si.NR&x32SyscallBit != 0 {
+		return t.foreignABI(tid, si)
+	}
+	if si.NR != unix.SYS_IOCTL {
 		return cont(tid, 0)
 	}
-	pc := pendingCall{fd: uint32(si.Args[0]), cmd: uint32(si.Args[1]), arg: si.Args[2]}
-	if pc.cmd == KVMSetUserMemoryRegion || pc.cmd == kvmSetUserMemoryRegion2 {
-		b := make([]byte, kvmUserspaceMemoryRegionLen)
-		if err := readTask(tid, pc.arg, b); err != nil {
-			cont(tid, 0)
-			return fmt.Errorf("read %s argument: %w", IoctlName(pc.cmd), err)
+	c := &call{t: t, tid: tid, pid: t.tgids[tid], fd: int(int32(si.Args[0])), cmd: uint32(si.Args[1]), arg: si.Args[2]}
+	c.req, _ = ioctl.ByCmd(c.cmd)
+	pc := &pendingCall{c: c}
+	for _, h := range t.handlers {
+		v := t.enter(h, c)
+		switch {
+		case v.kill != "":
+			return t.kill(c, v.kill)
+		case v.deny:
+			t.thaw(tid)
+			if err := failSyscall(tid, v.errno); err != nil {
+				// Cannot fail it: do not let it run either.
+				return t.kill(c, "could not deny "+c.name()+": "+err.Error())
+			}
+			return cont(tid, 0)
+		case v.exit:
+			pc.follow = append(pc.follow, h)
 		}
-		pc.region = parseMemoryRegion(b)
 	}
+	if len(pc.follow) == 0 && t.frozen != tid {
+		return cont(tid, 0)
+	}
+	// Run the ioctl and stop again at its exit, to learn the result and,
+	// if the call froze QEMU, to let the other threads go.
 	t.pending[tid] = pc
-	// Run the ioctl and stop again at its exit to learn the result.
 	return syscallExit(tid)
 }
 
+// enter runs one handler; a handler that panics denies the call.
+func (t *Tracer) enter(h handler, c *call) (v verdict) {
+	defer func() {
+		if r := recover(); r != nil {
+			t.log.Error().Interface("panic", r).Str("ioctl", c.name()).Msg("ioctl handler failed; denying the call")
+			v = verdict{deny: true, errno: unix.EPERM}
+		}
+	}()
+	return h.enter(c)
+}
+
+// kill ends QEMU for the policy. The calling thread stays in its seccomp
+// stop, so the call never runs; SIGKILL takes the whole process.
+func (t *Tracer) kill(c *call, why string) error {
+	t.killMu.Lock()
+	if t.killed == "" {
+		t.killed = why
+	}
+	t.killMu.Unlock()
+	t.log.Error().Str("reason", why).Int("pid", c.pid).Msg("the ioctl policy kills QEMU")
+	t.thaw(c.tid)
+	return unix.Kill(c.pid, unix.SIGKILL)
+}
+
+// foreignABI fails a system call made through the i386 (int 0x80) or x32
+// ABI with ENOSYS, as a kernel without those ABIs would, and reports it:
+// QEMU never makes one, and a compromised QEMU would use it to get past
+// a filter written for x86-64 numbers.
+func (t *Tracer) foreignABI(tid int, si syscallInfo) error {
+	abi := "i386"
+	if si.Arch == auditArchX8664 {
+		abi = "x32"
+	}
+	ev := ABIEvent{ABI: abi, NR: si.NR, PID: t.tgids[tid], TID: tid}
+	if t.enforcer != nil {
+		t.enforcer.emit(t, "abi", ev)
+	} else {
+		t.log.Warn().Interface("event", ev).Msg("system call on a foreign ABI failed")
+	}
+	if err := failSyscall(tid, unix.ENOSYS); err != nil {
+		unix.Kill(t.tgids[tid], unix.SIGKILL)
+		return err
+	}
+	return cont(tid, 0)
+}
+
 func (t *Tracer) syscallExitStop(tid int) error {
-	pc, ok := t.pending[tid]
-	delete(t.pending, tid)
-	if !ok {
+	pc := t.pending[tid]
+	if pc == nil {
 		return cont(tid, 0)
 	}
 	si, err := getSyscallInfo(tid)
 	if err != nil {
+		delete(t.pending, tid)
+		t.thaw(tid)
 		cont(tid, 0)
 		return err
 	}
-	ok = si.Op == syscallInfoExit && !si.Err && si.Rval >= 0
-	if !ok {
-		t.log.Debug().Str("ioctl", IoctlName(pc.cmd)).Int64("ret", si.Rval).Msg("trapped ioctl failed")
-	} else {
-		switch pc.cmd {
-		case KVMCreateVM:
-			t.vm.created(tid, int(si.Rval))
-		case KVMCreateVCPU:
-			t.vm.vcpuCreated(tid, int(pc.fd), int(pc.arg), int(si.Rval))
-		case KVMSetUserMemoryRegion, kvmSetUserMemoryRegion2:
-			t.vm.memslotSet(int(pc.fd), pc.region)
-		}
+	if si.Op != syscallInfoExit {
+		// An entry stop: the call was interrupted by a signal and is
+		// being restarted. Wait for its exit.
+		return syscallExit(tid)
+	}
+	delete(t.pending, tid)
+	t.thaw(tid)
+	failed := si.Err || si.Rval < 0
+	if failed {
+		t.log.Debug().Str("ioctl", pc.c.name()).Int64("ret", si.Rval).Msg("trapped ioctl failed")
+	}
+	for _, h := range pc.follow {
+		h.exit(pc.c, si.Rval, failed)
 	}
 	return cont(tid, 0)
 }

@@ -180,6 +180,13 @@ func (v *VM) memslotSet(vmFD int, m Memslot) {
 	v.notify()
 }
 
+// isVCPUThread reports whether tid created (and runs) a vCPU.
+func (v *VM) isVCPUThread(tid int) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.byTID[tid] != nil
+}
+
 // threadExited marks the vCPU a thread ran, if any, as gone.
 func (v *VM) threadExited(tid int) {
 	v.mu.Lock()

@@ -1,0 +1,50 @@
+//go:build linux && amd64
+
+package tracer
+
+import "golang.org/x/sys/unix"
+
+// vmCapture follows KVM_CREATE_VM and KVM_CREATE_VCPU: when one succeeds,
+// the VM records it and maps the new vCPU's kvm_run (vm.go).
+type vmCapture struct{ vm *VM }
+
+func (h vmCapture) enter(c *call) verdict {
+	return verdict{exit: c.cmd == KVMCreateVM || c.cmd == KVMCreateVCPU}
+}
+
+func (h vmCapture) exit(c *call, ret int64, failed bool) {
+	if failed {
+		return
+	}
+	switch c.cmd {
+	case KVMCreateVM:
+		h.vm.created(c.tid, int(ret))
+	case KVMCreateVCPU:
+		h.vm.vcpuCreated(c.tid, c.fd, int(c.arg), int(ret))
+	}
+}
+
+// memslots follows KVM_SET_USER_MEMORY_REGION(2): the region is read at
+// entry, with QEMU's other threads frozen, and applied to the table when
+// the kernel accepted it. A region that cannot be read is failed with
+// EFAULT, as the kernel would fail it: the table must never miss a slot
+// the kernel holds.
+type memslots struct{ vm *VM }
+
+func (h memslots) enter(c *call) verdict {
+	if c.cmd != KVMSetUserMemoryRegion && c.cmd != kvmSetUserMemoryRegion2 {
+		return verdict{}
+	}
+	if _, err := c.decode(); err != nil {
+		c.t.log.Warn().Err(err).Int("tid", c.tid).Msg("memslot argument unreadable; failing the call with EFAULT")
+		return verdict{deny: true, errno: unix.EFAULT}
+	}
+	return verdict{exit: true}
+}
+
+func (h memslots) exit(c *call, ret int64, failed bool) {
+	if failed || c.args == nil {
+		return
+	}
+	h.vm.memslotSet(c.fd, memslotOf(c.args.MemoryRegion()))
+}
