@@ -78,6 +78,7 @@ END {
   n = "GuestSlowdown"
   row("guest wall time (CLI): kvmscope run / QEMU", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-ratio", "%.3f", "<=", "1.005")
   row("  fastest run / fastest run", n, "kvmscope-min-s", "qemu-min-s", "%.3f", "s", "kvmscope-min-ratio", "%.3f", "", "")
+  row("guest wall time (CLI): run --policy default / QEMU", n, "policy-s", "qemu-s", "%.3f", "s", "policy-ratio", "%.3f", "<=", "1.005")
   row("  per exit (io=0 boot subtracted)", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-exit-ratio", "%.3f", "", "")
   row("  start-up cost, ms (io=0 boots)", n, "kvmscope-boot-s", "qemu-boot-s", "%.3f", "s", "kvmscope-startup-ms", "%+.0f", "", "")
   row("  CPU time (QEMU + tracer)", n, "kvmscope-cpu-s", "qemu-cpu-s", "%.3f", "s", "kvmscope-cpu-ratio", "%.3f", "", "")

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/internal/launch"
+	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
 	"golang.org/x/term"
 )
@@ -58,6 +59,11 @@ func run(args []string) int {
 	if err != nil {
 		log.Warn().Err(err).Msg("no group may use the API besides root and QEMU's user")
 	}
+	pol, err := policy.Named(cfg.PolicyFile())
+	if err != nil {
+		// An invalid policy refuses to start the VM.
+		return fail(2, err)
+	}
 	code, err := launch.Run(launch.Options{
 		Argv:       append([]string{qemu}, args...),
 		Path:       qemu,
@@ -66,6 +72,7 @@ func run(args []string) int {
 		Groups:     groups,
 		EventLog:   *cfg.EventLog,
 		FailMode:   cfg.FailMode,
+		Policy:     pol,
 		Log:        log,
 	})
 	var ee *launch.ExitError

@@ -79,11 +79,13 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 		name string
 		argv []string
 	}
+	wrapPolicy := []string{kvmscopeBin, "--log-level", "error", "run", "--policy", "default", "--api", sock, "--", qemu}
 	variants := []variant{
 		{"qemu", append([]string{qemu}, argsN...)},
 		{"kvmscope", append(append([]string(nil), wrap...), argsN...)},
 		{"qemu-boot", append([]string{qemu}, args0...)},
 		{"kvmscope-boot", append(append([]string(nil), wrap...), args0...)},
+		{"policy", append(append([]string(nil), wrapPolicy...), argsN...)},
 	}
 	if strace, err := exec.LookPath("strace"); err == nil {
 		variants = append(variants, variant{"strace", append([]string{strace, "-f", "-o", "/dev/null", qemu}, argsN...)})
@@ -95,6 +97,7 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 		vKVMScope
 		vQEMUBoot
 		vKVMScopeBoot
+		vPolicy
 		vStrace
 	)
 	// run returns the wall and CPU time of one run.
@@ -135,6 +138,8 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 			add("kvmscope-cpu-ratio", cpu[vKVMScope].Seconds()/cpu[vQEMU].Seconds())
 			add("kvmscope-exit-ratio", (wall[vKVMScope]-wall[vKVMScopeBoot]).Seconds()/(wall[vQEMU]-wall[vQEMUBoot]).Seconds())
 			add("kvmscope-startup-ms", float64((wall[vKVMScopeBoot]-wall[vQEMUBoot]).Microseconds())/1e3)
+			add("policy-ratio", wall[vPolicy].Seconds()/wall[vQEMU].Seconds())
+			add("policy-exit-ratio", (wall[vPolicy]-wall[vKVMScopeBoot]).Seconds()/(wall[vQEMU]-wall[vQEMUBoot]).Seconds())
 			if len(variants) > vStrace {
 				add("strace-ratio", wall[vStrace].Seconds()/wall[vQEMU].Seconds())
 				add("strace-cpu-ratio", cpu[vStrace].Seconds()/cpu[vQEMU].Seconds())

@@ -32,13 +32,16 @@ func TestGuestLinux(t *testing.T) {
 		// memfd backs guest RAM with a memfd, read in place, and lets
 		// the API write guest memory (--allow-write).
 		memfd bool
+		// policy runs QEMU under the shipped ioctl policy, which must
+		// know every request it makes (docs/policy.md).
+		policy bool
 	}{
-		{"debian-6.1", p.DebianKernel, true, "tcg", false},
-		{"debian-6.1-memfd", p.DebianKernel, true, "tcg", true},
-		{"gokrazy-7.x", p.GokrazyKernel, false, "tcg", false},
-		{"debian-6.1-kvm", p.DebianKernel, true, "kvm", false},
-		{"debian-6.1-kvm-memfd", p.DebianKernel, true, "kvm", true},
-		{"gokrazy-7.x-kvm", p.GokrazyKernel, false, "kvm", false},
+		{"debian-6.1", p.DebianKernel, true, "tcg", false, false},
+		{"debian-6.1-memfd", p.DebianKernel, true, "tcg", true, false},
+		{"gokrazy-7.x", p.GokrazyKernel, false, "tcg", false, false},
+		{"debian-6.1-kvm", p.DebianKernel, true, "kvm", false, true},
+		{"debian-6.1-kvm-memfd", p.DebianKernel, true, "kvm", true, false},
+		{"gokrazy-7.x-kvm", p.GokrazyKernel, false, "kvm", false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.accel == "kvm" {
@@ -52,6 +55,9 @@ func TestGuestLinux(t *testing.T) {
 				Kernel:  tc.kernel,
 				Accel:   tc.accel,
 				Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
+			}
+			if tc.policy {
+				opts.Wrapper = []string{kvmscopeBin, "--log-level", "warn", "run", "--policy", "default", "--api", sock, "--"}
 			}
 			if tc.memfd {
 				opts.Wrapper = []string{kvmscopeBin, "--log-level", "warn", "run", "--allow-write", "--api", sock, "--"}
@@ -115,6 +121,9 @@ func TestGuestLinux(t *testing.T) {
 			checkPS(t, "after dump", psJSON(t, "--api", sock), g.PS())
 			if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code == 0 || !strings.Contains(errOut, "exists") {
 				t.Errorf("dump over an existing file: code %d, %q", code, errOut)
+			}
+			if tc.policy {
+				checkNoUnseen(t, sock)
 			}
 		})
 	}

@@ -57,6 +57,7 @@ func newApp() *cli.App {
 		Before: setupLogging,
 		Commands: []*cli.Command{
 			runCommand(),
+			policyCommand(),
 			vmCommand(),
 			vcpusCommand(),
 			memCommand(),

@@ -18,6 +18,7 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "api", Usage: "API socket path (default: $XDG_RUNTIME_DIR/kvmscope/NAME.sock or /run/kvmscope/NAME.sock, NAME from QEMU's -name, else qemu-PID)"},
 			&cli.BoolFlag{Name: "no-api", Usage: "do not serve the API"},
 			&cli.BoolFlag{Name: "allow-write", Usage: "allow writes to guest memory through the API"},
+			&cli.StringFlag{Name: "policy", Usage: "enforce the ioctl policy in this YAML file (docs/policy.md); \"default\" is the shipped one", EnvVars: []string{"KVMSCOPE_POLICY"}},
 			&cli.DurationFlag{Name: "scan-interval", Usage: "scan the guest's processes on this interval (e.g. 5s), keeping the latest table for the API; 0 scans only on demand"},
 		},
 		Action: runAction,
@@ -32,15 +33,25 @@ func runAction(c *cli.Context) error {
 	if len(args) == 0 {
 		return cli.Exit("run needs a QEMU command: kvmscope run -- qemu-system-x86_64 ARGS...", 2)
 	}
-	code, err := launch.Run(launch.Options{
+	pol, err := loadPolicy(c.String("policy"))
+	if err != nil {
+		return err
+	}
+	return runQEMU(launch.Options{
 		Argv:         args,
 		Socket:       c.String("api"),
 		NoAPI:        c.Bool("no-api"),
 		AllowWrite:   c.Bool("allow-write"),
 		ScanInterval: c.Duration("scan-interval"),
 		FailMode:     launch.FailClosed,
+		Policy:       pol,
 		Log:          log,
 	})
+}
+
+// runQEMU runs QEMU under the tracer and turns the outcome into an exit.
+func runQEMU(o launch.Options) error {
+	code, err := launch.Run(o)
 	var ee *launch.ExitError
 	if errors.As(err, &ee) {
 		return cli.Exit(ee.Error(), ee.Code)

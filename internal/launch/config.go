@@ -65,6 +65,12 @@ type Config struct {
 	// the domain log.
 	EventLog *bool `yaml:"event_log"`
 
+	// Policy is the ioctl policy file QEMU runs under ("default" for the
+	// shipped one; a relative path is relative to this file). The
+	// environment variable KVMSCOPE_POLICY overrides it; "none" in either
+	// runs without a policy.
+	Policy string `yaml:"policy"`
+
 	// Path is the file this config was read from ("" when none).
 	Path string `yaml:"-"`
 }
@@ -103,6 +109,27 @@ func LoadConfig(path string) (Config, error) {
 		return c, fmt.Errorf("config %s: socket_dir %q must be an absolute path", path, c.SocketDir)
 	}
 	return c.withDefaults(), nil
+}
+
+// PolicyFile is the policy to enforce: $KVMSCOPE_POLICY, else the
+// config's policy:, with a relative path taken relative to the config
+// file; "" (or "none") means no policy.
+func (c Config) PolicyFile() string {
+	p := c.Policy
+	if env, ok := os.LookupEnv("KVMSCOPE_POLICY"); ok {
+		return policyName(env, "")
+	}
+	return policyName(p, filepath.Dir(c.Path))
+}
+
+func policyName(p, base string) string {
+	switch {
+	case p == "" || p == "none":
+		return ""
+	case p == "default" || filepath.IsAbs(p) || base == "":
+		return p
+	}
+	return filepath.Join(base, p)
 }
 
 func (c Config) withDefaults() Config {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/kvmscope/kvmscope/tracer"
 	"golang.org/x/sys/unix"
 )
 
@@ -21,7 +22,7 @@ import (
 //	front (pid P)                     tracer (re-executed kvmscope)
 //	  fork+exec self, stage 1 ──────▶ stage 1: fork+exec self (stage 2), exit
 //	  wait for stage 1                stage 2: new session, PTRACE_SEIZE(P)
-//	  read the pipe          ◀──────  "ok" (or "error: ...")
+//	  read the pipe          ◀──────  "ok FILTER" (or "error: ...")
 //	  seccomp filter, execve QEMU     trace QEMU, serve the API
 //
 // The double fork makes the tracer nobody's child: QEMU never sees an
@@ -79,19 +80,20 @@ func self() string {
 }
 
 // startTracer runs in the front process: it starts the tracer (through
-// stage 1) and waits until the tracer has attached to us. It returns nil
-// when we are traced and may exec QEMU.
-func startTracer(qmpPath string) error {
+// stage 1) and waits until the tracer has attached to us. It returns the
+// seccomp filter the tracer made for its policy when we are traced and may
+// exec QEMU.
+func startTracer(qmpPath string) ([]unix.SockFilter, error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-		return fmt.Errorf("tracer pipe: %w", err)
+		return nil, fmt.Errorf("tracer pipe: %w", err)
 	}
 	r := os.NewFile(uintptr(p[0]), "tracer-r")
 	defer r.Close()
 	// The write end is the one fd of ours the tracer inherits.
 	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETFD, 0); err != nil {
 		unix.Close(p[1])
-		return fmt.Errorf("tracer pipe: %w", err)
+		return nil, fmt.Errorf("tracer pipe: %w", err)
 	}
 	// Hosts with Yama ptrace_scope=1 let a process trace only its
 	// descendants unless the tracee names its tracer; our tracer is not our
@@ -110,19 +112,20 @@ func startTracer(qmpPath string) error {
 	})
 	unix.Close(p[1])
 	if err != nil {
-		return fmt.Errorf("start the tracer: %w", err)
+		return nil, fmt.Errorf("start the tracer: %w", err)
 	}
 	var ws unix.WaitStatus
 	unix.Wait4(pid, &ws, 0, nil)
 	line, err := bufio.NewReader(r).ReadString('\n')
 	if err != nil {
-		return fmt.Errorf("the tracer ended before attaching (see its log above)")
+		return nil, fmt.Errorf("the tracer ended before attaching (see its log above)")
 	}
 	line = strings.TrimSpace(line)
-	if line != "ok" {
-		return fmt.Errorf("%s", strings.TrimPrefix(line, "error: "))
+	filter, ok := strings.CutPrefix(line, "ok ")
+	if !ok {
+		return nil, fmt.Errorf("%s", strings.TrimPrefix(line, "error: "))
 	}
-	return nil
+	return tracer.DecodeFilter(filter)
 }
 
 var devNullFD = -1

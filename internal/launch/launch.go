@@ -15,6 +15,7 @@ import (
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
+	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 )
@@ -46,6 +47,14 @@ type Options struct {
 	// ScanInterval, when positive, scans the guest's processes on that
 	// interval, keeping the latest table for the API.
 	ScanInterval time.Duration
+	// Policy is the ioctl policy the tracer enforces (nil: none). The
+	// caller loads it in both processes (the front checks it before
+	// anything starts; the tracer enforces its own copy and hands the
+	// front the seccomp filter made from it).
+	Policy *policy.Policy
+	// LearnTo, when set, records every ioctl QEMU makes and writes a
+	// policy that allows exactly those to this file when QEMU exits.
+	LearnTo string
 	// Log is where records go (stderr, set up by the caller).
 	Log zerolog.Logger
 }
@@ -118,7 +127,8 @@ func Run(o Options) (int, error) {
 		qmpPath = filepath.Join(qmpDir, "qmp.sock")
 		argv = append(argv, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
 	}
-	if err := startTracer(qmpPath); err != nil {
+	prog, err := startTracer(qmpPath)
+	if err != nil {
 		if qmpPath != "" {
 			os.RemoveAll(filepath.Dir(qmpPath))
 		}
@@ -129,7 +139,7 @@ func Run(o Options) (int, error) {
 		o.Log.Warn().Err(err).Str("fail_mode", string(FailOpen)).Msg("cannot trace QEMU; starting it untraced (no introspection, no ioctl policy)")
 		return 127, execQEMU(path, o.Argv)
 	}
-	err = tracer.ExecTraced(path, argv)
+	err = tracer.ExecTraced(path, argv, prog)
 	// The tracer sees us exit and goes away with us.
 	return 127, exitErr(127, "%v", err)
 }
@@ -163,19 +173,30 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	signal.Ignore(syscall.SIGPIPE)
 
-	t, err := tracer.Attach(ts.pid, log)
+	name := qa.Name
+	if name == "" {
+		name = "qemu-" + strconv.Itoa(ts.pid)
+		log = log.With().Str("vm", name).Logger()
+	}
+	topts, closeEvents, err := tracerOptions(o, dir, name)
 	if err != nil {
 		reply(ts.fd, "error: "+err.Error())
 		return 1, nil
 	}
-	reply(ts.fd, "ok")
+	defer closeEvents()
+	prog, err := tracer.Filter(topts.Policy)
+	if err != nil {
+		reply(ts.fd, "error: "+err.Error())
+		return 1, nil
+	}
+	t, err := tracer.Attach(ts.pid, log, topts)
+	if err != nil {
+		reply(ts.fd, "error: "+err.Error())
+		return 1, nil
+	}
+	reply(ts.fd, "ok "+tracer.EncodeFilter(prog))
 	log.Debug().Int("pid", ts.pid).Msg("attached; QEMU starts")
 
-	name := qa.Name
-	if name == "" {
-		name = "qemu-" + strconv.Itoa(t.Pid())
-		log = log.With().Str("vm", name).Logger()
-	}
 	var server *api.Server
 	var target *runTarget
 	if serve {
@@ -244,6 +265,16 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	}
 	if err := t.Err(); err != nil {
 		log.Error().Err(err).Msg("tracer")
+	}
+	if why := t.Killed(); why != "" {
+		log.Error().Str("reason", why).Msg("QEMU was killed by the ioctl policy")
+	}
+	if topts.Learn != nil {
+		if err := writeLearned(o.LearnTo, topts.Learn, o.Argv); err != nil {
+			log.Error().Err(err).Msg("policy learn")
+			return 1, nil
+		}
+		log.Info().Str("file", o.LearnTo).Msg("learned policy written")
 	}
 	log.Info().Int("status", code).Msg("QEMU exited")
 	return 0, nil
