@@ -94,6 +94,33 @@ END {
 }' "$log" || status=1
 
 # ---------------------------------------------------------------------------
+# ioctl policy (issue 9): the decision latency per trapped ioctl, on the path
+# QEMU's calls take (a real traced process, the seccomp filter, the
+# tracer's stop handling; tracer/enforce_bench_test.go). No target: the
+# rows say what a rule costs against a call the filter lets through.
+pollog=.cache/bench-policy.log
+echo >&2
+go test -run '^$' -bench '^BenchmarkTrappedIoctl$' -benchtime 3000x -count 1 -timeout 10m ./tracer 2>&1 | tee "$pollog" >&2 || status=1
+echo
+awk '
+/^BenchmarkTrappedIoctl\// {
+  name = $1; sub(/-[0-9]+$/, "", name); sub(/^BenchmarkTrappedIoctl\//, "", name)
+  ns[name] = $3; fr[name] = $5
+}
+function row(label, n) {
+  if (!(n in ns)) { printf "%-60s %10s %10s %9s\n", label, "-", "-", "MISSING"; failed = 1; return }
+  printf "%-60s %7.1f us %10.2f %9.1f\n", label, ns[n] / 1000, fr[n], ("filter-allowed" in ns ? ns[n] / ns["filter-allowed"] : 0)
+}
+END {
+  printf "%-60s %10s %10s %9s\n", "policy: one ioctl from a traced process (ptrace path)", "per call", "freezes", "x allowed"
+  row("allowed by the seccomp filter (no stop)", "filter-allowed")
+  row("decided in the tracer on the value (KVM_CREATE_VCPU)", "decided-value")
+  row("decided on a pointed-to field (KVM_SET_MSRS, QEMU frozen)", "decided-pointer")
+  row("  the same, 8 idle threads to freeze", "decided-pointer-8-threads")
+  exit failed
+}' "$pollog" || status=1
+
+# ---------------------------------------------------------------------------
 # Scan benchmarks of issue 3 (cmd/kvmscope/bench_scan_test.go): `ps` latency
 # server side on Debian 6.1 guests booted (TCG) with kvmscope.procs=N extra
 # processes, and first contact to first process list on a 512 MiB guest.

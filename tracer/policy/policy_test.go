@@ -2,6 +2,8 @@ package policy
 
 import (
 	"errors"
+	"fmt"
+	"os"
 	"strings"
 	"syscall"
 	"testing"
@@ -257,5 +259,27 @@ func TestLearnRoundTrip(t *testing.T) {
 	m := call(cmd(t, "KVM_SET_MSRS"), 0x1000, ThreadVCPU, "anon_inode:kvm-vcpu:0", decoded(t, "KVM_SET_MSRS", 0x1000, msrs), nil)
 	if d := p.Decide(m); d.Verdict != Allow {
 		t.Errorf("KVM_SET_MSRS of a seen MSR: %+v\n%s", d, b.String())
+	}
+}
+
+// Every complete policy in docs/policy.md checks.
+func TestDocExamples(t *testing.T) {
+	b, err := os.ReadFile("../../docs/policy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for i, block := range strings.Split(string(b), "```yaml\n")[1:] {
+		text := block[:strings.Index(block, "```")]
+		if strings.HasPrefix(text, " ") {
+			continue // a fragment of a rules: list
+		}
+		n++
+		if _, err := Parse(fmt.Sprintf("docs/policy.md example %d", i+1), []byte(text)); err != nil {
+			t.Error(err)
+		}
+	}
+	if n < 2 {
+		t.Errorf("%d complete examples in docs/policy.md, want the first example and the commented one", n)
 	}
 }
