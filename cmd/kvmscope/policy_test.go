@@ -215,3 +215,26 @@ func TestPolicyLearn(t *testing.T) {
 		t.Errorf("the learned policy reported %v %v (%v)", e["verdict"], e["ioctl"], e["args"])
 	}
 }
+
+// TestPolicyKill: a kill rule ends QEMU at the call, before the kernel sees
+// it; kvmscope run exits non-zero (137, SIGKILL) with the rule named, and
+// the kill is an event.
+func TestPolicyKill(t *testing.T) {
+	pol := writeFile(t, "p.yaml", "rules:\n  - name: no second vCPU\n    ioctl: KVM_CREATE_VCPU\n    match: [\"vcpu_id == 1\"]\n    action: kill\n")
+	r := startRun(t, []string{"--policy", pol}, tinyGuest(t, 2, "")...)
+	if code := r.wait(60 * time.Second); code != 137 {
+		t.Errorf("exit code %d, want 137 (QEMU killed)", code)
+	}
+	if !strings.Contains(r.stderr.String(), "the ioctl policy kills QEMU") || !strings.Contains(r.stderr.String(), "no second vCPU") {
+		t.Errorf("no message naming the rule on stderr:\n%s", r.stderr.String())
+	}
+	var kills int
+	for _, e := range events(t, r.sock) {
+		if e["action"] == "kill" && e["rule"] == "no second vCPU" {
+			kills++
+		}
+	}
+	if kills != 1 {
+		t.Errorf("%d kill events, want 1: %v", kills, events(t, r.sock))
+	}
+}
