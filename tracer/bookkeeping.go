@@ -2,7 +2,11 @@
 
 package tracer
 
-import "golang.org/x/sys/unix"
+import (
+	"encoding/binary"
+
+	"golang.org/x/sys/unix"
+)
 
 // vmCapture follows KVM_CREATE_VM and KVM_CREATE_VCPU: when one succeeds,
 // the VM records it and maps the new vCPU's kvm_run (vm.go).
@@ -47,4 +51,41 @@ func (h memslots) exit(c *call, ret int64, failed bool) {
 		return
 	}
 	h.vm.memslotSet(c.fd, memslotOf(c.args.MemoryRegion()))
+}
+
+// msrCapture keeps the guest MSRs KVM reports to QEMU. kvm_run's sync regs
+// carry no MSRs, and KVM refuses vCPU ioctls from any process but QEMU, so
+// kvmscope reads them where QEMU does: every full state sync (HMP `info
+// registers`, migration, the gdbstub) is a KVM_GET_MSRS on each vCPU fd,
+// and at its exit the kernel has written the values into QEMU's buffer.
+// KVM_GET_MSRS on /dev/kvm (feature MSRs, not the guest's) is ignored.
+type msrCapture struct{ vm *VM }
+
+func (h msrCapture) enter(c *call) verdict {
+	if c.cmd != kvmGetMSRs || !h.vm.isVCPUFD(c.fd) {
+		return verdict{}
+	}
+	if _, err := c.decode(); err != nil {
+		return verdict{} // the kernel will fail it the same way
+	}
+	return verdict{exit: true}
+}
+
+func (h msrCapture) exit(c *call, ret int64, failed bool) {
+	if failed || c.args == nil || ret <= 0 {
+		return
+	}
+	index, _ := c.args.Get("index")
+	// The kernel returns how many entries it read, in order.
+	n := min(int(ret), len(index))
+	buf := make([]byte, 16*n)
+	if err := c.ReadAt(buf, c.arg+8); err != nil {
+		c.t.log.Debug().Err(err).Msg("KVM_GET_MSRS result unreadable")
+		return
+	}
+	vals := make(map[uint32]uint64, n)
+	for i := 0; i < n; i++ {
+		vals[uint32(index[i])] = binary.LittleEndian.Uint64(buf[16*i+8:])
+	}
+	h.vm.msrsRead(c.fd, vals)
 }

@@ -12,6 +12,7 @@ const (
 	KVMRun                      = 0xae80 // never trapped; internal/testenv's KVM probe issues it
 	KVMSetUserMemoryRegion      = 0x4020ae46
 	kvmSetUserMemoryRegion2     = 0x40a0ae49
+	kvmGetMSRs                  = 0xc008ae88
 	kvmMemLogDirtyPages         = 1 << 0
 	kvmMemReadonly              = 1 << 1
 	kvmMemGuestMemfd            = 1 << 2
@@ -23,21 +24,6 @@ const (
 	KVMRunExitReasonOffset      = 8
 	kvmUserspaceMemoryRegionLen = 32 // the prefix shared by region and region2
 )
-
-// IoctlName names the KVM ioctls the tracer traps.
-func IoctlName(cmd uint32) string {
-	switch cmd {
-	case KVMCreateVM:
-		return "KVM_CREATE_VM"
-	case KVMCreateVCPU:
-		return "KVM_CREATE_VCPU"
-	case KVMSetUserMemoryRegion:
-		return "KVM_SET_USER_MEMORY_REGION"
-	case kvmSetUserMemoryRegion2:
-		return "KVM_SET_USER_MEMORY_REGION2"
-	}
-	return "ioctl"
-}
 
 // KVMRegs mirrors struct kvm_regs.
 type KVMRegs struct {

@@ -48,3 +48,18 @@ func findLine(b []byte, prefix string) string {
 	}
 	return ""
 }
+
+// writeTask writes b at addr in task pid's address space.
+func writeTask(pid int, addr uint64, b []byte) error {
+	local := []unix.Iovec{{Base: &b[0]}}
+	local[0].SetLen(len(b))
+	remote := []unix.RemoteIovec{{Base: uintptr(addr), Len: len(b)}}
+	n, err := unix.ProcessVMWritev(pid, local, remote, 0)
+	if err != nil {
+		return fmt.Errorf("process_vm_writev(%d, %#x): %w", pid, addr, err)
+	}
+	if n != len(b) {
+		return fmt.Errorf("process_vm_writev(%d, %#x): short write %d/%d", pid, addr, n, len(b))
+	}
+	return nil
+}

@@ -94,8 +94,9 @@ func TestFilter(t *testing.T) {
 		{"trap all: KVM_RUN with high bits", trapAll, ioctlCall(0x100000000 | KVMRun), trace},
 		// QEMU passes requests as an int: bit 31 set arrives sign-extended.
 		{"KVM_IRQ_LINE_STATUS sign-extended, no policy", nil, ioctlCall(0xffffffffc008ae67), allow},
+		{"KVM_GET_MSRS (the tracer reads MSRs), no policy", nil, ioctlCall(0xffffffffc008ae88), trace},
 		{"KVM_GET_MSRS sign-extended, a rule", mustParse(t, "rules:\n  - ioctl: KVM_GET_MSRS\n    action: log\n"), ioctlCall(0xffffffffc008ae88), trace},
-		{"trap all: KVM_GET_MSRS sign-extended allowed", mustParse(t, "default: log\nrules:\n  - ioctl: KVM_GET_MSRS\n    action: allow\n"), ioctlCall(0xffffffffc008ae88), allow},
+		{"trap all: KVM_GET_SUPPORTED_CPUID sign-extended allowed", mustParse(t, "default: log\nrules:\n  - ioctl: KVM_GET_SUPPORTED_CPUID\n    action: allow\n"), ioctlCall(0xffffffffc008ae05), allow},
 		{"trap all: KVM_GET_MSRS other high bits", mustParse(t, "default: log\nrules:\n  - ioctl: KVM_GET_MSRS\n    action: allow\n"), ioctlCall(0xfffffffec008ae88), trace},
 		{"sign-extended form of a request without bit 31", nil, ioctlCall(0xffffffff00000000 | KVMCreateVCPU), trace},
 		{"trap all: write", trapAll, seccompData(unix.SYS_WRITE, auditArchX8664, 1), allow},

@@ -42,6 +42,8 @@ type Tracer struct {
 	frozen  int         // the thread whose call froze its process, or 0
 	held    []heldStop  // stops of frozen threads, handled after the call
 	freezes uint64
+
+	inj injections // system calls to run as QEMU (inject.go)
 }
 
 // pendingCall is a trapped ioctl waiting for its syscall-exit stop.
@@ -77,11 +79,12 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 		threads: make(map[int]bool),
 		tgids:   make(map[int]int),
 	}
+	t.vm.inject = t.inject
 	if o.Policy != nil {
 		t.enforcer = &enforcer{p: o.Policy, events: o.Events, learn: o.Learn, learned: o.Learned}
 		t.handlers = append(t.handlers, t.enforcer)
 	}
-	t.handlers = append(t.handlers, vmCapture{t.vm}, memslots{t.vm})
+	t.handlers = append(t.handlers, vmCapture{t.vm}, memslots{t.vm}, msrCapture{t.vm})
 	return t
 }
 
@@ -245,6 +248,14 @@ func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
 		// and the thread is stopped, so this is the moment to copy them.
 		if sig == unix.SIGUSR1 {
 			t.vm.snapshot(tid)
+			if t.pending[tid] == nil && t.frozen == 0 {
+				// Calls to run as QEMU on this thread (inject.go);
+				// it then resumes from the last one's exit stop, and
+				// the signal is delivered as it would have been.
+				if l := t.inj.take(tid); len(l) > 0 {
+					t.runInjections(tid, l)
+				}
+			}
 		}
 		return t.resume(tid, int(sig))
 	}
@@ -369,14 +380,17 @@ func (t *Tracer) syscallExitStop(tid int) error {
 		return syscallExit(tid)
 	}
 	delete(t.pending, tid)
-	t.thaw(tid)
 	failed := si.Err || si.Rval < 0
 	if failed {
 		t.log.Debug().Str("ioctl", pc.c.name()).Int64("ret", si.Rval).Msg("trapped ioctl failed")
 	}
+	// The handlers run before the thaw: what they read of the result
+	// (KVM_GET_MSRS's values) is what the kernel wrote, and a read would
+	// otherwise freeze QEMU again with no exit stop to end it.
 	for _, h := range pc.follow {
 		h.exit(pc.c, si.Rval, failed)
 	}
+	t.thaw(tid)
 	return cont(tid, 0)
 }
 

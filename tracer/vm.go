@@ -4,6 +4,7 @@ package tracer
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sort"
@@ -30,6 +31,9 @@ type VM struct {
 	vcpus     map[int]*VCPU // by vCPU id
 	byTID     map[int]*VCPU
 	changed   chan struct{} // closed and replaced at every change
+
+	// inject runs a system call as QEMU on a thread (Tracer.inject).
+	inject func(ctx context.Context, pid, tid int, sc Syscall) (int64, error)
 }
 
 // VCPU is one captured vCPU.
@@ -46,6 +50,9 @@ type VCPU struct {
 	regs    SyncRegs
 	at      time.Time
 	updated chan struct{} // closed and replaced at every snapshot
+
+	msrs   map[uint32]uint64 // the guest MSRs KVM last reported to QEMU
+	msrsAt time.Time
 }
 
 // VCPUInfo describes a vCPU without its registers.
@@ -178,6 +185,95 @@ func (v *VM) memslotSet(vmFD int, m Memslot) {
 	v.slotGen.Add(1)
 	v.log.Debug().Uint32("slot", m.Slot).Uint64("gpa", m.GPA).Uint64("size", m.Size).Uint32("flags", m.Flags).Msg("memslot")
 	v.notify()
+}
+
+// isVCPUFD reports whether fd is a vCPU fd of the VM.
+func (v *VM) isVCPUFD(fd int) bool {
+	return v.vcpuByFD(fd) != nil
+}
+
+func (v *VM) vcpuByFD(fd int) *VCPU {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, c := range v.vcpus {
+		if c.FD == fd {
+			return c
+		}
+	}
+	return nil
+}
+
+// msrsRead records the MSR values a KVM_GET_MSRS on vCPU fd returned.
+func (v *VM) msrsRead(fd int, vals map[uint32]uint64) {
+	c := v.vcpuByFD(fd)
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	if c.msrs == nil {
+		c.msrs = map[uint32]uint64{}
+	}
+	for i, x := range vals {
+		c.msrs[i] = x
+	}
+	c.msrsAt = time.Now()
+	c.mu.Unlock()
+	v.mu.Lock()
+	v.notify()
+	v.mu.Unlock()
+}
+
+// MSRs returns the guest MSRs of vCPU id that KVM last reported to QEMU,
+// and when; none (a zero time) before QEMU's first full state sync of that
+// vCPU. QEMU syncs at HMP `info registers`, migration and gdbstub stops.
+func (v *VM) MSRs(id int) (map[uint32]uint64, time.Time) {
+	v.mu.Lock()
+	c := v.vcpus[id]
+	v.mu.Unlock()
+	if c == nil {
+		return nil, time.Time{}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[uint32]uint64, len(c.msrs))
+	for i, x := range c.msrs {
+		out[i] = x
+	}
+	return out, c.msrsAt
+}
+
+// ReadMSRs has KVM read the guest MSRs indices of vCPU id, with
+// KVM_GET_MSRS run as QEMU on the vCPU's own thread (inject.go), and
+// records them as MSRs reports them.
+func (v *VM) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error) {
+	v.mu.Lock()
+	c := v.vcpus[id]
+	pid := v.pid
+	v.mu.Unlock()
+	if c == nil {
+		return nil, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	}
+	if len(indices) == 0 || 8+16*len(indices) > maxInjectBuf {
+		return nil, fmt.Errorf("read MSRs: %d indices", len(indices))
+	}
+	// struct kvm_msrs: nmsrs, pad, then {index, reserved, data} entries.
+	buf := make([]byte, 8+16*len(indices))
+	binary.LittleEndian.PutUint32(buf, uint32(len(indices)))
+	for i, x := range indices {
+		binary.LittleEndian.PutUint32(buf[8+16*i:], x)
+	}
+	n, err := v.inject(ctx, pid, c.TID, Syscall{NR: unix.SYS_IOCTL, Args: [6]uint64{uint64(c.FD), kvmGetMSRs}, Buf: buf, BufArg: 2})
+	if err != nil {
+		return nil, fmt.Errorf("KVM_GET_MSRS on vCPU %d: %w", id, err)
+	}
+	// KVM returns how many it read, in order, and stops at the first it
+	// does not know.
+	out := map[uint32]uint64{}
+	for i := 0; i < int(n) && i < len(indices); i++ {
+		out[indices[i]] = binary.LittleEndian.Uint64(buf[16+16*i:])
+	}
+	v.msrsRead(c.FD, out)
+	return out, nil
 }
 
 // isVCPUThread reports whether tid created (and runs) a vCPU.

@@ -7,6 +7,7 @@
 // Built by the tests with gcc; not part of kvmscope.
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -42,6 +43,8 @@ static int fd;
 
 static long one(const char *s);
 
+static void on_usr1(int sig) { (void)sig; }
+
 int main(int argc, char **argv) {
 	fd = open("/dev/null", O_RDWR);
 	if (fd < 0)
@@ -56,6 +59,19 @@ int main(int argc, char **argv) {
 				pthread_create(&t, NULL, idle, NULL);
 			}
 			continue;
+		}
+		if (!strcmp(s, "serve")) {
+			// Wait in pause(), as QEMU's vCPU threads wait in KVM_RUN,
+			// with a SIGUSR1 handler (QEMU's kick), for the injection
+			// tests: each wake-up is a line.
+			signal(SIGUSR1, on_usr1);
+			printf("serving\n");
+			fflush(stdout);
+			for (;;) {
+				long r = pause();
+				printf("woke %ld %d\n", r, errno);
+				fflush(stdout);
+			}
 		}
 		if (!strncmp(s, "repeat:", 7)) {
 			// repeat:N:NAME makes the call N times, between a "start"
