@@ -1,5 +1,7 @@
 package guestmem
 
+import "time"
+
 // CPU is the architectural state of one x86-64 vCPU that introspection
 // needs. Values are as the guest sees them.
 type CPU struct {
@@ -26,7 +28,35 @@ type CPU struct {
 	// with CR0.PE and EFER.LMA they decide the CPU mode.
 	CSL  bool `json:"cs_l"`
 	CSDB bool `json:"cs_db"`
+
+	// IDTBase and IDTLimit are the IDTR: where the vCPU's interrupt
+	// descriptor table is (a kernel virtual address).
+	IDTBase  uint64 `json:"idt_base"`
+	IDTLimit uint16 `json:"idt_limit"`
+
+	// Entry holds the system-call entry MSRs, when the source knows them
+	// (nil otherwise: sync regs and dumps carry no MSRs).
+	Entry *EntryMSRs `json:"entry_msrs,omitempty"`
 }
+
+// EntryMSRs are the MSRs that say where the CPU enters the kernel on a
+// system call: LSTAR for syscall in 64-bit mode, CSTAR for syscall in
+// compatibility mode, SYSENTER_EIP for sysenter.
+type EntryMSRs struct {
+	LSTAR       uint64 `json:"lstar"`
+	CSTAR       uint64 `json:"cstar"`
+	SysenterEIP uint64 `json:"sysenter_eip"`
+	// At is when the hypervisor reported them.
+	At time.Time `json:"at"`
+}
+
+// The MSR numbers of EntryMSRs (Intel SDM vol. 4, table 2-2).
+const (
+	MSRSysenterEIP  = 0x176
+	MSRLSTAR        = 0xc0000082
+	MSRCSTAR        = 0xc0000083
+	MSRKernelGSBase = 0xc0000102
+)
 
 // Control register and EFER bits used to decide the mode and paging format.
 // See the Intel SDM vol. 3, chapter 2.5 and 4.

@@ -87,9 +87,29 @@ func (l *Live) CPUs(ctx context.Context) ([]CPU, error) {
 		if err != nil {
 			return nil, fmt.Errorf("registers of vCPU %d: %w", v.ID, err)
 		}
-		out = append(out, cpuFromKVM(v.ID, s.Regs))
+		c := cpuFromKVM(v.ID, s.Regs)
+		if m, at := l.vm.MSRs(v.ID); !at.IsZero() {
+			if lstar, ok := m[MSRLSTAR]; ok {
+				c.Entry = &EntryMSRs{LSTAR: lstar, CSTAR: m[MSRCSTAR], SysenterEIP: m[MSRSysenterEIP], At: at}
+			}
+			c.KernelGSBase = m[MSRKernelGSBase]
+		}
+		out = append(out, c)
 	}
 	return out, nil
+}
+
+// ReadEntryMSRs has KVM report every vCPU's system-call entry MSRs
+// (KVM_GET_MSRS run as QEMU on each vCPU's thread: sync regs carry no
+// MSRs); CPUs carries them from then on, as Entry, until QEMU or a later
+// call reads newer ones.
+func (l *Live) ReadEntryMSRs(ctx context.Context) error {
+	for _, v := range l.vm.VCPUs() {
+		if _, err := l.vm.ReadMSRs(ctx, v.ID, []uint32{MSRLSTAR, MSRCSTAR, MSRSysenterEIP, MSRKernelGSBase}); err != nil {
+			return fmt.Errorf("MSRs of vCPU %d: %w", v.ID, err)
+		}
+	}
+	return nil
 }
 
 // cpuFromKVM converts KVM's sync regs to a CPU.
@@ -100,6 +120,7 @@ func cpuFromKVM(id int, r tracer.SyncRegs) CPU {
 		CR0: s.CR0, CR2: s.CR2, CR3: s.CR3, CR4: s.CR4, EFER: s.EFER,
 		CSBase: s.CS.Base, DSBase: s.DS.Base, SSBase: s.SS.Base, FSBase: s.FS.Base, GSBase: s.GS.Base,
 		CSL: s.CS.L != 0, CSDB: s.CS.DB != 0,
+		IDTBase: s.IDT.Base, IDTLimit: s.IDT.Limit,
 	}
 }
 

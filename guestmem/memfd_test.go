@@ -459,3 +459,33 @@ func FuzzParseProcMaps(f *testing.F) {
 		}
 	})
 }
+
+// TestEntryMSRs: the vCPUs' LSTAR, read with KVM_GET_MSRS run as QEMU on
+// each vCPU's thread (the tracer's system-call injection), is what the
+// guest wrote, and the guest runs on.
+func TestEntryMSRs(t *testing.T) {
+	g := startLiveGuest(t, guestOptions{})
+	l := g.live
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := l.ReadEntryMSRs(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cpus, err := l.CPUs(ctx)
+	if err != nil || len(cpus) == 0 {
+		t.Fatalf("CPUs: %v, %v", cpus, err)
+	}
+	for _, c := range cpus {
+		if c.Entry == nil || c.Entry.LSTAR != testguest.LSTARValue {
+			t.Errorf("vCPU %d: entry MSRs %+v, want LSTAR %#x", c.ID, c.Entry, uint64(testguest.LSTARValue))
+		}
+	}
+	c0 := readU64(t, l, testguest.CounterGPA)
+	deadline := time.Now().Add(10 * time.Second)
+	for readU64(t, l, testguest.CounterGPA) == c0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the guest stopped running after the injected KVM_GET_MSRS")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

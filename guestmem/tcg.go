@@ -269,6 +269,13 @@ func ParseInfoRegisters(out string) ([]CPU, error) {
 			switch m[1] {
 			case "RIP":
 				cur.RIP = v
+			case "IDT":
+				// "IDT=     fffffe0000000000 00000fff": base, limit.
+				cur.IDTBase = v
+				if f := strings.Fields(line); len(f) >= 3 {
+					l, _ := strconv.ParseUint(f[2], 16, 16)
+					cur.IDTLimit = uint16(l)
+				}
 			case "RSP":
 				cur.RSP = v
 			case "RFL":

@@ -13,6 +13,8 @@ const infoRegisters = "\r\nCPU#0\r\nRAX=0000000000000000 RBX=0000000000000000 RC
 	"DS =0000 0000000000000000 00000000 00000000\r\n" +
 	"FS =0000 0000000000000000 00000000 00000000\r\n" +
 	"GS =0000 ffff8b7d1f600000 00000000 00000000\r\n" +
+	"GDT=     fffffe0000001000 0000007f\r\n" +
+	"IDT=     fffffe0000000000 00000fff\r\n" +
 	"CR0=80050033 CR2=0000000000000000 CR3=000000000f010000 CR4=000006b0\r\n" +
 	"EFER=0000000000000d01\r\n" +
 	"CPU#1\r\nRIP=0000000000000000 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n" +
@@ -30,7 +32,7 @@ func TestParseInfoRegisters(t *testing.T) {
 	}
 	c := cpus[0]
 	if c.ID != 0 || c.RIP != 0xffffffff9d817a0b || c.CR3 != 0xf010000 || c.CR0 != 0x80050033 || c.EFER != 0xd01 ||
-		c.GSBase != 0xffff8b7d1f600000 || !c.CSL || c.Mode() != "long" || c.Paging() != 4 || c.RSP != 0xffffffff9e803e98 {
+		c.GSBase != 0xffff8b7d1f600000 || c.IDTBase != 0xfffffe0000000000 || c.IDTLimit != 0xfff || !c.CSL || c.Mode() != "long" || c.Paging() != 4 || c.RSP != 0xffffffff9e803e98 {
 		t.Errorf("CPU 0 = %+v", c)
 	}
 	if c := cpus[1]; c.ID != 1 || c.Mode() != "real" || c.CSBase != 0xf0000 {

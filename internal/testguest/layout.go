@@ -71,6 +71,9 @@ const (
 	// it on pc or q35, so each write is a KVM_EXIT_IO handled by QEMU.
 	IOPort = 0x950
 
+	// LSTARValue is what the guest writes to MSR_LSTAR at start-up.
+	LSTARValue = 0xffffffff80601000
+
 	// MultibootBootMagic is the %eax value of a multiboot (v1) entry.
 	MultibootBootMagic = 0x2badb002
 

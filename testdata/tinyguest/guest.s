@@ -19,6 +19,7 @@
 	.set MULTIBOOT_INFO_CMDLINE, 1 << 2	# mbi->flags bit: cmdline valid
 
 	.set MSR_EFER,  0xC0000080
+	.set MSR_LSTAR, 0xC0000082
 	.set EFER_LME,  1 << 8
 	.set CR0_PE,    1 << 0
 	.set CR0_PG,    1 << 31
@@ -87,6 +88,13 @@ long_mode:
 	movw	%ax, %fs
 	movw	%ax, %gs
 	movq	$stack_top, %rsp
+
+	# A known LSTAR (the guest never executes syscall), for the tests
+	# that read the vCPUs' MSRs (testguest.LSTARValue).
+	movl	$MSR_LSTAR, %ecx
+	movl	$0x80601000, %eax
+	movl	$0xffffffff, %edx
+	wrmsr
 
 	call	fill_patterns
 	call	parse_cmdline
