@@ -42,6 +42,8 @@ type Tracer struct {
 	frozen  int         // the thread whose call froze its process, or 0
 	held    []heldStop  // stops of frozen threads, handled after the call
 	freezes uint64
+	stops   map[uint32]uint64 // trapped ioctls by request (Stops)
+	stopsMu sync.Mutex
 
 	inj injections // system calls to run as QEMU (inject.go)
 }
@@ -78,6 +80,7 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 		pending: make(map[int]*pendingCall),
 		threads: make(map[int]bool),
 		tgids:   make(map[int]int),
+		stops:   make(map[uint32]uint64),
 	}
 	t.vm.inject = t.inject
 	if o.Policy != nil {
@@ -86,6 +89,18 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 	}
 	t.handlers = append(t.handlers, vmCapture{t.vm}, memslots{t.vm}, msrCapture{t.vm})
 	return t
+}
+
+// Stops counts the ioctls that stopped in the tracer, by request: what
+// the seccomp filter sent here (each costs a ptrace round trip).
+func (t *Tracer) Stops() map[uint32]uint64 {
+	t.stopsMu.Lock()
+	defer t.stopsMu.Unlock()
+	out := make(map[uint32]uint64, len(t.stops))
+	for k, v := range t.stops {
+		out[k] = v
+	}
+	return out
 }
 
 // Killed says why the policy killed QEMU, or "" if it did not.
@@ -290,6 +305,9 @@ func (t *Tracer) seccompStop(tid int) error {
 	}
 	c := &call{t: t, tid: tid, pid: t.tgids[tid], fd: int(int32(si.Args[0])), cmd: uint32(si.Args[1]), arg: si.Args[2]}
 	c.req, _ = ioctl.ByCmd(c.cmd)
+	t.stopsMu.Lock()
+	t.stops[c.cmd]++
+	t.stopsMu.Unlock()
 	pc := &pendingCall{c: c}
 	for _, h := range t.handlers {
 		v := t.enter(h, c)

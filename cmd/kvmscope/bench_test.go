@@ -86,6 +86,7 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 		{"qemu-boot", append([]string{qemu}, args0...)},
 		{"kvmscope-boot", append(append([]string(nil), wrap...), args0...)},
 		{"policy", append(append([]string(nil), wrapPolicy...), argsN...)},
+		{"policy-boot", append(append([]string(nil), wrapPolicy...), args0...)},
 	}
 	if strace, err := exec.LookPath("strace"); err == nil {
 		variants = append(variants, variant{"strace", append([]string{strace, "-f", "-o", "/dev/null", qemu}, argsN...)})
@@ -98,6 +99,7 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 		vQEMUBoot
 		vKVMScopeBoot
 		vPolicy
+		vPolicyBoot
 		vStrace
 	)
 	// run returns the wall and CPU time of one run.
@@ -139,7 +141,11 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 			add("kvmscope-exit-ratio", (wall[vKVMScope]-wall[vKVMScopeBoot]).Seconds()/(wall[vQEMU]-wall[vQEMUBoot]).Seconds())
 			add("kvmscope-startup-ms", float64((wall[vKVMScopeBoot]-wall[vQEMUBoot]).Microseconds())/1e3)
 			add("policy-ratio", wall[vPolicy].Seconds()/wall[vQEMU].Seconds())
-			add("policy-exit-ratio", (wall[vPolicy]-wall[vKVMScopeBoot]).Seconds()/(wall[vQEMU]-wall[vQEMUBoot]).Seconds())
+			add("policy-exit-ratio", (wall[vPolicy]-wall[vPolicyBoot]).Seconds()/(wall[vQEMU]-wall[vQEMUBoot]).Seconds())
+			// What the policy adds to kvmscope run alone.
+			add("policy-vs-run-ratio", wall[vPolicy].Seconds()/wall[vKVMScope].Seconds())
+			add("policy-vs-run-exit-ratio", (wall[vPolicy]-wall[vPolicyBoot]).Seconds()/(wall[vKVMScope]-wall[vKVMScopeBoot]).Seconds())
+			add("policy-startup-ms", float64((wall[vPolicyBoot]-wall[vKVMScopeBoot]).Microseconds())/1e3)
 			if len(variants) > vStrace {
 				add("strace-ratio", wall[vStrace].Seconds()/wall[vQEMU].Seconds())
 				add("strace-cpu-ratio", cpu[vStrace].Seconds()/cpu[vQEMU].Seconds())

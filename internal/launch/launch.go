@@ -15,6 +15,7 @@ import (
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
+	"github.com/kvmscope/kvmscope/tracer/ioctl"
 	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -238,6 +239,13 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		}
 	}
 	code := tracer.ExitCode(t.ExitStatus())
+	// What the seccomp filter sent to the tracer, each a ptrace round
+	// trip: the cost of the policy's rules (docs/policy.md).
+	stops := zerolog.Dict()
+	for cmd, n := range t.Stops() {
+		stops.Uint64(ioctl.Name(cmd), n)
+	}
+	log.Debug().Dict("trapped_ioctls", stops).Msg("QEMU's process exited")
 	// After -daemonize QEMU's first process has exited and the daemon runs
 	// on: let go of the caller's stdio as the daemon does, so a caller
 	// that reads until EOF does not wait for us.
