@@ -1,7 +1,8 @@
 // Package eventlog appends kvmscope's events to a file of JSON lines, one
 // event a line, each with a sequence number that keeps growing across
 // restarts, so a reader that remembers the last number it saw loses
-// nothing.
+// nothing. The file is bounded: past MaxSize it is renamed to PATH.1
+// (replacing the one before) and a new one begins, the sequence going on.
 //
 // An event is {"seq":N,"time":"RFC 3339","kind":"...", ...fields}. The
 // file is opened O_APPEND and every event is one write(2), so concurrent
@@ -11,6 +12,7 @@ package eventlog
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -21,11 +23,20 @@ import (
 
 // Log is an open event log. Its methods are safe for concurrent use.
 type Log struct {
-	mu   sync.Mutex
-	f    *os.File
-	seq  uint64
-	path string
+	mu        sync.Mutex
+	f         *os.File
+	seq       uint64
+	path      string
+	size      int64
+	max       int64
+	counts    map[string]uint64
+	rotations uint64
+	changed   chan struct{} // closed and replaced at every append
 }
+
+// MaxSize is the size past which a log rotates, unless Open is told
+// otherwise (SetMaxSize).
+const MaxSize = 16 << 20
 
 // Open opens (creating with mode perm) the log at path and continues its
 // sequence from the last complete line.
@@ -39,7 +50,19 @@ func Open(path string, perm os.FileMode) (*Log, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	return &Log{f: f, seq: seq, path: path}, nil
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &Log{f: f, seq: seq, path: path, size: st.Size(), max: MaxSize, counts: map[string]uint64{}, changed: make(chan struct{})}, nil
+}
+
+// SetMaxSize changes the size past which the log rotates.
+func (l *Log) SetMaxSize(n int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.max = n
 }
 
 // Path is the file's path.
@@ -96,10 +119,126 @@ func (l *Log) Append(kind string, v any) (uint64, error) {
 	}
 	line = append(line, body[1:]...)
 	line = append(line, '\n')
+	if l.size > 0 && l.size+int64(len(line)) > l.max {
+		if err := l.rotate(); err != nil {
+			return 0, fmt.Errorf("event log %s: rotate: %w", l.path, err)
+		}
+	}
 	if _, err := l.f.Write(line); err != nil {
 		return 0, fmt.Errorf("event log %s: %w", l.path, err)
 	}
+	l.size += int64(len(line))
+	l.counts[kind]++
+	close(l.changed)
+	l.changed = make(chan struct{})
 	return l.seq, nil
+}
+
+// rotate moves the file to PATH.1 and starts a new one. Precondition:
+// l.mu held.
+func (l *Log) rotate() error {
+	if err := os.Rename(l.path, l.path+".1"); err != nil {
+		return err
+	}
+	st, err := l.f.Stat()
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_APPEND|os.O_CREATE|os.O_EXCL, st.Mode().Perm())
+	if err != nil {
+		return err
+	}
+	l.f.Close()
+	l.f, l.size = f, 0
+	l.rotations++
+	return nil
+}
+
+// Seq is the sequence number of the newest event (0: none yet).
+func (l *Log) Seq() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.seq
+}
+
+// Counts are the events appended since Open, by kind.
+func (l *Log) Counts() map[string]uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[string]uint64, len(l.counts))
+	for k, v := range l.counts {
+		out[k] = v
+	}
+	return out
+}
+
+// Wait blocks until an event newer than seq exists or ctx ends.
+func (l *Log) Wait(ctx context.Context, seq uint64) error {
+	for {
+		l.mu.Lock()
+		cur, ch := l.seq, l.changed
+		l.mu.Unlock()
+		if cur > seq {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Since returns up to max events with a sequence number above seq, oldest
+// first, from the rotated file and the current one, and the oldest
+// sequence number the files still hold (0 when empty): a reader whose seq
+// is below it has lost the events in between to rotation.
+//
+// The files are read without the lock, so appends (the tracer's, which
+// QEMU waits for) never wait for a reader; a rotation during the read is
+// seen by its counter, and the read is done again.
+func (l *Log) Since(seq uint64, max int) (events []json.RawMessage, oldest uint64, err error) {
+	for {
+		l.mu.Lock()
+		rot := l.rotations
+		l.mu.Unlock()
+		events, oldest, err = l.since(seq, max)
+		l.mu.Lock()
+		again := l.rotations != rot
+		l.mu.Unlock()
+		if err != nil || !again {
+			return events, oldest, err
+		}
+	}
+}
+
+func (l *Log) since(seq uint64, max int) (events []json.RawMessage, oldest uint64, err error) {
+	last := seq
+	for _, p := range []string{l.path + ".1", l.path} {
+		b, err := os.ReadFile(p)
+		if os.IsNotExist(err) {
+			continue
+		}
+		if err != nil {
+			return nil, 0, err
+		}
+		for _, line := range bytes.Split(b, []byte("\n")) {
+			var e struct {
+				Seq uint64 `json:"seq"`
+			}
+			if len(line) == 0 || json.Unmarshal(line, &e) != nil || e.Seq == 0 {
+				continue
+			}
+			if oldest == 0 || e.Seq < oldest {
+				oldest = e.Seq
+			}
+			if e.Seq > last && len(events) < max {
+				events = append(events, json.RawMessage(append([]byte(nil), line...)))
+				last = e.Seq
+			}
+		}
+	}
+	return events, oldest, nil
 }
 
 // Close closes the file.
