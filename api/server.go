@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -44,6 +45,8 @@ type Server struct {
 	// Session reads the guest: memory, registers and the guest kernel's
 	// objects (/v1/kernel, /v1/processes, /v1/modules, /v1/offsets).
 	Session *session.Session
+	// Events is the VM's event log (GET /v1/events), or nil.
+	Events *eventlog.Log
 
 	metrics *Metrics
 
@@ -94,11 +97,15 @@ func (s *Server) Listen(path string) error {
 	}
 	s.metrics = newMetrics(s.Session.Metrics())
 	s.metrics.Registry.MustRegister(newVMCollector(s.Target))
+	if s.Events != nil {
+		s.metrics.Registry.MustRegister(eventsCollector{s.Events})
+	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", s.metrics.handler())
 	mux.HandleFunc("GET /v1/vm", s.getVM)
 	mux.HandleFunc("GET /v1/vcpus", s.getVCPUs)
 	mux.HandleFunc("GET /v1/memory", s.getMemory)
+	mux.HandleFunc("GET /v1/events", s.getEvents)
 	s.introspectRoutes(mux)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

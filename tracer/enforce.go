@@ -54,9 +54,8 @@ type ABIEvent struct {
 
 // enforcer is the policy as a handler.
 type enforcer struct {
-	p      *policy.Policy
-	events Events
-	learn  *policy.Learner
+	p     *policy.Policy
+	learn *policy.Learner
 	// learned is called with learn each time it sees something new.
 	learned func(*policy.Learner)
 }
@@ -117,15 +116,16 @@ func (h *enforcer) record(c *call, d policy.Decision) {
 			ev.ArgsError = err.Error()
 		}
 	}
-	h.emit(c.t, "ioctl", ev)
+	c.t.emit("ioctl", ev)
 }
 
-func (h *enforcer) emit(t *Tracer, kind string, ev any) {
-	if h.events == nil {
-		t.log.Info().Interface("event", ev).Str("kind", kind).Msg("policy")
+// emit appends an event to the event log, or logs it when there is none.
+func (t *Tracer) emit(kind string, ev any) {
+	if t.events == nil {
+		t.log.Warn().Interface("event", ev).Str("kind", kind).Msg("event")
 		return
 	}
-	if _, err := h.events.Append(kind, ev); err != nil {
+	if _, err := t.events.Append(kind, ev); err != nil {
 		t.log.Error().Err(err).Msg("event log")
 	}
 }

@@ -45,7 +45,8 @@ type Tracer struct {
 	stops   map[uint32]uint64 // trapped ioctls by request (Stops)
 	stopsMu sync.Mutex
 
-	inj injections // system calls to run as QEMU (inject.go)
+	inj    injections // system calls to run as QEMU (inject.go)
+	events Events     // nil: events go to the log
 }
 
 // pendingCall is a trapped ioctl waiting for its syscall-exit stop.
@@ -83,8 +84,9 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 		stops:   make(map[uint32]uint64),
 	}
 	t.vm.inject = t.inject
+	t.events = o.Events
 	if o.Policy != nil {
-		t.enforcer = &enforcer{p: o.Policy, events: o.Events, learn: o.Learn, learned: o.Learned}
+		t.enforcer = &enforcer{p: o.Policy, learn: o.Learn, learned: o.Learned}
 		t.handlers = append(t.handlers, t.enforcer)
 	}
 	t.handlers = append(t.handlers, vmCapture{t.vm}, memslots{t.vm}, msrCapture{t.vm})
@@ -368,11 +370,7 @@ func (t *Tracer) foreignABI(tid int, si syscallInfo) error {
 		abi = "x32"
 	}
 	ev := ABIEvent{ABI: abi, NR: si.NR, PID: t.tgids[tid], TID: tid}
-	if t.enforcer != nil {
-		t.enforcer.emit(t, "abi", ev)
-	} else {
-		t.log.Warn().Interface("event", ev).Msg("system call on a foreign ABI failed")
-	}
+	t.emit("abi", ev)
 	if err := failSyscall(tid, unix.ENOSYS); err != nil {
 		unix.Kill(t.tgids[tid], unix.SIGKILL)
 		return err

@@ -179,7 +179,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		name = "qemu-" + strconv.Itoa(ts.pid)
 		log = log.With().Str("vm", name).Logger()
 	}
-	topts, closeEvents, err := tracerOptions(o, dir, name)
+	topts, events, closeEvents, err := tracerOptions(o, dir, name)
 	if err != nil {
 		reply(ts.fd, "error: "+err.Error())
 		return 1, nil
@@ -211,7 +211,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			}
 		}
 		sess := session.New(target, nil)
-		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups}
+		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events}
 		if o.ScanInterval > 0 {
 			ctx, cancel := context.WithCancel(context.Background())
 			go func() { <-t.Done(); cancel() }()

@@ -17,8 +17,10 @@ func EventsPath(socket string) string {
 	return strings.TrimSuffix(socket, ".sock") + ".events.jsonl"
 }
 
-// tracerOptions sets up what the tracer enforces and where its events go.
-func tracerOptions(o Options, dir, name string) (tracer.Options, func(), error) {
+// tracerOptions sets up what the tracer enforces and the VM's event log
+// (NAME.events.jsonl next to the socket: the policy's decisions, and the
+// tracer's other events), which the API serves too (nil with no API).
+func tracerOptions(o Options, dir, name string) (tracer.Options, *eventlog.Log, func(), error) {
 	topts := tracer.Options{Policy: o.Policy}
 	if o.LearnTo != "" {
 		// Learn in log mode: every request stops, none is refused.
@@ -29,24 +31,23 @@ func tracerOptions(o Options, dir, name string) (tracer.Options, func(), error) 
 				o.Log.Error().Err(err).Msg("policy learn")
 			}
 		}
-		return topts, func() {}, nil
 	}
-	if topts.Policy == nil {
-		return topts, func() {}, nil
+	if o.NoAPI && topts.Policy == nil {
+		return topts, nil, func() {}, nil
 	}
 	sock := o.Socket
 	if sock == "" {
 		if err := prepareDir(dir, o.Groups); err != nil {
-			return topts, nil, fmt.Errorf("event log: %w", err)
+			return topts, nil, nil, fmt.Errorf("event log: %w", err)
 		}
 		sock = SocketPath(dir, name)
 	}
 	ev, err := eventlog.Open(EventsPath(sock), 0o640)
 	if err != nil {
-		return topts, nil, fmt.Errorf("event log: %w", err)
+		return topts, nil, nil, fmt.Errorf("event log: %w", err)
 	}
 	topts.Events = ev
-	return topts, func() { ev.Close() }, nil
+	return topts, ev, func() { ev.Close() }, nil
 }
 
 // writeLearned writes the learned policy to path through a temporary file
