@@ -179,7 +179,7 @@ build_initramfs() {
 	install -m 755 "$src/init" "$r/init"
 	# Scripts, not busybox symlinks: busybox picks its applet from argv[0],
 	# while the kernel sets comm from the executed file's name.
-	install -m 755 "$src/kvm-uid1000" "$src/kvm-odd_name.x" "$r/bin/"
+	install -m 755 "$src/kvm-uid1000" "$src/kvm-odd_name.x" "$src/crypto-miner" "$r/bin/"
 	printf 'root:x:0:0:root:/root:/bin/sh\nkvmuser:x:1000:1000:kvmscope test:/tmp:/bin/sh\n' >"$r/etc/passwd"
 	printf 'root:x:0:\nkvmuser:x:1000:\n' >"$r/etc/group"
 	# Reproducible: fixed mtimes, inode numbers and no gzip timestamp.

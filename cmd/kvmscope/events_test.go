@@ -2,12 +2,16 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
 // TestEvents: the policy's events come back through GET /v1/events and
@@ -84,4 +88,56 @@ func lastSeq(t *testing.T, sock string) uint64 {
 		t.Fatal("no events")
 	}
 	return uint64(ev[len(ev)-1]["seq"].(float64))
+}
+
+// TestProcessEvents: with --scan-interval, a process the guest starts
+// late (the test initramfs's crypto-miner, kvmscope.late=3) becomes an
+// event within a scan interval or two: process_exec, as the shell's
+// subshell, seen at its fork, executes it. (Scans start with
+// QEMU, so what the guest starts while it boots is reported too.)
+func TestProcessEvents(t *testing.T) {
+	p := testlinux.Require(t)
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{
+		Kernel:  p.DebianKernel,
+		Accel:   "tcg",
+		Append:  "kvmscope.late=3",
+		Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--scan-interval", "1s", "--api", sock, "--"},
+	})
+	if err != nil {
+		t.Fatalf("boot under kvmscope run: %v", err)
+	}
+	defer g.Close()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var starts []map[string]any
+		for _, e := range events(t, sock) {
+			if e["kind"] == "process_start" || e["kind"] == "process_exec" {
+				starts = append(starts, e)
+			}
+		}
+		var miner map[string]any
+		for _, e := range starts {
+			if e["comm"] == "crypto-miner" {
+				miner = e
+			}
+		}
+		if miner != nil {
+			if miner["ppid"] == nil || miner["task"] == nil || miner["start_time_ns"] == nil {
+				t.Errorf("process_start event lacks evidence: %v", miner)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			var comms []any
+			for _, e := range starts {
+				comms = append(comms, e["comm"])
+			}
+			out, _, _ := kvmscope(t, "ps", "--api", sock)
+			t.Fatalf("no process_start event for crypto-miner within 60 s; starts: %v\nps:\n%s", comms, out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }

@@ -215,7 +215,11 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		if o.ScanInterval > 0 {
 			ctx, cancel := context.WithCancel(context.Background())
 			go func() { <-t.Done(); cancel() }()
-			go sess.Run(ctx, o.ScanInterval, func(err error) { log.Debug().Err(err).Msg("scheduled scan") })
+			var ev session.Events
+			if events != nil {
+				ev = events
+			}
+			go sess.Run(ctx, o.ScanInterval, ev, func(err error) { log.Debug().Err(err).Msg("scheduled scan") })
 		}
 		if err := server.Listen(sock); err != nil {
 			log.Error().Err(err).Msg("API disabled")
