@@ -150,9 +150,9 @@ func FuzzDiscover(f *testing.F) {
 }
 
 // patchedMem is base with a few byte ranges overwritten, without copying
-// base.
+// base (a slice, a dump, a live guest).
 type patchedMem struct {
-	base    sliceMem
+	base    guestmem.Memory
 	patches []memPatch
 }
 
