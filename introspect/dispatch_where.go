@@ -110,7 +110,7 @@ func (r *resolver) where(va uint64) string {
 	if r.isTrampoline(va) {
 		return "an ftrace trampoline"
 	}
-	if va >= modulesStart && va < modulesEnd {
+	if r.inModuleArea(va) {
 		why := "in the module area, in no listed module (a hidden module, BPF or freed memory)"
 		if r.modsErr != nil {
 			why += fmt.Sprintf("; the module list could not be read: %v", r.modsErr)
@@ -123,6 +123,21 @@ func (r *resolver) where(va uint64) string {
 // inImage reports whether va is in the kernel image (_text.._end).
 func (r *resolver) inImage(va uint64) bool {
 	return r.k != nil && r.k.imageSize != 0 && va >= r.k.TextVA && va-r.k.TextVA < r.k.imageSize
+}
+
+// inModuleArea reports whether va is in the module area: from
+// MODULES_VADDR, which is __START_KERNEL_map + KERNEL_IMAGE_SIZE, 1 GiB
+// with CONFIG_RANDOMIZE_BASE (so for any kernel KASLR moved, or whose image
+// reaches past 512 MiB) and 512 MiB without, to MODULES_END.
+func (r *resolver) inModuleArea(va uint64) bool {
+	if r.k == nil || r.inImage(va) {
+		return false
+	}
+	lo := uint64(modulesStart)
+	if r.k.KASLRShift != 0 || r.k.TextVA+r.k.imageSize > modulesStart {
+		lo = startKernelMap + 1<<30
+	}
+	return va >= lo && va < modulesEnd
 }
 
 // earlyIDTHandler reports whether h is the early handler of vector v:
@@ -228,7 +243,7 @@ func (r *resolver) patchTarget(va uint64) bool { return r.inText(va) || r.isTram
 // core text, in the module area (trampolines come from module_alloc /
 // execmem), and starting with the bytes of the caller it was copied from.
 func (r *resolver) isTrampoline(va uint64) bool {
-	if r.k == nil || r.inImage(va) || va < modulesStart || va >= modulesEnd {
+	if !r.inModuleArea(va) {
 		return false
 	}
 	if v, ok := r.tramps[va]; ok {
@@ -269,7 +284,7 @@ func (r *resolver) isTrampoline(va uint64) bool {
 // (separately allocated regions) Base..Base+Size covers its text and may
 // miss its data.
 func (r *resolver) module(va uint64) (Module, bool) {
-	if r.k == nil || r.inImage(va) || va < modulesStart || va >= modulesEnd {
+	if !r.inModuleArea(va) {
 		return Module{}, false
 	}
 	if !r.modsRead {
