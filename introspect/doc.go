@@ -32,6 +32,10 @@
 //     Documentation/bpf/btf.rst), parsed with github.com/cilium/ebpf/btf
 //     for struct member offsets.
 //
+// Kernel.ReadDispatch, Kernel.Judge and Compare check the guest's system-call
+// dispatch (tables, x64_sys_call and the entry code, the IDT) for
+// tampering; dispatch.go explains how.
+//
 // Kernel.Found records which way each value was found. Guest memory is
 // hostile input: every parser here is bounded, never panics, and returns
 // wrapped errors; the fuzz targets are in fuzz_kernel_test.go.
