@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -130,4 +131,24 @@ func (c *Client) Response(ctx context.Context, path string) (*http.Response, err
 		return nil, fmt.Errorf("%s: %s", path, resp.Status)
 	}
 	return resp, nil
+}
+
+// Put sends body to path (PUT /v1/memory?gpa=A); a reply other than 2xx
+// is an error with the server's message.
+func (c *Client) Put(ctx context.Context, path string, body []byte) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://kvmscope"+path, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return c.dialError(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		var e Error
+		json.NewDecoder(resp.Body).Decode(&e)
+		return fmt.Errorf("PUT %s: %s: %s", path, resp.Status, e.Error)
+	}
+	return nil
 }

@@ -89,6 +89,7 @@ func (s *Server) introspectRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/kernel", s.withSession(s.getKernel))
 	mux.HandleFunc("GET /v1/processes", s.withSession(s.getProcesses))
 	mux.HandleFunc("GET /v1/modules", s.withSession(s.getModules))
+	mux.HandleFunc("GET /v1/integrity", s.withSession(s.getIntegrity))
 	mux.HandleFunc("GET /v1/offsets", s.withSession(s.getOffsets))
 	mux.HandleFunc("GET /v1/dump", s.getDump)
 }
@@ -178,6 +179,17 @@ func WriteProcesses(w io.Writer, ps []introspect.Process) error {
 	}
 	bw.WriteString("\n]\n")
 	return bw.Flush()
+}
+
+// getIntegrity checks the guest's system-call dispatch against the
+// kernel's own rules and the baseline kept next to the socket.
+func (s *Server) getIntegrity(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
+	in, err := sess.Integrity(ctx, s.BaselinePath)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, in)
+	return nil
 }
 
 func (s *Server) getModules(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {

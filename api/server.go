@@ -47,6 +47,9 @@ type Server struct {
 	Session *session.Session
 	// Events is the VM's event log (GET /v1/events), or nil.
 	Events *eventlog.Log
+	// BaselinePath is where GET /v1/integrity keeps its baseline ("":
+	// none, judged by the kernel's own rules only).
+	BaselinePath string
 
 	metrics *Metrics
 

@@ -33,6 +33,7 @@ type guest interface {
 	// processesJSON writes the processes to w as `--json` prints them.
 	processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error
 	modules(ctx context.Context) ([]api.Module, error)
+	integrity(ctx context.Context) (*session.Integrity, error)
 	offsets(ctx context.Context, format, name string) ([]byte, error)
 	close()
 }
@@ -97,6 +98,11 @@ func (g *liveGuest) modules(ctx context.Context) ([]api.Module, error) {
 	return ms, g.c.Get(ctx, "/v1/modules", &ms)
 }
 
+func (g *liveGuest) integrity(ctx context.Context) (*session.Integrity, error) {
+	var in session.Integrity
+	return &in, g.c.Get(ctx, "/v1/integrity", &in)
+}
+
 func (g *liveGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {
 	q := url.Values{"format": {format}, "name": {name}}
 	return g.c.GetRaw(ctx, "/v1/offsets?"+q.Encode())
@@ -142,6 +148,11 @@ func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
 		return nil, err
 	}
 	return api.ModulesFrom(ms), nil
+}
+
+// integrity of a dump: no baseline, the kernel's own rules only.
+func (g *coreGuest) integrity(ctx context.Context) (*session.Integrity, error) {
+	return g.sess.Integrity(ctx, "")
 }
 
 func (g *coreGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {

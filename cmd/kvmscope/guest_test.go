@@ -107,6 +107,13 @@ func TestGuestLinux(t *testing.T) {
 			if _, errOut, code := kvmscope(t, "lsmod", "--api", sock, "--json"); code != 0 {
 				t.Errorf("lsmod: %s", errOut)
 			}
+			// The dispatch of a clean kernel; under KVM LSTAR is read
+			// too (KVM_GET_MSRS injected as QEMU) and checked.
+			if out, errOut, code := kvmscope(t, "integrity", "--api", sock, "--json"); code != 0 || strings.TrimSpace(out) != "[]" {
+				t.Errorf("integrity of a clean kernel: code %d, %s%s", code, out, errOut)
+			} else if tc.accel == "kvm" && strings.Contains(errOut, "LSTAR not") {
+				t.Errorf("integrity under KVM did not check LSTAR: %s", errOut)
+			}
 			// A consistent scan pauses QEMU and resumes it.
 			checkPS(t, "consistent", psJSON(t, "--api", sock, "--consistent"), g.PS())
 

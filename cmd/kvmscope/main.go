@@ -64,6 +64,7 @@ func newApp() *cli.App {
 			memCommand(),
 			psCommand(),
 			lsmodCommand(),
+			integrityCommand(),
 			kernelCommand(),
 			offsetsCommand(),
 			dumpCommand(),

@@ -211,7 +211,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			}
 		}
 		sess := session.New(target, nil)
-		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events}
+		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, BaselinePath: BaselinePath(sock)}
 		if o.ScanInterval > 0 {
 			ctx, cancel := context.WithCancel(context.Background())
 			go func() { <-t.Done(); cancel() }()

@@ -17,6 +17,12 @@ func EventsPath(socket string) string {
 	return strings.TrimSuffix(socket, ".sock") + ".events.jsonl"
 }
 
+// BaselinePath is where a VM's dispatch baseline is kept: next to its
+// socket, NAME.dispatch-baseline.json.
+func BaselinePath(socket string) string {
+	return strings.TrimSuffix(socket, ".sock") + ".dispatch-baseline.json"
+}
+
 // tracerOptions sets up what the tracer enforces and the VM's event log
 // (NAME.events.jsonl next to the socket: the policy's decisions, and the
 // tracer's other events), which the API serves too (nil with no API).
