@@ -136,7 +136,17 @@ func (c *Client) Response(ctx context.Context, path string) (*http.Response, err
 // Put sends body to path (PUT /v1/memory?gpa=A); a reply other than 2xx
 // is an error with the server's message.
 func (c *Client) Put(ctx context.Context, path string, body []byte) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, "http://kvmscope"+path, bytes.NewReader(body))
+	return c.send(ctx, http.MethodPut, path, body, nil)
+}
+
+// Post asks for an action (POST /v1/integrity/restore) and decodes the
+// JSON reply into v.
+func (c *Client) Post(ctx context.Context, path string, v any) error {
+	return c.send(ctx, http.MethodPost, path, nil, v)
+}
+
+func (c *Client) send(ctx context.Context, method, path string, body []byte, v any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://kvmscope"+path, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
@@ -148,7 +158,10 @@ func (c *Client) Put(ctx context.Context, path string, body []byte) error {
 	if resp.StatusCode/100 != 2 {
 		var e Error
 		json.NewDecoder(resp.Body).Decode(&e)
-		return fmt.Errorf("PUT %s: %s: %s", path, resp.Status, e.Error)
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, e.Error)
+	}
+	if v != nil {
+		return json.NewDecoder(resp.Body).Decode(v)
 	}
 	return nil
 }

@@ -90,6 +90,7 @@ func (s *Server) introspectRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /v1/processes", s.withSession(s.getProcesses))
 	mux.HandleFunc("GET /v1/modules", s.withSession(s.getModules))
 	mux.HandleFunc("GET /v1/integrity", s.withSession(s.getIntegrity))
+	mux.HandleFunc("POST /v1/integrity/restore", s.withSession(s.postRestore))
 	mux.HandleFunc("GET /v1/offsets", s.withSession(s.getOffsets))
 	mux.HandleFunc("GET /v1/dump", s.getDump)
 }
@@ -111,6 +112,8 @@ func (s *Server) withSession(body scanFunc) http.HandlerFunc {
 				status = http.StatusBadRequest
 			case errors.Is(err, context.DeadlineExceeded):
 				status = http.StatusGatewayTimeout
+			case errors.Is(err, session.ErrNotWritable):
+				status = http.StatusForbidden
 			}
 			httpError(w, status, err.Error())
 		}
@@ -189,6 +192,21 @@ func (s *Server) getIntegrity(ctx context.Context, sess *session.Session, w http
 		return err
 	}
 	writeJSON(w, in)
+	return nil
+}
+
+// postRestore writes the baseline back over what changed (only with
+// --allow-write), with the guest paused, and returns what it restored.
+func (s *Server) postRestore(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
+	restored, err := sess.RestoreDispatch(ctx, s.BaselinePath)
+	if err != nil {
+		return err
+	}
+	if restored == nil {
+		restored = []introspect.Deviation{}
+	}
+	s.Log.Warn().Int("restored", len(restored)).Msg("dispatch restored from the baseline")
+	writeJSON(w, restored)
 	return nil
 }
 

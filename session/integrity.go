@@ -1,14 +1,18 @@
 package session
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/introspect"
 )
 
@@ -147,4 +151,123 @@ func saveBaseline(path string, f baselineFile) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// ErrNotWritable is returned by RestoreDispatch for a VM whose memory may
+// not be written (kvmscope run without --allow-write).
+var ErrNotWritable = errors.New("restoring needs a VM started with --allow-write")
+
+// RestoreDispatch writes the baseline back over every table entry and
+// code range that differs from it (the kernel's own runtime patches, the
+// IDT and the vCPU registers are left alone), with the guest paused, and
+// reads each write back. It returns what it restored.
+func (s *Session) RestoreDispatch(ctx context.Context, baselinePath string) ([]introspect.Deviation, error) {
+	if baselinePath == "" {
+		return nil, errors.New("no baseline to restore from")
+	}
+	// Checked before the scan: a scan that fails is retried after finding
+	// the kernel again, which this refusal does not need.
+	src, err := s.machine.Source()
+	if err != nil {
+		return nil, err
+	}
+	if w, ok := src.(guestmem.Writer); !ok || !guestmem.Writable(w) {
+		return nil, ErrNotWritable
+	}
+	base, err := loadBaseline(baselinePath)
+	if err != nil {
+		return nil, fmt.Errorf("integrity baseline: %w (run kvmscope integrity first)", err)
+	}
+	var restored []introspect.Deviation
+	_, err = s.scan(ctx, "restore", true, func(k *introspect.Kernel, _ *introspect.Offsets) error {
+		w, ok := k.Mem.(guestmem.Writer)
+		if !ok || !guestmem.Writable(w) {
+			return ErrNotWritable
+		}
+		if base.Banner != k.Banner || base.TextVA != k.TextVA {
+			return errors.New("the baseline belongs to another boot of the guest: nothing restored")
+		}
+		cur, err := k.ReadDispatch(0)
+		if err != nil {
+			return err
+		}
+		for _, d := range introspect.Compare(base.Dispatch, cur, k) {
+			va, want, ok := baselineBytes(base.Dispatch, cur, d)
+			if !ok {
+				continue
+			}
+			if err := writeVirt(k, w, va, want); err != nil {
+				return fmt.Errorf("restore %s: %w", d.What, err)
+			}
+			restored = append(restored, d)
+		}
+		return nil
+	})
+	return restored, err
+}
+
+// baselineBytes is where deviation d is and what the baseline holds
+// there: a table entry ("sys_call_table[62]") or a code range
+// ("x64_sys_call+0x1a3": the bytes that differ from there on).
+func baselineBytes(base, cur *introspect.Dispatch, d introspect.Deviation) (va uint64, b []byte, ok bool) {
+	switch d.Kind {
+	case "table":
+		for _, t := range base.Tables {
+			var i int
+			if _, err := fmt.Sscanf(d.What, t.Name+"[%d]", &i); err == nil && i >= 0 && i < len(t.Entries) {
+				b = make([]byte, 8)
+				binary.LittleEndian.PutUint64(b, t.Entries[i])
+				return t.Addr + 8*uint64(i), b, true
+			}
+		}
+	case "code", "call_target":
+		for i, f := range base.Functions {
+			var off uint64
+			if !strings.HasPrefix(d.What, f.Name+"+") {
+				continue
+			}
+			if _, err := fmt.Sscanf(d.What[len(f.Name)+1:], "%v", &off); err != nil || i >= len(cur.Functions) || cur.Functions[i].Name != f.Name {
+				return 0, nil, false
+			}
+			// The changed range: from off, over the bytes that differ
+			// (gaps of equal bytes under 16 included; rewriting equal
+			// bytes changes nothing).
+			c := cur.Functions[i].Code
+			end := off
+			for j := off; j < uint64(min(len(c), len(f.Code))) && j < end+16; j++ {
+				if c[j] != f.Code[j] {
+					end = j + 1
+				}
+			}
+			if end == off {
+				return 0, nil, false
+			}
+			return f.Addr + off, f.Code[off:end], true
+		}
+	}
+	return 0, nil, false
+}
+
+// writeVirt writes b at kernel virtual address va, page by page (virtual
+// pages need not be physically contiguous), and reads it back.
+func writeVirt(k *introspect.Kernel, w guestmem.Writer, va uint64, b []byte) error {
+	for done := 0; done < len(b); {
+		pa, err := k.VirtToPhys(va + uint64(done))
+		if err != nil {
+			return err
+		}
+		n := min(len(b)-done, int(4096-(va+uint64(done))%4096))
+		if _, err := w.WriteAt(b[done:done+n], int64(pa)); err != nil {
+			return err
+		}
+		done += n
+	}
+	got := make([]byte, len(b))
+	if err := k.ReadVirt(got, va); err != nil {
+		return err
+	}
+	if !bytes.Equal(got, b) {
+		return errors.New("read back differs from what was written")
+	}
+	return nil
 }

@@ -114,6 +114,12 @@ func TestGuestLinux(t *testing.T) {
 			} else if tc.accel == "kvm" && strings.Contains(errOut, "LSTAR not") {
 				t.Errorf("integrity under KVM did not check LSTAR: %s", errOut)
 			}
+			if !tc.memfd {
+				// Without --allow-write nothing may be written back.
+				if _, errOut, code := kvmscope(t, "integrity", "--api", sock, "--restore"); code == 0 || !strings.Contains(errOut, "--allow-write") {
+					t.Errorf("integrity --restore without --allow-write: code %d, %s", code, errOut)
+				}
+			}
 			// A consistent scan pauses QEMU and resumes it.
 			checkPS(t, "consistent", psJSON(t, "--api", sock, "--consistent"), g.PS())
 

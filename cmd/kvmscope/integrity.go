@@ -6,6 +6,8 @@ import (
 	"os"
 	"text/tabwriter"
 
+	"github.com/kvmscope/kvmscope/introspect"
+
 	"github.com/urfave/cli/v2"
 )
 
@@ -15,8 +17,30 @@ func integrityCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "integrity",
 		Usage: "check the guest's system-call dispatch against the kernel's own rules and the baseline of the first scan",
-		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag},
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag,
+			&cli.BoolFlag{Name: "restore", Usage: "write the baseline back over what changed, with the VM paused, and verify (needs run --allow-write)"},
+		},
 		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			if c.Bool("restore") {
+				lg, ok := g.(*liveGuest)
+				if !ok {
+					return cli.Exit("--restore works on a running VM, not a dump", 2)
+				}
+				var restored []introspect.Deviation
+				if err := lg.c.Post(ctx, "/v1/integrity/restore", &restored); err != nil {
+					return err
+				}
+				if c.Bool("json") {
+					return printJSON(restored)
+				}
+				for _, d := range restored {
+					fmt.Printf("restored %s: %s -> %s %s\n", d.What, d.Current, orDash(d.Baseline), d.BaselineSymbol)
+				}
+				if len(restored) == 0 {
+					fmt.Println("nothing to restore")
+				}
+				return nil
+			}
 			in, err := g.integrity(ctx)
 			if err != nil {
 				return err

@@ -20,7 +20,8 @@ import (
 // TestIntegrity: on a live Debian guest (TCG) a clean kernel prints [];
 // the first scan takes the baseline next to the socket and the next
 // compares against it; a host-side write of sys_call_table[62] (kill) is
-// named with its baseline; a dump of the clean guest judges clean.
+// named with its baseline, and --restore puts it back (verified by the
+// next check); a dump of the clean guest judges clean.
 func TestIntegrity(t *testing.T) {
 	p := testlinux.Require(t)
 	sock := filepath.Join(t.TempDir(), "api.sock")
@@ -59,14 +60,15 @@ func TestIntegrity(t *testing.T) {
 	if err := json.Unmarshal(b, &base); err != nil || len(base.Dispatch.Tables) == 0 || base.Dispatch.Tables[0].Name != "sys_call_table" {
 		t.Fatalf("baseline: %v %+v", err, base.Dispatch.Tables)
 	}
-	if out, _, code := kvmscope(t, "integrity", "--api", sock); code != 0 || !strings.Contains(out, "no deviations (baseline: compared)") {
+	out, _, code := kvmscope(t, "integrity", "--api", sock)
+	if code != 0 || !strings.Contains(out, "no deviations (baseline: compared)") {
 		t.Errorf("second scan: %q", out)
 	}
 
 	// Tamper: point sys_call_table[62] one byte into __x64_sys_kill, from
 	// the host (PUT /v1/memory), then put it back.
 	var k api.Kernel
-	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
+	out, _, _ = kvmscope(t, "kernel", "--api", sock, "--json")
 	if err := json.Unmarshal([]byte(out), &k); err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +85,10 @@ func TestIntegrity(t *testing.T) {
 	}
 	put(orig + 1)
 	devs := check("tampered", "--api", sock)
-	put(orig)
+	out, errOut, code := kvmscope(t, "integrity", "--api", sock, "--restore")
+	if code != 0 || !strings.Contains(out, "restored sys_call_table[62]") {
+		t.Errorf("--restore: code %d: %s%s", code, out, errOut)
+	}
 	found := false
 	for _, d := range devs {
 		if d.What == "sys_call_table[62]" {
