@@ -107,43 +107,55 @@ func Compare(baseline, cur *Dispatch, k *Kernel) []Deviation {
 	return out
 }
 
-func compareTables(r *resolver, baseline, cur []SyscallTable) []Deviation {
+// pairByName matches two readings by name. A pair at the same address
+// goes to each; a reading only in cur, one that moved (another kernel),
+// and one only in the baseline are deviations of kind. Deviations keep
+// cur's order, then the baseline's.
+func pairByName[T any](baseline, cur []T, name func(T) string, addr func(T) uint64, kind, what string, each func(b, c T) []Deviation) []Deviation {
 	var out []Deviation
-	byName := map[string]SyscallTable{}
-	for _, t := range baseline {
-		byName[t.Name] = t
+	byName := map[string]T{}
+	for _, b := range baseline {
+		byName[name(b)] = b
 	}
 	seen := map[string]bool{}
 	for _, c := range cur {
-		seen[c.Name] = true
-		b, ok := byName[c.Name]
-		if !ok {
-			out = append(out, Deviation{What: c.Name, Kind: "table", Current: fmt.Sprintf("%#x", c.Addr), Detail: "not in the baseline"})
-			continue
-		}
-		if b.Addr != c.Addr {
-			out = append(out, Deviation{What: c.Name, Kind: "table", Current: fmt.Sprintf("%#x", c.Addr), Baseline: fmt.Sprintf("%#x", b.Addr), Detail: "the table moved: not the baseline's kernel"})
-			continue
-		}
-		// An entry past one reading's end is 0 there (trailing zeros are
-		// dropped as padding).
-		n := min(max(len(b.Entries), len(c.Entries)), maxTableEntries)
-		for i := range n {
-			bv, cv := entry(b.Entries, i), entry(c.Entries, i)
-			if bv == cv {
-				continue
-			}
-			dev := r.addrDeviation(fmt.Sprintf("%s[%d]", c.Name, i), "table", cv, "")
-			dev.Baseline, dev.BaselineSymbol = fmt.Sprintf("%#x", bv), r.symbol(bv)
-			out = append(out, dev)
+		seen[name(c)] = true
+		b, ok := byName[name(c)]
+		switch {
+		case !ok:
+			out = append(out, Deviation{What: name(c), Kind: kind, Current: fmt.Sprintf("%#x", addr(c)), Detail: "not in the baseline"})
+		case addr(b) != addr(c):
+			out = append(out, Deviation{What: name(c), Kind: kind, Current: fmt.Sprintf("%#x", addr(c)), Baseline: fmt.Sprintf("%#x", addr(b)), Detail: "the " + what + " moved: not the baseline's kernel"})
+		default:
+			out = append(out, each(b, c)...)
 		}
 	}
 	for _, b := range baseline {
-		if !seen[b.Name] {
-			out = append(out, Deviation{What: b.Name, Kind: "table", Baseline: fmt.Sprintf("%#x", b.Addr), Detail: "in the baseline, not read now"})
+		if !seen[name(b)] {
+			out = append(out, Deviation{What: name(b), Kind: kind, Baseline: fmt.Sprintf("%#x", addr(b)), Detail: "in the baseline, not read now"})
 		}
 	}
 	return out
+}
+
+func compareTables(r *resolver, baseline, cur []SyscallTable) []Deviation {
+	return pairByName(baseline, cur, func(t SyscallTable) string { return t.Name }, func(t SyscallTable) uint64 { return t.Addr }, "table", "table",
+		func(b, c SyscallTable) []Deviation {
+			var out []Deviation
+			// An entry past one reading's end is 0 there (trailing
+			// zeros are dropped as padding).
+			n := min(max(len(b.Entries), len(c.Entries)), maxTableEntries)
+			for i := range n {
+				bv, cv := entry(b.Entries, i), entry(c.Entries, i)
+				if bv == cv {
+					continue
+				}
+				dev := r.addrDeviation(fmt.Sprintf("%s[%d]", c.Name, i), "table", cv, "")
+				dev.Baseline, dev.BaselineSymbol = fmt.Sprintf("%#x", bv), r.symbol(bv)
+				out = append(out, dev)
+			}
+			return out
+		})
 }
 
 func entry(e []uint64, i int) uint64 {
@@ -154,37 +166,18 @@ func entry(e []uint64, i int) uint64 {
 }
 
 func compareFunctions(r *resolver, baseline, cur []FunctionCode) []Deviation {
-	var out []Deviation
-	byName := map[string]FunctionCode{}
-	for _, f := range baseline {
-		byName[f.Name] = f
-	}
-	seen := map[string]bool{}
-	for _, c := range cur {
-		seen[c.Name] = true
-		b, ok := byName[c.Name]
-		if !ok {
-			out = append(out, Deviation{What: c.Name, Kind: "code", Current: fmt.Sprintf("%#x", c.Addr), Detail: "not in the baseline"})
-			continue
-		}
-		if b.Addr != c.Addr {
-			out = append(out, Deviation{What: c.Name, Kind: "code", Current: fmt.Sprintf("%#x", c.Addr), Baseline: fmt.Sprintf("%#x", b.Addr), Detail: "the function moved: not the baseline's kernel"})
-			continue
-		}
-		bc, cc := b.Code[:min(len(b.Code), maxFunctionSize)], c.Code[:min(len(c.Code), maxFunctionSize)]
-		if bytes.Equal(bc, cc) {
-			continue
-		}
-		for _, d := range codeDiffs(bc, cc, c.Addr) {
-			out = append(out, r.classify(c.Name, d, bc, cc))
-		}
-	}
-	for _, b := range baseline {
-		if !seen[b.Name] {
-			out = append(out, Deviation{What: b.Name, Kind: "code", Baseline: fmt.Sprintf("%#x", b.Addr), Detail: "in the baseline, not read now"})
-		}
-	}
-	return out
+	return pairByName(baseline, cur, func(f FunctionCode) string { return f.Name }, func(f FunctionCode) uint64 { return f.Addr }, "code", "function",
+		func(b, c FunctionCode) []Deviation {
+			var out []Deviation
+			bc, cc := b.Code[:min(len(b.Code), maxFunctionSize)], c.Code[:min(len(c.Code), maxFunctionSize)]
+			if bytes.Equal(bc, cc) {
+				return nil
+			}
+			for _, d := range codeDiffs(bc, cc, c.Addr) {
+				out = append(out, r.classify(c.Name, d, bc, cc))
+			}
+			return out
+		})
 }
 
 // classify turns one changed piece of function fn into a Deviation.

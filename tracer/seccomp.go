@@ -5,6 +5,7 @@ package tracer
 import (
 	"encoding/hex"
 	"fmt"
+	"slices"
 
 	seccomp "github.com/elastic/go-seccomp-bpf"
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
@@ -154,12 +155,12 @@ const bpfMaxInsns = 4096
 func ordered(cmds []uint32) []uint32 {
 	var out []uint32
 	for _, h := range hot {
-		if contains(cmds, h) {
+		if slices.Contains(cmds, h) {
 			out = append(out, h)
 		}
 	}
 	for _, c := range cmds {
-		if !contains(hot, c) {
+		if !slices.Contains(hot, c) {
 			out = append(out, c)
 		}
 	}
@@ -169,7 +170,7 @@ func ordered(cmds []uint32) []uint32 {
 func union(a, b []uint32) []uint32 {
 	out := append([]uint32(nil), a...)
 	for _, c := range b {
-		if !contains(out, c) {
+		if !slices.Contains(out, c) {
 			out = append(out, c)
 		}
 	}
@@ -179,20 +180,11 @@ func union(a, b []uint32) []uint32 {
 func without(a, b []uint32) []uint32 {
 	var out []uint32
 	for _, c := range a {
-		if !contains(b, c) {
+		if !slices.Contains(b, c) {
 			out = append(out, c)
 		}
 	}
 	return out
-}
-
-func contains(s []uint32, c uint32) bool {
-	for _, x := range s {
-		if x == c {
-			return true
-		}
-	}
-	return false
 }
 
 // EncodeFilter writes a filter as text, for the pipe from the tracer to

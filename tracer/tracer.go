@@ -5,6 +5,7 @@ package tracer
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"sync"
 	"syscall"
 
@@ -98,11 +99,7 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 func (t *Tracer) Stops() map[uint32]uint64 {
 	t.stopsMu.Lock()
 	defer t.stopsMu.Unlock()
-	out := make(map[uint32]uint64, len(t.stops))
-	for k, v := range t.stops {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(t.stops)
 }
 
 // Killed says why the policy killed QEMU, or "" if it did not.

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -213,9 +214,7 @@ func (v *VM) msrsRead(fd int, vals map[uint32]uint64) {
 	if c.msrs == nil {
 		c.msrs = map[uint32]uint64{}
 	}
-	for i, x := range vals {
-		c.msrs[i] = x
-	}
+	maps.Copy(c.msrs, vals)
 	c.msrsAt = time.Now()
 	c.mu.Unlock()
 	v.mu.Lock()
@@ -235,11 +234,7 @@ func (v *VM) MSRs(id int) (map[uint32]uint64, time.Time) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make(map[uint32]uint64, len(c.msrs))
-	for i, x := range c.msrs {
-		out[i] = x
-	}
-	return out, c.msrsAt
+	return maps.Clone(c.msrs), c.msrsAt
 }
 
 // ReadMSRs has KVM read the guest MSRs indices of vCPU id, with

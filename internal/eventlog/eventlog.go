@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"sync"
 	"time"
@@ -165,11 +166,7 @@ func (l *Log) Seq() uint64 {
 func (l *Log) Counts() map[string]uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	out := make(map[string]uint64, len(l.counts))
-	for k, v := range l.counts {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(l.counts)
 }
 
 // Wait blocks until an event newer than seq exists or ctx ends.
