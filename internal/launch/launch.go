@@ -282,10 +282,8 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		log.Error().Str("reason", why).Msg("QEMU was killed by the ioctl policy")
 	}
 	if topts.Learn != nil {
-		if err := writeLearned(o.LearnTo, topts.Learn, o.Argv); err != nil {
-			log.Error().Err(err).Msg("policy learn")
-			return 1, nil
-		}
+		// Written as the calls came (tracerOptions' Learned), while
+		// QEMU waited: complete when QEMU exited, so not again here.
 		log.Info().Str("file", o.LearnTo).Msg("learned policy written")
 	}
 	log.Info().Int("status", code).Msg("QEMU exited")
