@@ -58,7 +58,7 @@ func init() {
 
 // startTraced starts QEMU (path, argv) in a child of the test process and
 // traces it from here.
-func startTraced(path string, argv []string) (*tracer.Tracer, error) {
+func startTraced(path string, argv []string, opts tracer.Options) (*tracer.Tracer, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
@@ -76,7 +76,7 @@ func startTraced(path string, argv []string) (*tracer.Tracer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", self, err)
 	}
-	tr, err := tracer.Attach(pid, zerolog.Nop(), tracer.Options{})
+	tr, err := tracer.Attach(pid, zerolog.Nop(), opts)
 	if err != nil {
 		w.Close()
 		unix.Wait4(pid, nil, 0, nil)
@@ -105,6 +105,7 @@ type liveGuest struct {
 type guestOptions struct {
 	memfd   bool   // guest RAM from memory-backend-memfd
 	cmdline string // the guest's command line ("" spins)
+	opts    tracer.Options
 }
 
 // needKVMGuest runs the test only where QEMU and KVM are (the gate defers
@@ -133,7 +134,7 @@ func startLiveGuest(tb testing.TB, o guestOptions) *liveGuest {
 		args = withMemfdRAM(args)
 	}
 	args = append(args, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
-	tr, err := startTraced(qemu, append([]string{qemu}, args...))
+	tr, err := startTraced(qemu, append([]string{qemu}, args...), o.opts)
 	if err != nil {
 		tb.Fatalf("start QEMU under the tracer: %v", err)
 	}

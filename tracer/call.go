@@ -27,6 +27,7 @@ type call struct {
 	args    *ioctl.Args
 	argsErr error
 	decoded bool
+	skipped bool // a handler's skip verdict: the kernel did not run it
 	link    string
 	linkErr error
 	linked  bool
@@ -97,6 +98,9 @@ type verdict struct {
 	// exit asks for the call's result: the handler's exit runs at the
 	// syscall-exit stop.
 	exit bool
+	// skip, with exit, keeps the kernel from running the call: the
+	// handler runs it itself at the exit stop and sets its result.
+	skip bool
 }
 
 // A handler takes part in deciding and following trapped ioctls: the

@@ -61,12 +61,21 @@ const maxInjectBuf = 4096
 // use without moving rsp: the buffer goes below it.
 const redZone = 128
 
+// injection is work to do on a thread at its next signal-delivery stop:
+// fn runs on the tracer thread and makes the thread execute system calls
+// through run. With freeze, every other thread of the process is stopped
+// (freeze.go) while fn runs: no vCPU is in KVM_RUN, so fn can change the
+// VM's memslots without a vCPU seeing them half-changed.
 type injection struct {
-	sc   Syscall
-	ret  int64
-	err  error
-	done chan struct{}
+	fn     func(run runFunc) error
+	freeze bool
+	err    error
+	done   chan struct{}
 }
+
+// runFunc runs one system call on the injection's thread and returns its
+// result; a negative result is returned as an unix.Errno.
+type runFunc func(Syscall) (int64, error)
 
 // injections are the calls waiting for their thread's next stop.
 type injections struct {
@@ -127,13 +136,33 @@ func (t *Tracer) InjectVCPU(ctx context.Context, id int, sc Syscall) (int64, err
 }
 
 func (t *Tracer) inject(ctx context.Context, pid, tid int, sc Syscall) (int64, error) {
+	if err := sc.check(); err != nil {
+		return 0, err
+	}
+	var ret int64
+	err := t.injectFunc(ctx, pid, tid, false, func(run runFunc) error {
+		var err error
+		ret, err = run(sc)
+		return err
+	})
+	return ret, err
+}
+
+func (sc Syscall) check() error {
 	if len(sc.Buf) > maxInjectBuf {
-		return 0, fmt.Errorf("inject: buffer of %d bytes, at most %d", len(sc.Buf), maxInjectBuf)
+		return fmt.Errorf("inject: buffer of %d bytes, at most %d", len(sc.Buf), maxInjectBuf)
 	}
 	if sc.Buf != nil && (sc.BufArg < 0 || sc.BufArg > 5) {
-		return 0, fmt.Errorf("inject: buffer argument %d", sc.BufArg)
+		return fmt.Errorf("inject: buffer argument %d", sc.BufArg)
 	}
-	in := &injection{sc: sc, done: make(chan struct{})}
+	return nil
+}
+
+// injectFunc runs fn on the tracer thread while thread tid of pid is in a
+// signal-delivery stop (and, with freeze, every other thread of pid is
+// stopped too); fn makes tid execute system calls through run.
+func (t *Tracer) injectFunc(ctx context.Context, pid, tid int, freeze bool, fn func(run runFunc) error) error {
+	in := &injection{fn: fn, freeze: freeze, done: make(chan struct{})}
 	t.inj.add(tid, in)
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
@@ -144,36 +173,67 @@ func (t *Tracer) inject(ctx context.Context, pid, tid int, sc Syscall) (int64, e
 	for {
 		if err := unix.Tgkill(pid, tid, unix.SIGUSR1); err != nil {
 			t.inj.remove(tid, in)
-			return 0, fmt.Errorf("kick thread %d: %w", tid, err)
+			return fmt.Errorf("kick thread %d: %w", tid, err)
 		}
 		select {
 		case <-in.done:
-			if in.err != nil {
-				return 0, in.err
-			}
-			if in.ret < 0 && in.ret > -4096 {
-				return in.ret, unix.Errno(-in.ret)
-			}
-			return in.ret, nil
+			return in.err
 		case <-tick.C:
 		case <-ctx.Done():
 			if t.inj.remove(tid, in) {
-				return 0, fmt.Errorf("thread %d: %w", tid, ErrInjectTimeout)
+				return fmt.Errorf("thread %d: %w", tid, ErrInjectTimeout)
 			}
 			<-in.done // taken: it is running now
-			return in.ret, in.err
+			return in.err
 		}
 	}
 }
 
-// runInjections runs the calls queued for tid, which is in its
-// signal-delivery stop for sig; it leaves tid stopped (at the last call's
-// exit stop) and returns the signal the caller resumes tid with.
+// runOn returns the runFunc that injects calls into tid, which the tracer
+// thread holds in a stop.
+func (t *Tracer) runOn(tid int) runFunc {
+	return func(sc Syscall) (int64, error) {
+		if err := sc.check(); err != nil {
+			return 0, err
+		}
+		ret, err := t.injectNow(tid, sc)
+		if err == nil && ret < 0 && ret > -4096 {
+			return ret, unix.Errno(-ret)
+		}
+		return ret, err
+	}
+}
+
+// runInjections runs the work queued for tid, which is in its
+// signal-delivery stop; it leaves tid stopped (at the last call's exit
+// stop), and the caller resumes it with the signal.
 func (t *Tracer) runInjections(tid int, l []*injection) {
 	for _, in := range l {
-		in.ret, in.err = t.injectNow(tid, in.sc)
+		if in.freeze {
+			if err := t.freeze(tid, t.tgids[tid]); err != nil {
+				t.thaw(tid)
+				in.err = err
+				close(in.done)
+				continue
+			}
+		}
+		in.err = t.injectRecover(in.fn, t.runOn(tid))
+		if in.freeze {
+			t.thaw(tid)
+		}
 		close(in.done)
 	}
+}
+
+// injectRecover runs fn; a panic in it is an error, never the end of the
+// tracer (QEMU must keep running).
+func (t *Tracer) injectRecover(fn func(runFunc) error, run runFunc) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("inject: %v", r)
+		}
+	}()
+	return fn(run)
 }
 
 func (t *Tracer) injectNow(tid int, sc Syscall) (int64, error) {

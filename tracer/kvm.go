@@ -13,6 +13,10 @@ const (
 	KVMSetUserMemoryRegion      = 0x4020ae46
 	kvmSetUserMemoryRegion2     = 0x40a0ae49
 	kvmGetMSRs                  = 0xc008ae88
+	kvmCheckExtension           = 0xae03
+	kvmCapNrMemslots            = 10
+	kvmExitMMIO                 = 6
+	kvmRunMMIOOffset            = 32 // offsetof(struct kvm_run, mmio): phys_addr, data[8], len, is_write
 	kvmMemLogDirtyPages         = 1 << 0
 	kvmMemReadonly              = 1 << 1
 	kvmMemGuestMemfd            = 1 << 2

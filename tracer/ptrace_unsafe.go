@@ -105,3 +105,9 @@ func getEventMsg(tid int) (uint64, error) {
 	err := ptrace(unix.PTRACE_GETEVENTMSG, tid, 0, uintptr(unsafe.Pointer(&msg)))
 	return msg, err
 }
+
+// ptraceBuf is a ptrace request whose data argument is a buffer
+// (PTRACE_GETSIGINFO).
+func ptraceBuf(req, tid int, b []byte) error {
+	return ptrace(req, tid, 0, uintptr(unsafe.Pointer(&b[0])))
+}

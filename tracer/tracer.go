@@ -47,6 +47,7 @@ type Tracer struct {
 	stopsMu sync.Mutex
 
 	inj    injections // system calls to run as QEMU (inject.go)
+	guard  guard      // pages the guest may not write (guard.go)
 	events Events     // nil: events go to the log
 }
 
@@ -71,6 +72,9 @@ type Options struct {
 	// Learned, with Learn, is called each time Learn sees a new request
 	// or value, while QEMU's call waits (to save the learned policy).
 	Learned func(*policy.Learner)
+	// Blocked is called, on the tracer thread while QEMU waits, for each
+	// store the guard skipped (Protect): it must return at once.
+	Blocked func(BlockedWrite)
 }
 
 func newTracer(log zerolog.Logger, o Options) *Tracer {
@@ -85,7 +89,10 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 		stops:   make(map[uint32]uint64),
 	}
 	t.vm.inject = t.inject
+	t.vm.guarded = t.guard.overlaps
+	t.vm.writeGuarded = t.writeGuarded
 	t.events = o.Events
+	t.guard.report = o.Blocked
 	if o.Policy != nil {
 		t.enforcer = &enforcer{p: o.Policy, learn: o.Learn, learned: o.Learned}
 		t.handlers = append(t.handlers, t.enforcer)
@@ -271,6 +278,10 @@ func (t *Tracer) stopped(tid int, ws unix.WaitStatus) error {
 				}
 			}
 		}
+		if sig == unix.SIGSEGV && t.guardFault(tid) {
+			// A store into a guarded page, skipped (guardfault.go).
+			return t.resume(tid, 0)
+		}
 		return t.resume(tid, int(sig))
 	}
 }
@@ -308,6 +319,7 @@ func (t *Tracer) seccompStop(tid int) error {
 	t.stops[c.cmd]++
 	t.stopsMu.Unlock()
 	pc := &pendingCall{c: c}
+	skip := false
 	for _, h := range t.handlers {
 		v := t.enter(h, c)
 		switch {
@@ -322,6 +334,15 @@ func (t *Tracer) seccompStop(tid int) error {
 			return cont(tid, 0)
 		case v.exit:
 			pc.follow = append(pc.follow, h)
+		}
+		skip = skip || v.skip
+	}
+	if skip {
+		// A handler runs the call itself at the exit stop (the guard's
+		// replay of a memslot call).
+		c.skipped = true
+		if err := failSyscall(tid, 0); err != nil {
+			return t.kill(c, "could not skip "+c.name()+": "+err.Error())
 		}
 	}
 	if len(pc.follow) == 0 && t.frozen != tid {

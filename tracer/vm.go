@@ -35,6 +35,24 @@ type VM struct {
 
 	// inject runs a system call as QEMU on a thread (Tracer.inject).
 	inject func(ctx context.Context, pid, tid int, sc Syscall) (int64, error)
+	// guarded reports whether a guest-physical range touches a page the
+	// guard protects, and writeGuarded writes one (guard.go).
+	guarded      func(gpa, size uint64) bool
+	writeGuarded func(ctx context.Context, gpa uint64, b []byte) error
+}
+
+// Guarded reports whether guest-physical gpa..gpa+size touches a page the
+// guard protects (Tracer.Protect): host writes there must go through
+// WriteGuarded, because QEMU's mapping of the page is read-only.
+func (v *VM) Guarded(gpa, size uint64) bool { return v.guarded != nil && v.guarded(gpa, size) }
+
+// WriteGuarded writes b at gpa where Guarded says the guard protects it:
+// with QEMU frozen, the page is writable for the host's write only.
+func (v *VM) WriteGuarded(ctx context.Context, gpa uint64, b []byte) error {
+	if v.writeGuarded == nil {
+		return errors.New("no guard")
+	}
+	return v.writeGuarded(ctx, gpa, b)
 }
 
 // VCPU is one captured vCPU.

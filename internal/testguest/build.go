@@ -157,6 +157,26 @@ func buildInto(src, root string) (string, error) {
 	return path, nil
 }
 
+// Symbol returns the address of symbol name in the guest ELF at path (for
+// code addresses such as guard_store, which move when the code changes).
+func Symbol(path, name string) (uint64, error) {
+	f, err := elf.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	syms, err := f.Symbols()
+	if err != nil {
+		return 0, fmt.Errorf("%s: symbols: %w", path, err)
+	}
+	for _, s := range syms {
+		if s.Name == name {
+			return s.Value, nil
+		}
+	}
+	return 0, fmt.Errorf("%s: no symbol %s", path, name)
+}
+
 // checkLayout verifies that the ELF at path is the 32-bit multiboot image
 // this package describes: its symbols sit where the constants say.
 func checkLayout(path string) error {
@@ -195,6 +215,11 @@ func checkLayout(path string) error {
 		{"io_done", IODoneGPA},
 		{"cmdline", CmdlineGPA},
 		{"counter", CounterGPA},
+		{"go", GoGPA},
+		{"guard_seen", GuardSeenGPA},
+		{"guard_done", GuardDoneGPA},
+		{"touch", TouchGPA},
+		{"guard_value", GuardValue & 0xffffffff},
 		{"stack_top", ImageEnd},
 		{"pattern_gpa", PatternGPA},
 		{"pattern_pages", PatternPages},

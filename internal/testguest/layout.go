@@ -47,6 +47,22 @@ const (
 	// increments forever (1e5 to 3e5 per second on the development
 	// machines' emulating KVM; far more with hardware virtualization).
 	CounterGPA = StatusGPA + 0x40
+	// In guard mode (guard=N): the guest waits until GoGPA is non-zero,
+	// makes N stores of GuardValue at GuardTargetVA (pattern page 0, which
+	// the host protects), one at GuardNeighbourVA (page 1), M stores at
+	// page 2 (touch=M, TouchGPA), then publishes what the target held
+	// (GuardSeenGPA), sets GuardDoneGPA to 1 and spins as mode spin does.
+	// The symbol guard_store (Symbol) is the store instruction.
+	GoGPA        = StatusGPA + 0x48
+	GuardSeenGPA = StatusGPA + 0x50
+	GuardDoneGPA = StatusGPA + 0x58
+	TouchGPA     = StatusGPA + 0x60
+	GuardValue   = 0x2144454b434f4c42 // "BLOCKED!"
+	// GuardTargetGPA is where the guarded store goes, GuardTargetVA the
+	// address the guest uses; the neighbour is the same offset in page 1.
+	GuardTargetGPA    = PatternGPA + 0x100
+	GuardTargetVA     = PatternVA + 0x100
+	GuardNeighbourGPA = PatternGPA + 0x1100
 
 	// PatternGPA is the first of PatternPages consecutive 4 KiB pages
 	// whose contents PatternFor gives. They are covered by a 2 MiB page
@@ -83,9 +99,10 @@ const (
 
 // Modes, as stored at ModeGPA.
 const (
-	ModeSpin = 0 // no exit=/io= word: spin incrementing the counter
-	ModeExit = 1 // exit=N
-	ModeIO   = 2 // io=N
+	ModeSpin  = 0 // no exit=/io= word: spin incrementing the counter
+	ModeExit  = 1 // exit=N
+	ModeIO    = 2 // io=N
+	ModeGuard = 3 // guard=N
 )
 
 // ExitStatus is the exit status of QEMU when the guest writes n to

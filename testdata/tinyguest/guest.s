@@ -7,6 +7,9 @@
 #   (nothing)  increment a uint64 counter in memory forever
 #   exit=N     write N to isa-debug-exit (QEMU exits with status (N<<1)|1)
 #   io=N       N one-byte port writes to IO_PORT (N KVM_EXIT_IOs), then exit=0
+#   guard=N    wait until the host sets `go`, then N stores into pattern page 0
+#              (which the host write-protects), one into page 1, M stores into
+#              page 2 (touch=M), publish what page 0 holds, then spin
 #
 # Guest code here runs in ring 0, which the KVM backend of the development
 # machines emulates one instruction at a time (~2e5 instr/s), so everything
@@ -41,6 +44,9 @@
 	.set MODE_SPIN, 0
 	.set MODE_EXIT, 1
 	.set MODE_IO,   2
+	.set MODE_GUARD, 3
+	.globl guard_value
+	.set guard_value, 0x2144454b434f4c42	# "BLOCKED!"
 
 	.set CMDLINE_MAX, 4096			# bound on the command-line scan
 
@@ -107,6 +113,8 @@ long_mode:
 	je	do_exit
 	cmpq	$MODE_IO, %rax
 	je	do_io
+	cmpq	$MODE_GUARD, %rax
+	je	do_guard
 
 	.globl spin
 spin:	# The default: a counter that advances as long as the vCPU runs.
@@ -131,6 +139,29 @@ do_io:
 	movq	%rax, io_done
 	xorl	%eax, %eax
 	outl	%eax, $debug_exit_port
+
+do_guard:
+	# The host protects pattern page 0, then sets go.
+1:	pause
+	cmpq	$0, go
+	je	1b
+	movabsq	$guard_value, %rax
+	movq	arg, %rcx
+	jrcxz	3f
+	.globl guard_store
+2:
+guard_store:	# each store is blocked: KVM exits, kvmscope logs and skips it
+	movq	%rax, pattern_va + 0x100
+	loop	2b
+3:	movq	%rax, pattern_va + 0x1100	# page 1: not protected, lands
+	movq	pattern_va + 0x100, %rbx
+	movq	%rbx, guard_seen
+	movq	touch, %rcx		# writes elsewhere in the protected slot
+	jrcxz	5f
+4:	movq	%rcx, pattern_va + 0x2100
+	loop	4b
+5:	movq	$1, guard_done
+	jmp	spin
 
 halt:	# Only reached when isa-debug-exit is missing.
 	cli
@@ -226,6 +257,23 @@ parse_cmdline:
 	call	parse_uint
 	movq	$MODE_EXIT, mode
 	movq	%rax, arg
+	jmp	.Lskip
+1:	cmpl	$0x72617567, (%rsi)		# "guar"
+	jne	1f
+	cmpw	$0x3d64, 4(%rsi)		# "d="
+	jne	1f
+	addq	$6, %rsi
+	call	parse_uint
+	movq	$MODE_GUARD, mode
+	movq	%rax, arg
+	jmp	.Lskip
+1:	cmpl	$0x63756f74, (%rsi)		# "touc"
+	jne	1f
+	cmpw	$0x3d68, 4(%rsi)		# "h="
+	jne	1f
+	addq	$6, %rsi
+	call	parse_uint
+	movq	%rax, touch
 	jmp	.Lskip
 1:	cmpw	$0x6f69, (%rsi)			# "io"
 	jne	.Lskip
@@ -345,6 +393,7 @@ pt_hi:
 	.section .bss.status, "aw", @nobits
 	.balign 4096
 	.globl status, ready, boot_magic, boot_info, mode, arg, io_done, cmdline, counter
+	.globl go, guard_seen, guard_done, touch
 status:
 ready:		.skip 8		# +0x00 ready_value once in long mode, patterns written
 boot_magic:	.skip 4		# +0x08 %eax at entry (0x2badb002)
@@ -355,6 +404,10 @@ io_done:	.skip 8		# +0x20 port writes done (io mode, set at the end)
 cmdline:	.skip 8		# +0x28 command line address, 0 if none
 		.skip 0x10
 counter:	.skip 8		# +0x40 the spinning counter
+go:		.skip 8		# +0x48 guard mode: the host sets it once it protects page 0
+guard_seen:	.skip 8		# +0x50 guard mode: what page 0 held after the stores
+guard_done:	.skip 8		# +0x58 guard mode: 1 when done
+touch:		.skip 8		# +0x60 M of touch=M
 	.balign 4096
 
 	.section .bss, "aw", @nobits

@@ -1,0 +1,142 @@
+package guestmem
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/tracer"
+)
+
+// TestGuard runs the tiny guest in guard mode under KVM: the host
+// write-protects pattern page 0 (tracer.Protect), the guest stores into
+// it three times and once into page 1, and reads page 0 back. The stores
+// into page 0 never land and the guest runs on; page 1 changes; each
+// blocked store is reported with its address, bytes and vCPU, and
+// FindStore names the guest's store instruction and virtual address.
+// A host write into the guarded page still works (WriteGuarded). With
+// guest RAM from anonymous memory and from a memfd.
+func TestGuard(t *testing.T) {
+	for _, memfd := range []bool{false, true} {
+		name := "anon"
+		if memfd {
+			name = "memfd"
+		}
+		t.Run(name, func(t *testing.T) { testGuard(t, memfd) })
+	}
+}
+
+func testGuard(t *testing.T, memfd bool) {
+	const stores = 3
+	blocked := make(chan tracer.BlockedWrite, 16)
+	g := startLiveGuest(t, guestOptions{memfd: memfd, cmdline: "guard=3 touch=5", opts: tracer.Options{
+		Blocked: func(w tracer.BlockedWrite) { blocked <- w },
+	}})
+	l := g.live
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	page0 := testguest.PatternFor(0)
+	st, err := g.tr.Protect(ctx, []tracer.GuardRange{{GPA: testguest.PatternGPA, Size: 4096}})
+	if err != nil {
+		t.Fatalf("Protect: %v (status %+v)", err, st)
+	}
+	if len(st.Protected) != 1 || st.Protected[0] != (tracer.GuardRange{GPA: testguest.PatternGPA, Size: 4096}) {
+		t.Fatalf("protected %+v, want page %#x", st, testguest.PatternGPA)
+	}
+	// A host write into the guarded page goes through (and is put back).
+	probe := []byte("host-write")
+	if _, err := l.WriteAt(probe, testguest.PatternGPA+0x800); err != nil {
+		t.Fatalf("host write into the guarded page: %v", err)
+	}
+	got := make([]byte, len(probe))
+	l.ReadAt(got, testguest.PatternGPA+0x800)
+	if !bytes.Equal(got, probe) {
+		t.Fatalf("host write into the guarded page: read back %q", got)
+	}
+	if _, err := l.WriteAt(page0[0x800:0x800+len(probe)], testguest.PatternGPA+0x800); err != nil {
+		t.Fatal(err)
+	}
+
+	writeU64(t, l, testguest.GoGPA, 1)
+	deadline := time.Now().Add(20 * time.Second)
+	for readU64(t, l, testguest.GuardDoneGPA) != 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the guest did not finish its stores: a blocked store stopped it")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	page := make([]byte, 4096)
+	if _, err := l.ReadAt(page, testguest.PatternGPA); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(page, page0) {
+		t.Errorf("the guarded page changed: %q", page[0x100:0x108])
+	}
+	if v := readU64(t, l, testguest.GuardSeenGPA); v == testguest.GuardValue {
+		t.Errorf("the guest read its own blocked store back")
+	}
+	if v := readU64(t, l, testguest.GuardNeighbourGPA); v != testguest.GuardValue {
+		t.Errorf("neighbouring page holds %#x, want the guest's store %#x", v, uint64(testguest.GuardValue))
+	}
+	c0 := readU64(t, l, testguest.CounterGPA)
+	for readU64(t, l, testguest.CounterGPA) == c0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the guest does not run on after the blocked stores")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	storeRIP, err := testguest.Symbol(mustKernel(t), "guard_store")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := binary.LittleEndian.AppendUint64(nil, testguest.GuardValue)
+	for i := 0; i < stores; i++ {
+		var w tracer.BlockedWrite
+		select {
+		case w = <-blocked:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d blocked writes reported, want %d", i, stores)
+		}
+		if w.GPA != testguest.GuardTargetGPA || !bytes.Equal(w.Data, want) || w.VCPU != 0 || w.Regs == nil || w.Landed {
+			t.Fatalf("blocked write %d: %+v, want gpa %#x data %x vcpu 0", i, w, testguest.GuardTargetGPA, want)
+		}
+		s, err := FindStore(l, *w.Regs, w.GPA, w.Data)
+		if err != nil {
+			t.Fatalf("FindStore: %v", err)
+		}
+		if s.RIP != storeRIP || s.GVA != testguest.GuardTargetVA {
+			t.Errorf("store at rip %#x gva %#x (%s), want rip %#x gva %#x", s.RIP, s.GVA, s.Insn, storeRIP, uint64(testguest.GuardTargetVA))
+		}
+	}
+	select {
+	case w := <-blocked:
+		t.Errorf("an extra blocked write: %+v", w)
+	default:
+	}
+	if n := g.tr.GuardStatus().Blocked; n != stores {
+		t.Errorf("status counts %d blocked writes, want %d", n, stores)
+	}
+	// Unprotecting puts QEMU's memslot back whole.
+	if st, err := g.tr.Protect(ctx, nil); err != nil || len(st.Protected) != 0 {
+		t.Fatalf("unprotect: %+v, %v", st, err)
+	}
+}
+
+func mustKernel(t *testing.T) string {
+	k, err := testguest.Build()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func writeU64(t *testing.T, l *Live, gpa uint64, v uint64) {
+	t.Helper()
+	if _, err := l.WriteAt(binary.LittleEndian.AppendUint64(nil, v), int64(gpa)); err != nil {
+		t.Fatal(err)
+	}
+}
