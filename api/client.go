@@ -145,6 +145,16 @@ func (c *Client) Post(ctx context.Context, path string, v any) error {
 	return c.send(ctx, http.MethodPost, path, nil, v)
 }
 
+// PostJSON sends in as JSON to path (POST /v1/integrity/guard) and decodes
+// the JSON reply into out.
+func (c *Client) PostJSON(ctx context.Context, path string, in, out any) error {
+	body, err := json.Marshal(in)
+	if err != nil {
+		return err
+	}
+	return c.send(ctx, http.MethodPost, path, body, out)
+}
+
 func (c *Client) send(ctx context.Context, method, path string, body []byte, v any) error {
 	req, err := http.NewRequestWithContext(ctx, method, "http://kvmscope"+path, bytes.NewReader(body))
 	if err != nil {

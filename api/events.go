@@ -33,8 +33,14 @@ const maxEventsWait = 50 * time.Second
 // events after seq N; with wait, when there is none yet, it waits up to
 // that long for one (long polling).
 func (s *Server) getEvents(w http.ResponseWriter, r *http.Request) {
-	if s.Events == nil {
-		httpError(w, http.StatusNotFound, "this VM keeps no event log")
+	serveLog(w, r, s.Events, "event log")
+}
+
+// serveLog serves entries of log after ?since=N, as GET /v1/events does
+// (the blocked-write log has the same form).
+func serveLog(w http.ResponseWriter, r *http.Request, log *eventlog.Log, what string) {
+	if log == nil {
+		httpError(w, http.StatusNotFound, "this VM keeps no "+what)
 		return
 	}
 	q := r.URL.Query()
@@ -64,15 +70,15 @@ func (s *Server) getEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	if wait > 0 {
 		ctx, cancel := context.WithTimeout(r.Context(), wait)
-		err := s.Events.Wait(ctx, since)
+		err := log.Wait(ctx, since)
 		cancel()
 		if err != nil && r.Context().Err() != nil {
 			return // the client went away
 		}
 	}
-	evs, oldest, err := s.Events.Since(since, limit)
+	evs, oldest, err := log.Since(since, limit)
 	if err != nil {
-		httpError(w, http.StatusInternalServerError, fmt.Sprintf("read the event log: %v", err))
+		httpError(w, http.StatusInternalServerError, fmt.Sprintf("read the %s: %v", what, err))
 		return
 	}
 	out := Events{Events: evs, Next: since, Oldest: oldest, Lost: oldest > since+1 && since > 0}

@@ -106,10 +106,13 @@ func (s *Server) withSession(body scanFunc) http.HandlerFunc {
 		defer cancel()
 		if err := body(ctx, s.Session, w, r); err != nil {
 			var bad badRequest
+			var forbid forbidden
 			status := http.StatusUnprocessableEntity
 			switch {
 			case errors.As(err, &bad):
 				status = http.StatusBadRequest
+			case errors.As(err, &forbid):
+				status = http.StatusForbidden
 			case errors.Is(err, context.DeadlineExceeded):
 				status = http.StatusGatewayTimeout
 			case errors.Is(err, session.ErrNotWritable):

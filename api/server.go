@@ -47,6 +47,12 @@ type Server struct {
 	Session *session.Session
 	// Events is the VM's event log (GET /v1/events), or nil.
 	Events *eventlog.Log
+	// Blocked is the VM's blocked-write log (GET /v1/integrity/blocked),
+	// or nil.
+	Blocked *eventlog.Log
+	// GuardAllowed lets clients change what the guard protects (POST
+	// /v1/integrity/guard): kvmscope run --guard or --allow-write.
+	GuardAllowed bool
 	// BaselinePath is where GET /v1/integrity keeps its baseline ("":
 	// none, judged by the kernel's own rules only).
 	BaselinePath string
@@ -103,6 +109,7 @@ func (s *Server) Listen(path string) error {
 	if s.Events != nil {
 		s.metrics.Registry.MustRegister(eventsCollector{s.Events})
 	}
+	s.metrics.Registry.MustRegister(guardCollector{s.Session})
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", s.metrics.handler())
 	mux.HandleFunc("GET /v1/vm", s.getVM)
@@ -110,6 +117,7 @@ func (s *Server) Listen(path string) error {
 	mux.HandleFunc("GET /v1/memory", s.getMemory)
 	mux.HandleFunc("GET /v1/events", s.getEvents)
 	s.introspectRoutes(mux)
+	s.guardRoutes(mux)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))

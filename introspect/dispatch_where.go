@@ -306,3 +306,28 @@ func (r *resolver) module(va uint64) (Module, bool) {
 	}
 	return Module{}, false
 }
+
+// DescribeAddr names kernel virtual address va as integrity reports do:
+// its symbol ("name+0xoff" in core kernel text, "name [module]" in a
+// module, "" in no kernel text) and where it is, in words.
+func (k *Kernel) DescribeAddr(va uint64) (symbol, where string) {
+	r := newResolver(k, nil)
+	return r.symbol(va), r.where(va)
+}
+
+// Locate names the dispatch location that holds va: "sys_call_table[62]"
+// for a table entry, "x64_sys_call+0x1a3" inside a dispatch function, ""
+// elsewhere.
+func (d *Dispatch) Locate(va uint64) string {
+	for _, t := range d.Tables {
+		if va >= t.Addr && va-t.Addr < 8*uint64(len(t.Entries)) {
+			return fmt.Sprintf("%s[%d]", t.Name, (va-t.Addr)/8)
+		}
+	}
+	for _, f := range d.Functions {
+		if va >= f.Addr && va-f.Addr < f.Size {
+			return fmt.Sprintf("%s+%#x", f.Name, va-f.Addr)
+		}
+	}
+	return ""
+}

@@ -23,6 +23,7 @@ type Session struct {
 	d  discovery
 
 	latest atomic.Pointer[Scan]
+	guard  guardState // the dispatch guard (guard.go)
 }
 
 // Scan is the result of one process scan.

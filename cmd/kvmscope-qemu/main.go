@@ -69,6 +69,7 @@ func run(args []string) int {
 		Path:       qemu,
 		SocketDir:  cfg.SocketDir,
 		AllowWrite: cfg.AllowWrite,
+		Guard:      cfg.Guard,
 		Groups:     groups,
 		EventLog:   *cfg.EventLog,
 		FailMode:   cfg.FailMode,

@@ -26,45 +26,50 @@ func eventsCommand() *cli.Command {
 			&cli.Uint64Flag{Name: "since", Usage: "only events after this sequence number"},
 			&cli.BoolFlag{Name: "follow", Aliases: []string{"f"}, Usage: "keep printing new events until interrupted"},
 		},
-		Action: func(c *cli.Context) error {
-			cl, err := client(c)
-			if err != nil {
-				return err
+		Action: func(c *cli.Context) error { return followLog(c, "/v1/events", "events", eventLine) },
+	}
+}
+
+// followLog prints the entries of a VM's log served at path (the event
+// log, the blocked-write log) after --since, one per line (raw with
+// --json), and with --follow keeps waiting for new ones.
+func followLog(c *cli.Context, path, what string, line func(json.RawMessage) string) error {
+	cl, err := client(c)
+	if err != nil {
+		return err
+	}
+	cx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	since := c.Uint64("since")
+	for {
+		wait := ""
+		if c.Bool("follow") {
+			wait = "&wait=30"
+		}
+		var evs api.Events
+		rcx, cancel := context.WithTimeout(cx, 55*time.Second)
+		err := cl.Get(rcx, fmt.Sprintf("%s?since=%d%s", path, since, wait), &evs)
+		cancel()
+		if cx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			return cli.Exit(err.Error(), 1)
+		}
+		if evs.Lost {
+			fmt.Fprintf(os.Stderr, "kvmscope: %s %d to %d were rotated out of the log before they were read\n", what, since+1, evs.Oldest-1)
+		}
+		for _, e := range evs.Events {
+			if c.Bool("json") {
+				fmt.Printf("%s\n", e)
+			} else {
+				fmt.Println(line(e))
 			}
-			cx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			since := c.Uint64("since")
-			for {
-				wait := ""
-				if c.Bool("follow") {
-					wait = "&wait=30"
-				}
-				var evs api.Events
-				rcx, cancel := context.WithTimeout(cx, 55*time.Second)
-				err := cl.Get(rcx, fmt.Sprintf("/v1/events?since=%d%s", since, wait), &evs)
-				cancel()
-				if cx.Err() != nil {
-					return nil
-				}
-				if err != nil {
-					return cli.Exit(err.Error(), 1)
-				}
-				if evs.Lost {
-					fmt.Fprintf(os.Stderr, "kvmscope: events %d to %d were rotated out of the log before they were read\n", since+1, evs.Oldest-1)
-				}
-				for _, e := range evs.Events {
-					if c.Bool("json") {
-						fmt.Printf("%s\n", e)
-					} else {
-						fmt.Println(eventLine(e))
-					}
-				}
-				since = evs.Next
-				if !c.Bool("follow") {
-					return nil
-				}
-			}
-		},
+		}
+		since = evs.Next
+		if !c.Bool("follow") {
+			return nil
+		}
 	}
 }
 

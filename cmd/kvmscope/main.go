@@ -59,6 +59,8 @@ func newApp() *cli.App {
 			runCommand(),
 			policyCommand(),
 			eventsCommand(),
+			guardCommand(),
+			blockedCommand(),
 			vmCommand(),
 			vcpusCommand(),
 			memCommand(),

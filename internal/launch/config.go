@@ -58,6 +58,9 @@ type Config struct {
 	FailMode FailMode `yaml:"fail_mode"`
 	// AllowWrite lets API clients write guest memory.
 	AllowWrite bool `yaml:"allow_write"`
+	// Guard protects the guest's system-call dispatch from guest writes
+	// once it has booted (docs/dispatch-guard.md).
+	Guard bool `yaml:"guard"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `yaml:"log_level"`
 	// EventLog writes every log record to SOCKET_DIR/NAME.log (default

@@ -38,6 +38,10 @@ type Options struct {
 	NoAPI bool
 	// AllowWrite lets API clients write guest memory.
 	AllowWrite bool
+	// Guard protects the guest kernel's system-call dispatch from guest
+	// writes once the guest has booted (KVM only), and lets API clients
+	// change what the guard protects (docs/dispatch-guard.md).
+	Guard bool
 	// Groups may use the API besides root and our own uid.
 	Groups []int
 	// EventLog also writes every log record, as JSON lines, to
@@ -179,12 +183,13 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		name = "qemu-" + strconv.Itoa(ts.pid)
 		log = log.With().Str("vm", name).Logger()
 	}
-	topts, events, closeEvents, err := tracerOptions(o, dir, name)
+	topts, logs, err := tracerOptions(o, dir, name)
 	if err != nil {
 		reply(ts.fd, "error: "+err.Error())
 		return 1, nil
 	}
-	defer closeEvents()
+	defer logs.Close()
+	events := logs.events
 	prog, err := tracer.Filter(topts.Policy)
 	if err != nil {
 		reply(ts.fd, "error: "+err.Error())
@@ -211,7 +216,16 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			}
 		}
 		sess := session.New(target, nil)
-		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, BaselinePath: BaselinePath(sock)}
+		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, Blocked: logs.blocked, BaselinePath: BaselinePath(sock),
+			GuardAllowed: o.Guard || o.AllowWrite}
+		if logs.queue != nil {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			go logs.queue.record(ctx, sess, logs.blocked, events, log)
+			if o.Guard {
+				go armGuard(ctx, t.Done(), sess, BaselinePath(sock), events, log)
+			}
+		}
 		if o.ScanInterval > 0 {
 			ctx, cancel := context.WithCancel(context.Background())
 			go func() { <-t.Done(); cancel() }()

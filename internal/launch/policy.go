@@ -23,10 +23,27 @@ func BaselinePath(socket string) string {
 	return strings.TrimSuffix(socket, ".sock") + ".dispatch-baseline.json"
 }
 
-// tracerOptions sets up what the tracer enforces and the VM's event log
-// (NAME.events.jsonl next to the socket: the policy's decisions, and the
-// tracer's other events), which the API serves too (nil with no API).
-func tracerOptions(o Options, dir, name string) (tracer.Options, *eventlog.Log, func(), error) {
+// vmLogs are a VM's logs next to its socket: the event log
+// (NAME.events.jsonl: the policy's decisions and the tracer's other
+// events) and the blocked-write log (NAME.blocked.jsonl), which the API
+// serves; nil without an API.
+type vmLogs struct {
+	events, blocked *eventlog.Log
+	queue           *blockedQueue
+}
+
+func (l *vmLogs) Close() {
+	if l.events != nil {
+		l.events.Close()
+	}
+	if l.blocked != nil {
+		l.blocked.Close()
+	}
+}
+
+// tracerOptions sets up what the tracer enforces and reports, and the
+// VM's logs.
+func tracerOptions(o Options, dir, name string) (tracer.Options, *vmLogs, error) {
 	topts := tracer.Options{Policy: o.Policy}
 	if o.LearnTo != "" {
 		// Learn in log mode: every request stops, none is refused.
@@ -38,22 +55,31 @@ func tracerOptions(o Options, dir, name string) (tracer.Options, *eventlog.Log, 
 			}
 		}
 	}
+	logs := &vmLogs{}
 	if o.NoAPI && topts.Policy == nil {
-		return topts, nil, func() {}, nil
+		return topts, logs, nil
 	}
 	sock := o.Socket
 	if sock == "" {
 		if err := prepareDir(dir, o.Groups); err != nil {
-			return topts, nil, nil, fmt.Errorf("event log: %w", err)
+			return topts, nil, fmt.Errorf("event log: %w", err)
 		}
 		sock = SocketPath(dir, name)
 	}
-	ev, err := eventlog.Open(EventsPath(sock), 0o640)
-	if err != nil {
-		return topts, nil, nil, fmt.Errorf("event log: %w", err)
+	var err error
+	if logs.events, err = eventlog.Open(EventsPath(sock), 0o640); err != nil {
+		return topts, nil, fmt.Errorf("event log: %w", err)
 	}
-	topts.Events = ev
-	return topts, ev, func() { ev.Close() }, nil
+	topts.Events = logs.events
+	if !o.NoAPI {
+		if logs.blocked, err = eventlog.Open(BlockedPath(sock), 0o640); err != nil {
+			logs.Close()
+			return topts, nil, fmt.Errorf("blocked-write log: %w", err)
+		}
+		logs.queue = newBlockedQueue()
+		topts.Blocked = logs.queue.push
+	}
+	return topts, logs, nil
 }
 
 // writeLearned writes the learned policy to path through a temporary file
