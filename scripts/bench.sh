@@ -25,7 +25,7 @@ load0=$(cut -d' ' -f1-3 /proc/loadavg)
 # sides of every ratio inside the same L1: its rows say "nested KVM".
 rec=$PWD/.cache/bench-record.jsonl
 rm -f "$rec"
-KVMSCOPE_RECORD=$rec go test -run '^$' -bench '^Benchmark(GuestSlowdown|APIRegisters|GuestRead|VCPURegisters|PSKVM)$' \
+KVMSCOPE_RECORD=$rec go test -run '^$' -bench '^Benchmark(GuestSlowdown|APIRegisters|GuestRead|VCPURegisters|PSKVM|Guard)$' \
   -benchtime 1x -count 1 -timeout 20m ./cmd/kvmscope ./guestmem 2>&1 |
   grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
   tee "$log" >&2 || status=1
@@ -92,6 +92,9 @@ END {
   row("32 MiB read (in-process): process_vm_readv / memcpy", "GuestRead/procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", ">=", "0.5")
   row("32 MiB read (in-process): memfd mapping / memcpy", "GuestRead/memfd", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", ">=", "0.5")
   row("32 MiB read (in-process): memfd RAM, procvm", "GuestRead/memfd_procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", "", "")
+  row("guard: one blocked guest store (API socket, us)", "Guard", "blocked-ms", "empty-ms", "%.1f", "ms", "blocked-write-us", "%.1f", "<=", "100")
+  row("guard: stores elsewhere in the slot, guarded / not", "Guard", "touch-guarded-ms", "touch-plain-ms", "%.1f", "ms", "slowdown-ratio", "%.3f", "<=", "1.005")
+  if ("Guard" in seen) printf "(guard: tiny guest, %d blocked stores per run, %d stores to another page of the slot; kvmscope run --guard, timed from the API write that starts the guest to the API read that sees it done)\n", m["Guard", "stores"], m["Guard", "touches"]
   if ("GuestSlowdown" in seen) printf "\n(guest: tiny guest, %d port-I/O exits per run; ratios are medians of per-round ratios)\n", m["GuestSlowdown", "io-exits"]
   exit failed
 }' "$log" || status=1
@@ -182,6 +185,7 @@ function ps(label, n, target) {
   count("  read calls per scan", n, "reads")
   count("  processes listed", n, "procs")
   row("  kvmscope ps --json (CLI, end to end)", n, "cli-ms", 60, 1)
+  row("  kvmscope integrity --json (CLI, one full check)", n, "integrity-ms", 0, 0)
 }
 END {
   printf "%-48s %12s %10s %9s  %s\n", "scan benchmark (issue 8)", "measured", "target", "tgt/meas", "result"

@@ -57,6 +57,7 @@ func (t *Tracer) guardFault(tid int) bool {
 		w.Data = binary.LittleEndian.AppendUint64(nil, st.Value)[:st.Size]
 	}
 	skipStore(&regs, inst, st)
+	t.skipFollowingStores(pid, &regs)
 	if err := unix.PtraceSetRegs(tid, &regs); err != nil {
 		return false
 	}
@@ -136,6 +137,32 @@ func hostInsn(pid int, regs *unix.PtraceRegs) (x86asm.Inst, *x86regs.File, error
 	f := &x86regs.File{regs.Rax, regs.Rcx, regs.Rdx, regs.Rbx, regs.Rsp, regs.Rbp, regs.Rsi, regs.Rdi,
 		regs.R8, regs.R9, regs.R10, regs.R11, regs.R12, regs.R13, regs.R14, regs.R15, regs.Rip}
 	return inst, f, nil
+}
+
+// skipFollowingStores skips, after a skipped store, the plain stores that
+// follow it into guarded pages too: QEMU's memmove of an MMIO write of 8
+// bytes is two overlapping 8-byte stores, and each would fault again (a
+// ptrace stop each). It stops at the first instruction that is not such
+// a store, and after a few.
+func (t *Tracer) skipFollowingStores(pid int, regs *unix.PtraceRegs) {
+	for i := 0; i < 4; i++ {
+		inst, f, err := hostInsn(pid, regs)
+		if err != nil {
+			return
+		}
+		st, ok := f.StoreOf(inst)
+		if !ok || st.String {
+			return
+		}
+		a, ok := f.Addr(inst, st.Mem)
+		if !ok {
+			return
+		}
+		if _, ok := t.guard.guardedHVA(a); !ok {
+			return
+		}
+		regs.Rip += uint64(inst.Len)
+	}
 }
 
 // skipStore moves regs past store inst as if it had completed without

@@ -168,7 +168,9 @@ func checkScan(b *testing.B, what string, ps []introspect.Process, guest []testl
 //     Kvmscope-Scan-Duration-Ns header), read-kb and reads what the scan
 //     read of guest memory (its other headers);
 //   - cli-ms: `kvmscope ps --json --api SOCK` end to end, a process of its
-//     own as a user runs it, output to a pipe.
+//     own as a user runs it, output to a pipe;
+//   - integrity-ms: one full `kvmscope integrity --json --api SOCK`, end
+//     to end (no target: the issue asks for the number).
 //
 // Each size runs on QEMU's default anonymous RAM (one process_vm_readv
 // per read call) and, as "-memfd", on memfd-backed RAM that kvmscope maps
@@ -257,6 +259,18 @@ func benchPS(b *testing.B, c psCase) {
 			b.Fatalf("kvmscope ps --json lists no sleep process")
 		}
 	}
+	// One full integrity check of the dispatch (tables, dispatch code,
+	// IDT, vCPU registers; the guest paused for the read), CLI end to end.
+	var checks []time.Duration
+	for range 5 {
+		t0 := time.Now()
+		out, errOut, code := kvmscopeB(b, "integrity", "--json", "--api", sg.sock)
+		checks = append(checks, time.Since(t0))
+		if code != 0 || strings.TrimSpace(out) != "[]" {
+			b.Fatalf("kvmscope integrity: code %d: %s%s", code, out, errOut)
+		}
+	}
+	b.ReportMetric(ms(medianDuration(checks)), "integrity-ms")
 	med, cli := medianDuration(calls), medianDuration(clis)
 	perScan := bytes / float64(len(calls))
 	b.ReportMetric(float64(n), "procs")

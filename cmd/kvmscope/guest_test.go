@@ -51,18 +51,20 @@ func TestGuestLinux(t *testing.T) {
 			sock := filepath.Join(t.TempDir(), "api.sock")
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 			defer cancel()
-			opts := testlinux.Options{
-				Kernel:  tc.kernel,
-				Accel:   tc.accel,
-				Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
-			}
+			run := []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock}
 			if tc.policy {
-				opts.Wrapper = []string{kvmscopeBin, "--log-level", "warn", "run", "--policy", "default", "--api", sock, "--"}
+				run = append(run, "--policy", "default")
 			}
+			if tc.accel == "kvm" {
+				// The guard protects the dispatch once the guest is up.
+				run = append(run, "--guard")
+			}
+			opts := testlinux.Options{Kernel: tc.kernel, Accel: tc.accel}
 			if tc.memfd {
-				opts.Wrapper = []string{kvmscopeBin, "--log-level", "warn", "run", "--allow-write", "--api", sock, "--"}
+				run = append(run, "--allow-write")
 				opts.ExtraArgs = []string{"-object", "memory-backend-memfd,id=ram,size=512M", "-machine", "memory-backend=ram"}
 			}
+			opts.Wrapper = append(run, "--")
 			g, err := testlinux.Boot(ctx, opts)
 			if err != nil {
 				t.Fatalf("boot under kvmscope run: %v", err)
@@ -114,6 +116,13 @@ func TestGuestLinux(t *testing.T) {
 			} else if tc.accel == "kvm" && strings.Contains(errOut, "LSTAR not") {
 				t.Errorf("integrity under KVM did not check LSTAR: %s", errOut)
 			}
+			if tc.accel == "kvm" {
+				checkGuardArmed(t, sock)
+				// The guard's carve is invisible to the guest and to us.
+				if out, errOut, code := kvmscope(t, "integrity", "--api", sock, "--json"); code != 0 || strings.TrimSpace(out) != "[]" {
+					t.Errorf("integrity with the guard on: code %d, %s%s", code, out, errOut)
+				}
+			}
 			if !tc.memfd {
 				// Without --allow-write nothing may be written back.
 				if _, errOut, code := kvmscope(t, "integrity", "--api", sock, "--restore"); code == 0 || !strings.Contains(errOut, "--allow-write") {
@@ -140,6 +149,39 @@ func TestGuestLinux(t *testing.T) {
 			}
 		})
 	}
+}
+
+// checkGuardArmed waits until run --guard has protected the guest's
+// dispatch: the tables and, on a kernel that dispatches through it,
+// x64_sys_call, with no page left unprotected.
+func checkGuardArmed(t *testing.T, sock string) {
+	t.Helper()
+	var g session.Guard
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		out, errOut, code := kvmscope(t, "guard", "--api", sock, "--json")
+		if code != 0 {
+			t.Fatalf("guard: %s", errOut)
+		}
+		if err := json.Unmarshal([]byte(out), &g); err != nil {
+			t.Fatal(err)
+		}
+		if len(g.Protected) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("--guard did not protect the dispatch within 90 s: %s", out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	what := map[string]bool{}
+	for _, tg := range g.Targets {
+		what[tg.What] = true
+	}
+	if !what["sys_call_table"] || !what["x64_sys_call"] || len(g.Unprotected) != 0 {
+		t.Errorf("guard: targets %v, unprotected %v; want sys_call_table, x64_sys_call and nothing unprotected", g.Targets, g.Unprotected)
+	}
+	t.Logf("guard: %d ranges protected, targets %v", len(g.Protected), g.Targets)
 }
 
 func psJSON(t *testing.T, args ...string) []api.Process {
