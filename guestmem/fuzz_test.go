@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"github.com/kvmscope/kvmscope/tracer"
 )
 
 // cyclicMemory is guest physical memory below 4 GiB whose bytes repeat a
@@ -138,6 +140,39 @@ func FuzzOpenCore(f *testing.F) {
 			if _, err := c.ReadAt(b[:1], int64(r.End())); i == len(c.Regions())-1 && !errors.As(err, &hole) {
 				t.Fatalf("read after the last region: %v", err)
 			}
+		}
+	})
+}
+
+// FuzzFindStore looks for the store behind a blocked write in memory and
+// registers of arbitrary bytes: it must terminate, never panic, and what
+// it returns must be an instruction that ends at RIP (or a REP string
+// store at RIP) whose address maps to the page.
+func FuzzFindStore(f *testing.F) {
+	// Page tables at 0x1000 mapping everything 1:1 in 1 GiB pages, code
+	// "mov [0x2100], rax" ending at 0x3008.
+	pt := make([]byte, 0x4000)
+	copy(pt[0x1000:], entries(0x2003))
+	for i := 0; i < 4; i++ {
+		copy(pt[0x2000+8*i:], entries(uint64(i)<<30|0x83))
+	}
+	copy(pt[0x3000:], []byte{0x48, 0x89, 0x04, 0x25, 0x00, 0x21, 0x00, 0x00})
+	f.Add(pt, uint64(0x1000), uint64(0x3008), uint64(0x2100), uint64(0x4142434445464748), []byte("HGFEDCBA"))
+	f.Add([]byte{0xf3, 0xab}, uint64(0), uint64(0x10), uint64(0), uint64(0), []byte{})
+	f.Fuzz(func(t *testing.T, data []byte, cr3, rip, gpa, rax uint64, stored []byte) {
+		if len(data) > 1<<16 || len(stored) > 8 {
+			return
+		}
+		var regs tracer.SyncRegs
+		regs.Regs.RIP, regs.Regs.RAX, regs.Regs.RCX = rip, rax, rax>>3
+		regs.Sregs.CR0, regs.Sregs.CR3, regs.Sregs.CR4 = CR0PE|CR0PG, cr3, CR4PAE
+		regs.Sregs.EFER, regs.Sregs.CS.L = EFERLMA, 1
+		st, err := FindStore(cyclicMemory(data), regs, gpa, stored)
+		if err != nil {
+			return
+		}
+		if st.RIP > rip || rip-st.RIP > maxInsnLen || st.Insn == "" {
+			t.Fatalf("store %+v does not end at rip %#x", st, rip)
 		}
 	})
 }

@@ -28,13 +28,13 @@ func TestLoadConfig(t *testing.T) {
 	if err != nil || c.SocketDir != api.SystemDir {
 		t.Fatalf("empty file: %+v, %v", c, err)
 	}
-	c, err = LoadConfig(writeFile(t, "# all of it\nqemu: /opt/qemu/bin/qemu-system-x86_64\nsocket_dir: /run/vmi\ngroup: vmi-readers\nfail_mode: open\nallow_write: true\nlog_level: debug\nevent_log: false\n"))
+	c, err = LoadConfig(writeFile(t, "# all of it\nqemu: /opt/qemu/bin/qemu-system-x86_64\nsocket_dir: /run/vmi\ngroup: vmi-readers\nfail_mode: open\nallow_write: true\nguard: true\nlog_level: debug\nevent_log: false\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := Config{QEMU: "/opt/qemu/bin/qemu-system-x86_64", SocketDir: "/run/vmi", Group: "vmi-readers", FailMode: FailOpen, AllowWrite: true, LogLevel: "debug"}
 	if c.QEMU != want.QEMU || c.SocketDir != want.SocketDir || c.Group != want.Group || c.FailMode != want.FailMode ||
-		!c.AllowWrite || c.LogLevel != want.LogLevel || *c.EventLog {
+		!c.AllowWrite || !c.Guard || c.LogLevel != want.LogLevel || *c.EventLog {
 		t.Errorf("got %+v", c)
 	}
 	for body, wantErr := range map[string]string{
