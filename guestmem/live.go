@@ -77,7 +77,8 @@ func (l *Live) WriteAt(p []byte, gpa int64) (int, error) {
 		return 0, ErrReadOnly
 	}
 	if gpa >= 0 && l.vm.Guarded(uint64(gpa), uint64(len(p))) {
-		// QEMU's mapping of a guarded page is read-only (tracer/guard.go).
+		// QEMU's mapping of a guarded page is read-only (tracer/guard.go):
+		// the tracer writes past it.
 		if err := l.vm.WriteGuarded(context.Background(), uint64(gpa), p); err != nil {
 			return 0, fmt.Errorf("guest physical %#x (guarded): %w", gpa, err)
 		}

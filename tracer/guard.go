@@ -567,19 +567,16 @@ func (t *Tracer) guardRearm(c *call) {
 }
 
 // writeGuarded writes b at guest-physical gpa, which touches guarded
-// pages, from the host: QEMU's mapping of the pages is made writable for
-// the write, with QEMU frozen (no guest store can land meanwhile), and
-// read-only again after.
+// pages, from the host. QEMU's mapping of the pages is read-only, so
+// process_vm_writev fails there; /proc/PID/mem writes with FOLL_FORCE,
+// which goes past a read-only private mapping (QEMU's anonymous RAM), and
+// a shared mapping (memfd RAM) is written through its file
+// (/proc/PID/map_files). Neither needs QEMU's cooperation, so this works
+// while QEMU is paused (integrity --restore pauses it).
 func (t *Tracer) writeGuarded(ctx context.Context, gpa uint64, b []byte) error {
 	v := t.vm
 	v.mu.Lock()
 	pid := v.pid
-	var tid int
-	for _, c := range v.vcpus {
-		if tid == 0 || c.TID < tid {
-			tid = c.TID
-		}
-	}
 	slots := v.slots.sorted()
 	v.mu.Unlock()
 	var hva uint64
@@ -589,23 +586,8 @@ func (t *Tracer) writeGuarded(ctx context.Context, gpa uint64, b []byte) error {
 			hva, found = m.HVA+(gpa-m.GPA), true
 		}
 	}
-	if !found || tid == 0 {
+	if !found {
 		return fmt.Errorf("guest physical %#x+%#x is not in one memslot", gpa, len(b))
 	}
-	lo, hi := hva&^0xfff, (hva+uint64(len(b))+0xfff)&^0xfff
-	return t.injectFunc(ctx, pid, tid, true, func(run runFunc) error {
-		if _, err := run(Syscall{NR: unix.SYS_MPROTECT, Args: [6]uint64{lo, hi - lo, protRW}}); err != nil {
-			return fmt.Errorf("mprotect QEMU's RAM writable: %w", err)
-		}
-		werr := writeTask(pid, hva, b)
-		// Pages of the range that are not guarded were writable anyway.
-		for p := lo; p < hi; p += 4096 {
-			if _, ok := t.guard.guardedHVA(p); ok {
-				if _, err := run(Syscall{NR: unix.SYS_MPROTECT, Args: [6]uint64{p, 4096, unix.PROT_READ}}); err != nil && werr == nil {
-					werr = fmt.Errorf("mprotect QEMU's RAM read-only again: %w", err)
-				}
-			}
-		}
-		return werr
-	})
+	return writeForced(pid, hva, b)
 }

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -62,4 +63,44 @@ func writeTask(pid int, addr uint64, b []byte) error {
 		return fmt.Errorf("process_vm_writev(%d, %#x): short write %d/%d", pid, addr, n, len(b))
 	}
 	return nil
+}
+
+// writeForced writes b at addr in pid's address space even where pid's
+// mapping is read-only: through /proc/PID/mem (FOLL_FORCE) for a private
+// mapping, through the mapped file (/proc/PID/map_files/LO-HI) for a
+// shared one, which FOLL_FORCE does not write.
+func writeForced(pid int, addr uint64, b []byte) error {
+	f, err := os.OpenFile(fmt.Sprintf("/proc/%d/mem", pid), os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(b, int64(addr))
+	f.Close()
+	if err == nil {
+		return nil
+	}
+	maps, merr := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if merr != nil {
+		return err
+	}
+	for _, l := range bytes.Split(maps, []byte("\n")) {
+		var lo, hi, off uint64
+		var perms string
+		if _, e := fmt.Sscanf(string(l), "%x-%x %s %x", &lo, &hi, &perms, &off); e != nil || addr < lo || addr+uint64(len(b)) > hi {
+			continue
+		}
+		if !strings.Contains(perms, "s") {
+			return err // private: /proc/PID/mem should have done it
+		}
+		mf, e := os.OpenFile(fmt.Sprintf("/proc/%d/map_files/%x-%x", pid, lo, hi), os.O_RDWR, 0)
+		if e != nil {
+			return fmt.Errorf("%w; through the mapped file: %v", err, e)
+		}
+		defer mf.Close()
+		if _, e := mf.WriteAt(b, int64(off+addr-lo)); e != nil {
+			return fmt.Errorf("%w; through the mapped file: %v", err, e)
+		}
+		return nil
+	}
+	return err
 }

@@ -46,8 +46,8 @@ type VM struct {
 // WriteGuarded, because QEMU's mapping of the page is read-only.
 func (v *VM) Guarded(gpa, size uint64) bool { return v.guarded != nil && v.guarded(gpa, size) }
 
-// WriteGuarded writes b at gpa where Guarded says the guard protects it:
-// with QEMU frozen, the page is writable for the host's write only.
+// WriteGuarded writes b at gpa where Guarded says the guard protects it,
+// past QEMU's read-only mapping of the page (Tracer.writeGuarded).
 func (v *VM) WriteGuarded(ctx context.Context, gpa uint64, b []byte) error {
 	if v.writeGuarded == nil {
 		return errors.New("no guard")
