@@ -122,6 +122,11 @@ func TestGuestLinux(t *testing.T) {
 				if out, errOut, code := kvmscope(t, "integrity", "--api", sock, "--json"); code != 0 || strings.TrimSpace(out) != "[]" {
 					t.Errorf("integrity with the guard on: code %d, %s%s", code, out, errOut)
 				}
+				if tc.memfd {
+					// Host writes into guarded pages (tamper, then
+					// --restore with QEMU paused) still work.
+					tamperAndRestore(t, sock, readBaseline(t, sock))
+				}
 			}
 			if !tc.memfd {
 				// Without --allow-write nothing may be written back.

@@ -37,21 +37,45 @@ func TestIntegrity(t *testing.T) {
 	}
 	defer g.Close()
 
-	check := func(what string, args ...string) []introspect.Deviation {
-		t.Helper()
-		out, errOut, code := kvmscope(t, append([]string{"integrity", "--json"}, args...)...)
-		if code != 0 {
-			t.Fatalf("%s: integrity: code %d: %s", what, code, errOut)
-		}
-		var devs []introspect.Deviation
-		if err := json.Unmarshal([]byte(out), &devs); err != nil {
-			t.Fatalf("%s: %v: %q", what, err, out)
-		}
-		return devs
-	}
+	check := func(what string, args ...string) []introspect.Deviation { return integrityJSON(t, what, args...) }
 	if devs := check("first scan", "--api", sock); len(devs) != 0 {
 		t.Fatalf("clean kernel: %+v", devs)
 	}
+	base := readBaseline(t, sock)
+	out, _, code := kvmscope(t, "integrity", "--api", sock)
+	if code != 0 || !strings.Contains(out, "no deviations (baseline: compared)") {
+		t.Errorf("second scan: %q", out)
+	}
+
+	tamperAndRestore(t, sock, base)
+
+	core := filepath.Join(t.TempDir(), "vm.core")
+	if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code != 0 {
+		t.Fatalf("dump: %s", errOut)
+	}
+	if devs := check("dump", "--core", core); len(devs) != 0 {
+		t.Errorf("dump of a clean kernel: %+v", devs)
+	}
+}
+
+// integrityJSON runs kvmscope integrity --json ARGS and returns the
+// deviations.
+func integrityJSON(t *testing.T, what string, args ...string) []introspect.Deviation {
+	t.Helper()
+	out, errOut, code := kvmscope(t, append([]string{"integrity", "--json"}, args...)...)
+	if code != 0 {
+		t.Fatalf("%s: integrity: code %d: %s", what, code, errOut)
+	}
+	var devs []introspect.Deviation
+	if err := json.Unmarshal([]byte(out), &devs); err != nil {
+		t.Fatalf("%s: %v: %q", what, err, out)
+	}
+	return devs
+}
+
+// readBaseline reads the dispatch baseline kept next to the socket.
+func readBaseline(t *testing.T, sock string) introspect.Dispatch {
+	t.Helper()
 	b, err := os.ReadFile(launch.BaselinePath(sock))
 	if err != nil {
 		t.Fatalf("no baseline next to the socket: %v", err)
@@ -60,19 +84,21 @@ func TestIntegrity(t *testing.T) {
 	if err := json.Unmarshal(b, &base); err != nil || len(base.Dispatch.Tables) == 0 || base.Dispatch.Tables[0].Name != "sys_call_table" {
 		t.Fatalf("baseline: %v %+v", err, base.Dispatch.Tables)
 	}
-	out, _, code := kvmscope(t, "integrity", "--api", sock)
-	if code != 0 || !strings.Contains(out, "no deviations (baseline: compared)") {
-		t.Errorf("second scan: %q", out)
-	}
+	return base.Dispatch
+}
 
-	// Tamper: point sys_call_table[62] one byte into __x64_sys_kill, from
-	// the host (PUT /v1/memory), then put it back.
+// tamperAndRestore points sys_call_table[62] one byte into
+// __x64_sys_kill from the host (PUT /v1/memory; the VM runs with
+// --allow-write), checks that integrity names it with its baseline, and
+// that --restore puts it back.
+func tamperAndRestore(t *testing.T, sock string, base introspect.Dispatch) {
+	t.Helper()
 	var k api.Kernel
-	out, _, _ = kvmscope(t, "kernel", "--api", sock, "--json")
+	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
 	if err := json.Unmarshal([]byte(out), &k); err != nil {
 		t.Fatal(err)
 	}
-	tbl := base.Dispatch.Tables[0]
+	tbl := base.Tables[0]
 	va := tbl.Addr + 62*8
 	pa := va - uint64(k.TextVA) + uint64(k.PhysBase)
 	orig := tbl.Entries[62]
@@ -84,7 +110,7 @@ func TestIntegrity(t *testing.T) {
 		}
 	}
 	put(orig + 1)
-	devs := check("tampered", "--api", sock)
+	devs := integrityJSON(t, "tampered", "--api", sock)
 	out, errOut, code := kvmscope(t, "integrity", "--api", sock, "--restore")
 	if code != 0 || !strings.Contains(out, "restored sys_call_table[62]") {
 		t.Errorf("--restore: code %d: %s%s", code, out, errOut)
@@ -101,15 +127,8 @@ func TestIntegrity(t *testing.T) {
 	if !found {
 		t.Errorf("the changed entry was not reported: %+v", devs)
 	}
-	if devs := check("restored", "--api", sock); len(devs) != 0 {
+	if devs := integrityJSON(t, "restored", "--api", sock); len(devs) != 0 {
 		t.Errorf("after the restore: %+v", devs)
 	}
 
-	core := filepath.Join(t.TempDir(), "vm.core")
-	if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code != 0 {
-		t.Fatalf("dump: %s", errOut)
-	}
-	if devs := check("dump", "--core", core); len(devs) != 0 {
-		t.Errorf("dump of a clean kernel: %+v", devs)
-	}
 }
