@@ -22,7 +22,7 @@ import (
 // Guarder is a Machine that can make guest pages read-only for the guest
 // (a KVM VM under the tracer).
 type Guarder interface {
-	Protect(ctx context.Context, ranges []tracer.GuardRange) (tracer.GuardStatus, error)
+	Protect(ctx context.Context, ranges []tracer.GuardRange, opts tracer.GuardOptions) (tracer.GuardStatus, error)
 	GuardStatus() tracer.GuardStatus
 }
 
@@ -35,6 +35,7 @@ type guardState struct {
 	dispatch *introspect.Dispatch // read when the dispatch was protected
 	kernel   *introspect.Kernel   // the kernel it belongs to
 	targets  []GuardTarget
+	notes    []string
 }
 
 // GuardTarget is one protected kernel object.
@@ -49,6 +50,7 @@ type GuardTarget struct {
 type Guard struct {
 	tracer.GuardStatus
 	Targets []GuardTarget `json:"targets,omitempty"`
+	Notes   []string      `json:"notes,omitempty"`
 }
 
 func (s *Session) guarder() (Guarder, error) {
@@ -71,9 +73,9 @@ func (s *Session) Guard(ctx context.Context, ranges []tracer.GuardRange) (*Guard
 	if err != nil {
 		return nil, err
 	}
-	st, err := g.Protect(ctx, ranges)
+	st, err := g.Protect(ctx, ranges, tracer.GuardOptions{})
 	s.guard.mu.Lock()
-	s.guard.dispatch, s.guard.kernel, s.guard.targets = nil, nil, nil
+	s.guard.dispatch, s.guard.kernel, s.guard.targets, s.guard.notes = nil, nil, nil, nil
 	s.guard.mu.Unlock()
 	return &Guard{GuardStatus: st}, err
 }
@@ -92,9 +94,16 @@ func (s *Session) GuardDispatch(ctx context.Context) (*Guard, error) {
 	var kern *introspect.Kernel
 	var ranges []tracer.GuardRange
 	var targets []GuardTarget
-	_, err = s.scan(ctx, "guard", true, func(k *introspect.Kernel, _ *introspect.Offsets) error {
+	var opts tracer.GuardOptions
+	var notes []string
+	_, err = s.scan(ctx, "guard", true, func(k *introspect.Kernel, off *introspect.Offsets) error {
 		var err error
 		kern = k
+		// The kernel's own text patching of the pages (a jump label of a
+		// neighbouring function) must land: text_poke BUG()s otherwise.
+		if opts.PatchCR3, err = k.PokingPGD(off); err != nil {
+			notes = append(notes, fmt.Sprintf("the kernel's own text patching of the guarded pages will be blocked too (poking_mm not found: %v)", err))
+		}
 		if d, err = k.ReadDispatch(0); err != nil {
 			return err
 		}
@@ -129,11 +138,11 @@ func (s *Session) GuardDispatch(ctx context.Context) (*Guard, error) {
 	if len(ranges) == 0 {
 		return nil, errors.New("the guest kernel has no system-call table or dispatch function to protect")
 	}
-	st, err := g.Protect(ctx, ranges)
+	st, err := g.Protect(ctx, ranges, opts)
 	s.guard.mu.Lock()
-	s.guard.dispatch, s.guard.kernel, s.guard.targets = d, kern, targets
+	s.guard.dispatch, s.guard.kernel, s.guard.targets, s.guard.notes = d, kern, targets, notes
 	s.guard.mu.Unlock()
-	return &Guard{GuardStatus: st, Targets: targets}, err
+	return &Guard{GuardStatus: st, Targets: targets, Notes: notes}, err
 }
 
 // GuardStatus reports what is protected.
@@ -144,7 +153,7 @@ func (s *Session) GuardStatus() (*Guard, error) {
 	}
 	s.guard.mu.Lock()
 	defer s.guard.mu.Unlock()
-	return &Guard{GuardStatus: g.GuardStatus(), Targets: s.guard.targets}, nil
+	return &Guard{GuardStatus: g.GuardStatus(), Targets: s.guard.targets, Notes: s.guard.notes}, nil
 }
 
 // BlockedWrite is one blocked store as the blocked-write log holds it
@@ -174,7 +183,8 @@ type BlockedWrite struct {
 	NextRIP   string `json:"next_rip,omitempty"`
 	TID       int    `json:"qemu_tid"`
 	HostRIP   string `json:"qemu_rip"`
-	// Landed is set when the store could not be skipped and went through.
+	// Landed is set when the store went through: the kernel's own text
+	// patching, or a QEMU store the guard could not skip (Reason says).
 	Landed bool   `json:"landed,omitempty"`
 	Reason string `json:"reason,omitempty"`
 	Note   string `json:"note,omitempty"`

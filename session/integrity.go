@@ -110,7 +110,7 @@ func merge(judged, compared []introspect.Deviation) []introspect.Deviation {
 	for _, d := range compared {
 		seen[d.What] = true
 	}
-	var out []introspect.Deviation
+	out := []introspect.Deviation{}
 	for _, d := range judged {
 		if !seen[d.What] {
 			out = append(out, d)

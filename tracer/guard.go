@@ -66,7 +66,24 @@ type GuardStatus struct {
 	Unprotected []UnprotectedRange `json:"unprotected,omitempty"`
 	// Blocked counts the guest stores skipped since the start.
 	Blocked uint64 `json:"blocked"`
+	// Allowed counts the stores into guarded pages let through: the
+	// kernel's own text patching (GuardOptions.PatchCR3), or a QEMU store
+	// the guard could not skip (BlockedWrite.Landed says why).
+	Allowed uint64 `json:"allowed"`
 }
+
+// GuardOptions say which guest stores into guarded pages are not
+// tampering.
+type GuardOptions struct {
+	// PatchCR3, when not 0, is the page-table root the guest kernel
+	// patches its own text with (poking_mm's, introspect.PokingPGD): a
+	// store made with it loaded is let through and logged as allowed.
+	PatchCR3 uint64
+}
+
+// cr3Root is the page-table root in a CR3 value: without the PCID, the
+// no-flush bit and PTI's user-half bit.
+func cr3Root(cr3 uint64) uint64 { return cr3 &^ (1<<63 | 1<<12 | 0xfff) }
 
 // UnprotectedRange is a range the guard could not protect.
 type UnprotectedRange struct {
@@ -127,6 +144,8 @@ type guard struct {
 	carves   map[uint32]*carve // by QEMU's slot id
 	skipped  []UnprotectedRange
 	blocked  uint64
+	allowed  uint64
+	opts     GuardOptions
 	maxSlots uint32
 	report   func(BlockedWrite)
 }
@@ -441,6 +460,20 @@ func (g *guard) guardedHVA(hva uint64) (uint64, bool) {
 	return 0, false
 }
 
+// hvaOf is QEMU's address of guarded guest-physical gpa.
+func (g *guard) hvaOf(gpa uint64) (uint64, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, c := range g.carves {
+		for _, p := range c.pieces {
+			if p.ReadOnly && gpa >= p.GPA && gpa-p.GPA < p.Size {
+				return p.HVA + (gpa - p.GPA), true
+			}
+		}
+	}
+	return 0, false
+}
+
 // guardedGPA reports whether gpa is in a guarded page.
 func (g *guard) guardedGPA(gpa uint64) bool { return g.overlaps(gpa, 1) }
 
@@ -461,7 +494,7 @@ func (g *guard) overlaps(gpa, size uint64) bool {
 func (g *guard) status() GuardStatus {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	st := GuardStatus{Ranges: slices.Clone(g.want), Unprotected: slices.Clone(g.skipped), Blocked: g.blocked}
+	st := GuardStatus{Ranges: slices.Clone(g.want), Unprotected: slices.Clone(g.skipped), Blocked: g.blocked, Allowed: g.allowed}
 	for _, c := range g.carves {
 		for _, p := range c.pieces {
 			if p.ReadOnly {
@@ -487,7 +520,7 @@ var ErrGuardTCG = errors.New("the guard needs KVM: under TCG kvmscope detects an
 // pages that are not guest RAM, or in a slot under dirty logging, are
 // listed as unprotected with the reason. The carving runs as QEMU on vCPU
 // 0's thread with every other QEMU thread stopped.
-func (t *Tracer) Protect(ctx context.Context, ranges []GuardRange) (GuardStatus, error) {
+func (t *Tracer) Protect(ctx context.Context, ranges []GuardRange, opts GuardOptions) (GuardStatus, error) {
 	want, err := pageRanges(ranges)
 	if err != nil {
 		return GuardStatus{}, err
@@ -510,7 +543,7 @@ func (t *Tracer) Protect(ctx context.Context, ranges []GuardRange) (GuardStatus,
 	err = t.injectFunc(ctx, pid, tid, true, func(run runFunc) error {
 		t.guard.mu.Lock()
 		defer t.guard.mu.Unlock()
-		t.guard.want = want
+		t.guard.want, t.guard.opts = want, opts
 		return t.guard.apply(slotIO{run: run, vmFD: vmFD}, v.Memslots())
 	})
 	return t.guard.status(), err

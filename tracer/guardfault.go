@@ -36,6 +36,17 @@ func (t *Tracer) guardFault(tid int) bool {
 	}
 	w := BlockedWrite{At: time.Now(), GPA: gpa, VCPU: -1, TID: tid, HostRIP: regs.Rip}
 	logged := t.vcpuStore(tid, &w)
+	if !logged && w.Regs != nil && t.kernelPatch(w.Regs) {
+		// The kernel's own text patching: the bytes land (written
+		// here, past QEMU's read-only mapping), and QEMU's store is
+		// skipped as for a blocked one.
+		w.Landed, w.Reason = true, "the kernel's own text patching (text_poke: CR3 is poking_mm's)"
+		if hva, ok := t.guard.hvaOf(w.GPA); !ok {
+			w.Landed, w.Reason = false, "blocked: no host address for the kernel's text patch"
+		} else if err := writeForced(pid, hva, w.Data); err != nil {
+			w.Landed, w.Reason = false, "blocked: the kernel's text patch could not be written: "+err.Error()
+		}
+	}
 
 	inst, f, err := hostInsn(pid, &regs)
 	var st x86regs.Store
@@ -72,7 +83,11 @@ func (t *Tracer) guardReport(w BlockedWrite, logged bool) {
 		return
 	}
 	t.guard.mu.Lock()
-	t.guard.blocked++
+	if w.Landed {
+		t.guard.allowed++
+	} else {
+		t.guard.blocked++
+	}
 	report := t.guard.report
 	t.guard.mu.Unlock()
 	if report != nil {
@@ -80,6 +95,15 @@ func (t *Tracer) guardReport(w BlockedWrite, logged bool) {
 	} else {
 		t.log.Warn().Uint64("gpa", w.GPA).Int("vcpu", w.VCPU).Hex("data", w.Data).Msg("guard: blocked a write")
 	}
+}
+
+// kernelPatch reports whether a vCPU with regs stores as the guest
+// kernel's text patching does: in ring 0 with poking_mm's CR3 loaded.
+func (t *Tracer) kernelPatch(regs *SyncRegs) bool {
+	t.guard.mu.Lock()
+	patch := t.guard.opts.PatchCR3
+	t.guard.mu.Unlock()
+	return patch != 0 && regs.Sregs.CS.Selector&3 == 0 && cr3Root(regs.Sregs.CR3) == cr3Root(patch)
 }
 
 // vcpuStore fills w from kvm_run when tid is a vCPU thread handling the

@@ -165,6 +165,9 @@ func TestPolicyLogsMemoryRegions(t *testing.T) {
 func checkNoUnseen(t *testing.T, sock string) {
 	t.Helper()
 	for _, e := range events(t, sock) {
+		if e["kind"] == "guard" {
+			continue // run --guard armed: not the policy's
+		}
 		t.Errorf("the default policy reported %v %v (%v): it should know every request QEMU makes here", e["verdict"], e["ioctl"], e["args"])
 	}
 }

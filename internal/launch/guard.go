@@ -55,14 +55,19 @@ func (q *blockedQueue) record(ctx context.Context, sess *session.Session, blocke
 			if events != nil {
 				events.Append("blocked_write", e)
 			}
-			log.Warn().Str("gpa", e.GPA).Str("target", e.Target).Str("rip", e.RIP).Str("rip_symbol", e.RIPSymbol).Str("bytes", e.Bytes).Msg("guard: blocked a guest write")
+			l := log.Warn()
+			msg := "guard: blocked a guest write"
+			if e.Landed {
+				l, msg = log.Info().Str("reason", e.Reason), "guard: let a write through"
+			}
+			l.Str("gpa", e.GPA).Str("target", e.Target).Str("rip", e.RIP).Str("rip_symbol", e.RIPSymbol).Str("bytes", e.Bytes).Msg(msg)
 		}
 	}
 }
 
 // Protect and GuardStatus make a launched VM a session.Guarder.
-func (r *runTarget) Protect(ctx context.Context, ranges []tracer.GuardRange) (tracer.GuardStatus, error) {
-	return r.t.Protect(ctx, ranges)
+func (r *runTarget) Protect(ctx context.Context, ranges []tracer.GuardRange, opts tracer.GuardOptions) (tracer.GuardStatus, error) {
+	return r.t.Protect(ctx, ranges, opts)
 }
 
 func (r *runTarget) GuardStatus() tracer.GuardStatus { return r.t.GuardStatus() }
