@@ -126,8 +126,8 @@ func TestGuardNeedsPermission(t *testing.T) {
 func TestGuardLinux(t *testing.T) {
 	p := testlinux.Require(t)
 	for _, tc := range []struct{ name, kernel string }{
-		{"debian-6.1", p.DebianKernel},
-		{"gokrazy-7.x", p.GokrazyKernel},
+		{"debian-6.1-kvm", p.DebianKernel},
+		{"gokrazy-7.x-kvm", p.GokrazyKernel},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			testenv.Require(t, testenv.FastKVM)
