@@ -54,8 +54,6 @@ type GuardRange struct {
 // End is the first address after r.
 func (r GuardRange) End() uint64 { return r.GPA + r.Size }
 
-func (r GuardRange) contains(a uint64) bool { return a >= r.GPA && a-r.GPA < r.Size }
-
 // GuardStatus is what the guard protects.
 type GuardStatus struct {
 	// Ranges are what was asked for, in whole pages.
@@ -445,33 +443,32 @@ func (g *guard) touches(m Memslot) bool {
 	return false
 }
 
-// guardedHVA returns the guest-physical address of QEMU's address hva if
-// it is in a guarded page.
-func (g *guard) guardedHVA(hva uint64) (uint64, bool) {
+// guardedPiece returns the first read-only (guarded) piece for which
+// match holds.
+func (g *guard) guardedPiece(match func(p Memslot) bool) (Memslot, bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	for _, c := range g.carves {
 		for _, p := range c.pieces {
-			if p.ReadOnly && hva >= p.HVA && hva-p.HVA < p.Size {
-				return p.GPA + (hva - p.HVA), true
+			if p.ReadOnly && match(p) {
+				return p, true
 			}
 		}
 	}
-	return 0, false
+	return Memslot{}, false
+}
+
+// guardedHVA returns the guest-physical address of QEMU's address hva if
+// it is in a guarded page.
+func (g *guard) guardedHVA(hva uint64) (uint64, bool) {
+	p, ok := g.guardedPiece(func(p Memslot) bool { return hva >= p.HVA && hva-p.HVA < p.Size })
+	return p.GPA + (hva - p.HVA), ok
 }
 
 // hvaOf is QEMU's address of guarded guest-physical gpa.
 func (g *guard) hvaOf(gpa uint64) (uint64, bool) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for _, c := range g.carves {
-		for _, p := range c.pieces {
-			if p.ReadOnly && gpa >= p.GPA && gpa-p.GPA < p.Size {
-				return p.HVA + (gpa - p.GPA), true
-			}
-		}
-	}
-	return 0, false
+	p, ok := g.guardedPiece(func(p Memslot) bool { return gpa >= p.GPA && gpa-p.GPA < p.Size })
+	return p.HVA + (gpa - p.GPA), ok
 }
 
 // guardedGPA reports whether gpa is in a guarded page.
@@ -479,16 +476,8 @@ func (g *guard) guardedGPA(gpa uint64) bool { return g.overlaps(gpa, 1) }
 
 // overlaps reports whether gpa..gpa+size touches a guarded page.
 func (g *guard) overlaps(gpa, size uint64) bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for _, c := range g.carves {
-		for _, p := range c.pieces {
-			if p.ReadOnly && gpa < p.GPA+p.Size && p.GPA < gpa+size {
-				return true
-			}
-		}
-	}
-	return false
+	_, ok := g.guardedPiece(func(p Memslot) bool { return gpa < p.GPA+p.Size && p.GPA < gpa+size })
+	return ok
 }
 
 func (g *guard) status() GuardStatus {
