@@ -54,6 +54,19 @@ func testDispatch(t *testing.T, kernel func(testlinux.Paths) string, withModules
 	t.Logf("ReadDispatch: %v; %d tables, %d functions, %d gates", time.Since(start), len(d.Tables), len(d.Functions), len(d.IDT))
 	r := newResolver(k, d)
 
+	// The text-patching mm the guard lets through: a page-table root that
+	// maps the kernel as the kernel's own does.
+	off, _ := FindOffsets(k)
+	if pgd, err := k.PokingPGD(off); err != nil {
+		t.Errorf("PokingPGD: %v", err)
+	} else {
+		want, err1 := k.VirtToPhys(k.TextVA)
+		got, err2 := guestmem.NewAddressSpace(k.Mem, pgd, k.Levels).Translate(k.TextVA)
+		if err1 != nil || err2 != nil || got != want {
+			t.Errorf("poking_mm's pgd %#x maps _text to %#x (%v), want %#x (%v)", pgd, got, err2, want, err1)
+		}
+	}
+
 	// What the clean kernel holds.
 	sct := findTable(d, "sys_call_table")
 	if sct == nil || len(sct.Entries) < 300 {

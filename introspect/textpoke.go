@@ -7,7 +7,7 @@ import (
 
 // The kernel patches its own text (jump labels, static calls, ftrace,
 // kprobes) through text_poke, which maps the target page writable at a
-// user-half address of a private mm, poking_mm (arch/x86/mm/init.c), and
+// user-half address of a private mm, poking_mm (text_poke_mm since 6.16), and
 // switches CR3 to it for the copy: no other kernel code writes with that
 // CR3 loaded. The dispatch guard lets such stores through (they are the
 // kernel's, and the integrity check still judges what they wrote).
@@ -15,9 +15,12 @@ import (
 // PokingPGD returns the guest-physical address of poking_mm's top page
 // table, the CR3 text_poke runs with (PCID and flag bits aside).
 func (k *Kernel) PokingPGD(off *Offsets) (uint64, error) {
-	sym, ok := k.Symbol("poking_mm")
+	// Linux 6.16 renamed poking_mm to text_poke_mm.
+	sym, ok := k.Symbol("text_poke_mm")
 	if !ok {
-		return 0, errors.New("no poking_mm symbol")
+		if sym, ok = k.Symbol("poking_mm"); !ok {
+			return 0, errors.New("no text_poke_mm or poking_mm symbol")
+		}
 	}
 	if off == nil || !off.MMPgd.Known() {
 		return 0, errors.New("mm_struct.pgd offset unknown")

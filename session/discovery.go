@@ -2,7 +2,9 @@ package session
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/introspect"
@@ -17,7 +19,21 @@ type discovery struct {
 	kernel  *introspect.Kernel
 	offsets *introspect.Offsets
 	offErr  error // the members FindOffsets could not find
+
+	// Offsets solved without BTF can lack members while the guest boots
+	// (no process has the shape yet to single an offset out: creds,
+	// before init's first exec). They are solved again, with back-off.
+	retryAt time.Time
+	retries int
 }
+
+// Re-solving missing offsets: after retryFirst, doubling, at most
+// maxRetries times (a member some kernels never let the solver find must
+// not cost a solve per scan forever).
+const (
+	retryFirst = 5 * time.Second
+	maxRetries = 6
+)
 
 // get returns the kernel bound to mem, discovering it on mem first when
 // nothing is cached. A failed discovery is retried on the next call (the
@@ -35,8 +51,27 @@ func (d *discovery) get(ctx context.Context, mem guestmem.Source) (*introspect.K
 			return nil, nil, fmt.Errorf("find structure offsets: %w", err)
 		}
 		d.kernel, d.offsets, d.offErr = k, off, err
+		d.retryAt, d.retries = time.Now().Add(retryFirst), 0
+	} else if d.offErr != nil && d.retries < maxRetries && time.Now().After(d.retryAt) {
+		d.retries++
+		d.retryAt = time.Now().Add(retryFirst << d.retries)
+		if off, err := introspect.FindOffsets(d.kernel.On(mem)); off != nil && missing(err) < missing(d.offErr) {
+			d.offsets, d.offErr = off, err
+		}
 	}
 	return d.kernel.On(mem), d.offsets, nil
+}
+
+// missing is how many members an error of FindOffsets lacks (0 for nil).
+func missing(err error) int {
+	if err == nil {
+		return 0
+	}
+	var m *introspect.UnsolvedError
+	if errors.As(err, &m) {
+		return len(m.Members)
+	}
+	return 1 << 20
 }
 
 // forget drops the cache.
