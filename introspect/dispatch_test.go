@@ -65,6 +65,10 @@ func testDispatch(t *testing.T, kernel func(testlinux.Paths) string, withModules
 		if err1 != nil || err2 != nil || got != want {
 			t.Errorf("poking_mm's pgd %#x maps _text to %#x (%v), want %#x (%v)", pgd, got, err2, want, err1)
 		}
+		// Without solved offsets (early boot, no BTF), the same root.
+		if bare, err := k.PokingPGD(nil); err != nil || bare != pgd {
+			t.Errorf("PokingPGD without offsets: %#x, %v; want %#x", bare, err, pgd)
+		}
 	}
 
 	// What the clean kernel holds.

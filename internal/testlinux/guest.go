@@ -211,8 +211,8 @@ func (g *Guest) waitReady(ctx context.Context, timeout time.Duration) error {
 		case <-ctx.Done():
 			return fmt.Errorf("boot guest: %w", ctx.Err())
 		case <-timer.C:
-			return fmt.Errorf("boot guest: no %s on the serial console after %v; serial ends with:\n%s",
-				markPSEnd, timeout, tail(g.Serial(), 2000))
+			return fmt.Errorf("boot guest: no %s on the serial console after %v; stderr ends with:\n%s\nserial ends with:\n%s",
+				markPSEnd, timeout, tail(g.stderrText(), 3000), tail(g.Serial(), 2000))
 		case <-g.exited:
 			return fmt.Errorf("boot guest: %w: QEMU exited (%v); stderr:\n%s\nserial ends with:\n%s", errGuestEnded,
 				g.waitErr, tail(g.stderrText(), 2000), tail(g.Serial(), 2000))
