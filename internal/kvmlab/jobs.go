@@ -134,6 +134,11 @@ func Verdicts(module string, r *Report) []Verdict {
 		}
 		for _, top := range order {
 			v := byTest[top]
+			if v.Action == "" && strings.HasPrefix(top, "Benchmark") && res.ExitCode == 0 && pkgAction == "pass" {
+				// test2json ends a benchmark with no action of its own
+				// (only its result line): the binary's pass is its.
+				v.Action = "pass"
+			}
 			if v.Action == "" {
 				// It never ended: the binary panicked or timed out in
 				// it, or L1 ended; the output says which.

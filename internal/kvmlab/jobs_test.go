@@ -63,3 +63,25 @@ func TestParseResults(t *testing.T) {
 		t.Errorf("done %v record %q", r.done, r.record)
 	}
 }
+
+// A benchmark has no pass event of its own in test2json's stream: the
+// binary's is its verdict, and a binary that failed fails it.
+func TestVerdictsBenchmark(t *testing.T) {
+	const pkg = "example.com/m/cmd/x"
+	evs := func(end string) []Event {
+		return []Event{
+			{Action: "run", Package: pkg, Test: "BenchmarkA"},
+			{Action: "output", Package: pkg, Test: "BenchmarkA", Output: "BenchmarkA \t1\t5 ns/op\n"},
+			{Action: "output", Package: pkg, Output: "PASS\n"},
+			{Action: end, Package: pkg},
+		}
+	}
+	v := Verdicts("example.com/m", &Report{Results: []Result{{Job: Job{Package: pkg}, Events: evs("pass")}}})
+	if len(v) != 1 || v[0].Name != "cmd/x.BenchmarkA" || v[0].Action != "pass" {
+		t.Errorf("passing benchmark: %+v", v)
+	}
+	v = Verdicts("example.com/m", &Report{Results: []Result{{Job: Job{Package: pkg}, Events: evs("fail"), ExitCode: 1}}})
+	if len(v) != 1 || v[0].Action != "fail" {
+		t.Errorf("failing benchmark binary: %+v", v)
+	}
+}
