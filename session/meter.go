@@ -14,11 +14,13 @@ import (
 type counts struct {
 	bytes, reads atomic.Int64
 	m            *Metrics // also counts every access in the totals
+	b            *budget  // a scheduled scan's budget, or nil
 }
 
 func (c *counts) read(n int64, calls int64, errs int64) {
 	c.bytes.Add(n)
 	c.reads.Add(calls)
+	c.b.add(n, calls)
 	c.m.ReadBytes.Add(float64(n))
 	c.m.Reads.Add(float64(calls))
 	if errs > 0 {
@@ -41,6 +43,9 @@ func (m metered) Regions() []guestmem.Region { return m.src.Regions() }
 func (m metered) CPUs(ctx context.Context) ([]guestmem.CPU, error) { return m.src.CPUs(ctx) }
 
 func (m metered) ReadAt(p []byte, gpa int64) (int, error) {
+	if m.c.b.spent() {
+		return 0, ErrBudget
+	}
 	n, err := m.src.ReadAt(p, gpa)
 	var errs int64
 	if err != nil {
@@ -52,6 +57,12 @@ func (m metered) ReadAt(p []byte, gpa int64) (int, error) {
 
 func (m metered) ReadBatch(reqs []guestmem.PhysReq) {
 	if len(reqs) == 0 {
+		return
+	}
+	if m.c.b.spent() {
+		for i := range reqs {
+			reqs[i].Err = ErrBudget
+		}
 		return
 	}
 	guestmem.ReadBatch(m.src, reqs)

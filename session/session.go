@@ -126,6 +126,12 @@ func (s *Session) scan(ctx context.Context, kind string, consistent bool, f func
 	start := time.Now()
 	c := &counts{m: s.metrics}
 	err := s.scanLocked(ctx, c, consistent, f)
+	if err == nil && c.b != nil && c.b.hit != "" {
+		// The walk may have taken a refused read for a missing page
+		// (a command line, a thread count) and carried on: what it
+		// returns is incomplete, never an all clear.
+		err = ErrBudget
+	}
 	s.metrics.scan(kind, time.Since(start), c, err)
 	return c, err
 }
@@ -145,6 +151,12 @@ func (s *Session) scanLocked(ctx context.Context, c *counts, consistent bool, f 
 	if err != nil {
 		return err
 	}
+	// A scheduled scan's budget counts from here: discovery is not the
+	// scan's (it happens once per boot).
+	if b, ok := ctx.Value(budgetKey{}).(*budget); ok {
+		b.start()
+		c.b = b
+	}
 	if consistent {
 		resume, err := s.machine.Pause(ctx)
 		if err != nil {
@@ -156,7 +168,7 @@ func (s *Session) scanLocked(ctx context.Context, c *counts, consistent bool, f 
 	if err == nil {
 		err = f(k, off)
 	}
-	if err != nil && cached && !errors.Is(err, context.Canceled) {
+	if err != nil && cached && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrBudget) {
 		s.d.forget()
 		if k, off, err = s.d.get(ctx, mem); err == nil {
 			err = f(k, off)

@@ -4,6 +4,7 @@ import (
 	"errors"
 
 	"github.com/kvmscope/kvmscope/internal/launch"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/urfave/cli/v2"
 )
 
@@ -21,6 +22,11 @@ func runCommand() *cli.Command {
 			&cli.BoolFlag{Name: "guard", Usage: "once the guest kernel has booted, block guest writes to its system-call dispatch (KVM only; docs/dispatch-guard.md)"},
 			&cli.StringFlag{Name: "policy", Usage: "enforce the ioctl policy in this YAML file (docs/policy.md); \"default\" is the shipped one", EnvVars: []string{"KVMSCOPE_POLICY"}},
 			&cli.DurationFlag{Name: "scan-interval", Usage: "scan the guest's processes on this interval (e.g. 5s), keeping the latest table for the API; 0 scans only on demand"},
+			&cli.Float64Flag{Name: "scan-jitter", Value: 0.1, Usage: "spread each wait between scans over interval*(1±J), 0 to below 1"},
+			&cli.DurationFlag{Name: "scan-max-cpu", Usage: "stop a scheduled scan that used this much CPU time (reported as partial); 0: no bound"},
+			&cli.Int64Flag{Name: "scan-max-bytes", Usage: "stop a scheduled scan that read this much guest memory (reported as partial); 0: no bound"},
+			&cli.Float64Flag{Name: "scan-max-duty", Value: 0.05, Usage: "the share of one core scheduled scans may take over time (0 to 1; 0: no bound)"},
+			&cli.Float64Flag{Name: "scan-busy-load", Usage: "back off (double the wait, up to 16 intervals) while the host's load average per CPU is above this; 0: never"},
 		},
 		Action: runAction,
 	}
@@ -38,6 +44,13 @@ func runAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	scan := session.ScanPolicy{Interval: c.Duration("scan-interval"), Jitter: c.Float64("scan-jitter"), MaxCPU: c.Duration("scan-max-cpu"),
+		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load")}
+	if scan.Interval > 0 {
+		if err := scan.Check(); err != nil {
+			return cli.Exit(err.Error(), 2)
+		}
+	}
 	return runQEMU(launch.Options{
 		Argv:         args,
 		Socket:       c.String("api"),
@@ -45,6 +58,7 @@ func runAction(c *cli.Context) error {
 		AllowWrite:   c.Bool("allow-write"),
 		Guard:        c.Bool("guard"),
 		ScanInterval: c.Duration("scan-interval"),
+		Scan:         scan,
 		FailMode:     launch.FailClosed,
 		Policy:       pol,
 		Log:          log,

@@ -52,6 +52,9 @@ type Options struct {
 	// ScanInterval, when positive, scans the guest's processes on that
 	// interval, keeping the latest table for the API.
 	ScanInterval time.Duration
+	// Scan is the rest of the scan policy: jitter, budgets, duty cycle,
+	// back-off (its Interval is ScanInterval).
+	Scan session.ScanPolicy
 	// Policy is the ioctl policy the tracer enforces (nil: none). The
 	// caller loads it in both processes (the front checks it before
 	// anything starts; the tracer enforces its own copy and hands the
@@ -233,7 +236,16 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			if events != nil {
 				ev = events
 			}
-			go sess.Run(ctx, o.ScanInterval, ev, func(err error) { log.Debug().Err(err).Msg("scheduled scan") })
+			pol := o.Scan
+			pol.Interval = o.ScanInterval
+			go sess.Run(ctx, pol, ev, func(err error) {
+				var partial *session.PartialScanError
+				if errors.As(err, &partial) {
+					log.Info().Err(err).Msg("scheduled scan")
+					return
+				}
+				log.Debug().Err(err).Msg("scheduled scan")
+			})
 		}
 		if err := server.Listen(sock); err != nil {
 			log.Error().Err(err).Msg("API disabled")
