@@ -29,6 +29,7 @@ test: setup
     scripts/setup-libvirt.sh
     go vet ./...
     test -z "$(gofmt -l $(git ls-files '*.go'))" || { gofmt -l $(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+    for f in scripts/*.sh scripts/initramfs/init .ci/run; do bash -n "$f" || exit 1; done
     scripts/test.sh
 
 # Run KVM tests in the nested-KVM lab even where /dev/kvm works (docs/testing.md): just lab ./cmd/kvmscope '^TestKVMCapture$'

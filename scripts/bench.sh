@@ -81,7 +81,7 @@ END {
   row("guest wall time (CLI): run --policy default / QEMU", n, "policy-s", "qemu-s", "%.3f", "s", "policy-ratio", "%.3f", "<=", "1.005")
   row("  run --policy default / run (what the policy adds)", n, "policy-s", "kvmscope-s", "%.3f", "s", "policy-vs-run-ratio", "%.3f", "", "")
   row("  the same per exit (io=0 boots subtracted)", n, "policy-s", "kvmscope-s", "%.3f", "s", "policy-vs-run-exit-ratio", "%.3f", "", "")
-  row("  policy start-up over run's, ms (io=0 boots)", n, "policy-boot-s", "kvmscope-boot-s", "%.3f", "s", "policy-startup-ms", "%+.1f", "", "")
+  row("  policy start-up over run, ms (io=0 boots)", n, "policy-boot-s", "kvmscope-boot-s", "%.3f", "s", "policy-startup-ms", "%+.1f", "", "")
   row("  per exit (io=0 boot subtracted)", n, "kvmscope-s", "qemu-s", "%.3f", "s", "kvmscope-exit-ratio", "%.3f", "", "")
   row("  start-up cost, ms (io=0 boots)", n, "kvmscope-boot-s", "qemu-boot-s", "%.3f", "s", "kvmscope-startup-ms", "%+.0f", "", "")
   row("  CPU time (QEMU + tracer)", n, "kvmscope-cpu-s", "qemu-cpu-s", "%.3f", "s", "kvmscope-cpu-ratio", "%.3f", "", "")
@@ -137,7 +137,7 @@ if [ "${KVMSCOPE_BENCH_SCAN:-1}" != 0 ]; then
   # The KVM rows (BenchmarkPSKVM) ran with the KVM benchmarks above.
   grep '^BenchmarkPSKVM' "$log" >.cache/bench-pskvm.log || true
   echo >&2
-  go test -run '^$' -bench '^Benchmark(PS|FirstContact|CorePS)$' -benchtime 2s -count 1 -timeout 30m ./cmd/kvmscope 2>&1 |
+  go test -run '^$' -bench '^Benchmark(PS|FirstContact|CorePS|ScanSchedule)$' -benchtime 2s -count 1 -timeout 30m ./cmd/kvmscope 2>&1 |
     grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
     tee "$scanlog" >&2 || status=1
   cat .cache/bench-pskvm.log >>"$scanlog"
@@ -201,6 +201,18 @@ END {
   limit("ps --core, 1 GiB dump, ~5000 tasks (CLI): wall", "CorePS", "core-ps-ms", 100, "ms")
   limit("  peak RSS (CLI, the child rusage)", "CorePS", "core-ps-rss-mb", 64, "MB")
   count("  processes listed (ps --core, CLI)", "CorePS", "procs")
+  # Scheduled scans (issue 11): kvmscope run --scan-interval 1s with a
+  # 500 ms CPU budget, read from the VM /metrics over 15 s.
+  for (i = 1; i <= 2; i++) {
+    n = (i == 1 ? "ScanSchedule/procs=100" : "ScanSchedule/procs=5000")
+    row("scheduled scan, " (i == 1 ? "~100" : "~5000") " processes, TCG (/metrics): CPU", n, "scan-cpu-ms", 0, 0)
+    count("  guest memory read per scan (KiB)", n, "scan-read-kib")
+    count("  CPU used / CPU budget", n, "budget-used-ratio")
+    count("  scanning CPU / wall (duty, 0.05 allowed)", n, "duty-ratio")
+    count("  scans stopped at the budget (want 0)", n, "partial-scans")
+  }
+  count("guest busy loop, unscanned / scanned (same run)", "ScanSchedule/procs=100", "guest-slowdown-ratio")
+  count("  noise floor: the two unscanned guests", "ScanSchedule/procs=100", "unscanned-spread-ratio")
   exit failed
 }' "$scanlog" || status=1
 fi

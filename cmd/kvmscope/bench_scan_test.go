@@ -53,19 +53,41 @@ func bootScanGuest(b *testing.B, extra, memMB int, memfd bool) *scanGuest {
 // bootScanGuestOn is bootScanGuest with QEMU's accelerator accel.
 func bootScanGuestOn(b *testing.B, accel string, extra, memMB int, memfd bool) *scanGuest {
 	b.Helper()
+	return bootScanGuestWith(b, scanBoot{accel: accel, extra: extra, memMB: memMB, memfd: memfd})
+}
+
+// scanBoot is how bootScanGuestWith boots: accel, extra sleep processes,
+// RAM, memfd RAM, more `kvmscope run` flags, and /init's busy loop
+// (kvmscope.spin=1).
+type scanBoot struct {
+	accel        string
+	extra, memMB int
+	memfd, spin  bool
+	run          []string
+}
+
+func bootScanGuestWith(b *testing.B, o scanBoot) *scanGuest {
+	b.Helper()
+	accel, extra, memMB, memfd := o.accel, o.extra, o.memMB, o.memfd
 	p := testlinux.Require(b)
 	sock := filepath.Join(b.TempDir(), "api.sock")
+	wrapper := append([]string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock}, o.run...)
 	opts := testlinux.Options{
 		Kernel:  p.DebianKernel,
 		Accel:   accel,
 		MemMB:   memMB,
-		Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock, "--"},
+		Wrapper: append(wrapper, "--"),
 		// 5,000 forks and /init's /proc walks are slow under TCG.
 		Timeout: 3*time.Minute + time.Duration(extra)*60*time.Millisecond,
 	}
+	var app []string
 	if extra > 0 {
-		opts.Append = "kvmscope.procs=" + strconv.Itoa(extra)
+		app = append(app, "kvmscope.procs="+strconv.Itoa(extra))
 	}
+	if o.spin {
+		app = append(app, "kvmscope.spin=1")
+	}
+	opts.Append = strings.Join(app, " ")
 	if memfd {
 		// Guest RAM in a memfd, which kvmscope maps read-only and reads
 		// without a system call (libvirt: <memoryBacking><source
