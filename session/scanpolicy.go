@@ -32,9 +32,14 @@ type ScanPolicy struct {
 	MaxDuty float64
 	// BusyLoad backs off while the host is loaded: while the 1-minute
 	// load average per CPU is above it, the wait doubles after each scan,
-	// up to MaxBackoff (0: never).
+	// up to MaxBackoff (default 16 intervals; 0: never).
 	BusyLoad   float64
 	MaxBackoff time.Duration
+	// BusyVM backs off the same way while the VM's vCPUs ran more than
+	// this share of the time since the last scan (0..1, measured by
+	// VMLoad, usually session.VMLoad of QEMU's pid; 0: never).
+	BusyVM float64
+	VMLoad func() float64 `json:"-"`
 }
 
 // Check reports a policy that cannot work.
@@ -50,6 +55,8 @@ func (p ScanPolicy) Check() error {
 		return fmt.Errorf("scan duty cycle %g: want 0 to 1", p.MaxDuty)
 	case p.BusyLoad < 0:
 		return errors.New("scan busy load cannot be negative")
+	case p.BusyVM < 0 || p.BusyVM > 1:
+		return fmt.Errorf("scan busy VM share %g: want 0 to 1", p.BusyVM)
 	}
 	return nil
 }
@@ -143,8 +150,10 @@ func (s *scheduler) next(cpu time.Duration) time.Duration {
 			d = min
 		}
 	}
-	if p.BusyLoad > 0 && s.load != nil {
-		if s.load() > p.BusyLoad {
+	hostBusy := p.BusyLoad > 0 && s.load != nil && s.load() > p.BusyLoad
+	vmBusy := p.BusyVM > 0 && p.VMLoad != nil && p.VMLoad() > p.BusyVM
+	if p.BusyLoad > 0 || p.BusyVM > 0 {
+		if hostBusy || vmBusy {
 			s.backoff++
 		} else {
 			s.backoff = 0

@@ -1,9 +1,13 @@
 package session
 
 import (
+	"fmt"
+	"os"
 	"runtime"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestScanPolicyCheck(t *testing.T) {
@@ -100,4 +104,48 @@ func TestBudgetCPU(t *testing.T) {
 	if b.hit != "cpu" || b.cpu() < 20*time.Millisecond {
 		t.Errorf("busy for %v of CPU: hit %q", b.cpu(), b.hit)
 	}
+}
+
+func TestSchedulerBusyVM(t *testing.T) {
+	busy := 0.95
+	s := &scheduler{p: ScanPolicy{Interval: time.Second, BusyVM: 0.9, VMLoad: func() float64 { return busy }}}
+	if d := s.next(0); d != 2*time.Second {
+		t.Errorf("wait while the VM is busy: %v, want 2s", d)
+	}
+	busy = 0.2
+	if d := s.next(0); d != time.Second {
+		t.Errorf("wait once the VM is idle: %v, want 1s", d)
+	}
+}
+
+// TestVMLoad measures a real process: this test's own busy thread, named
+// as QEMU names its vCPU threads.
+func TestVMLoad(t *testing.T) {
+	done := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		// A thread's comm is what /proc/PID/task/TID/stat shows.
+		if err := setThreadName("CPU 0/KVM"); err != nil {
+			t.Error(err)
+		}
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+		}
+	}()
+	defer close(done)
+	load := VMLoad(os.Getpid())
+	load()
+	time.Sleep(500 * time.Millisecond)
+	if l := load(); l < 0.5 || l > 1.2 {
+		t.Errorf("a spinning vCPU thread: load %.2f, want about 1", l)
+	}
+}
+
+// setThreadName names the calling thread, as prctl(PR_SET_NAME) would.
+func setThreadName(name string) error {
+	return os.WriteFile(fmt.Sprintf("/proc/self/task/%d/comm", unix.Gettid()), []byte(name), 0)
 }

@@ -27,6 +27,7 @@ func runCommand() *cli.Command {
 			&cli.Int64Flag{Name: "scan-max-bytes", Usage: "stop a scheduled scan that read this much guest memory (reported as partial); 0: no bound"},
 			&cli.Float64Flag{Name: "scan-max-duty", Value: 0.05, Usage: "the share of one core scheduled scans may take over time (0 to 1; 0: no bound)"},
 			&cli.Float64Flag{Name: "scan-busy-load", Usage: "back off (double the wait, up to 16 intervals) while the host's load average per CPU is above this; 0: never"},
+			&cli.Float64Flag{Name: "scan-busy-vm", Usage: "back off the same way while the VM's vCPUs ran more than this share of the time (0 to 1); 0: never"},
 		},
 		Action: runAction,
 	}
@@ -45,7 +46,7 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	scan := session.ScanPolicy{Interval: c.Duration("scan-interval"), Jitter: c.Float64("scan-jitter"), MaxCPU: c.Duration("scan-max-cpu"),
-		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load")}
+		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load"), BusyVM: c.Float64("scan-busy-vm")}
 	if scan.Interval > 0 {
 		if err := scan.Check(); err != nil {
 			return cli.Exit(err.Error(), 2)

@@ -238,6 +238,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			}
 			pol := o.Scan
 			pol.Interval = o.ScanInterval
+			pol.VMLoad = session.VMLoad(ts.pid)
 			go sess.Run(ctx, pol, ev, func(err error) {
 				var partial *session.PartialScanError
 				if errors.As(err, &partial) {
