@@ -680,6 +680,12 @@ func (p *parser) syntaxError(data []byte, err error) error {
 			}
 		}
 	}
+	for _, hint := range []string{"expected '-' indicator", "did not find expected key", "mapping values are not allowed"} {
+		if strings.Contains(msg, hint) {
+			msg += " (check the indentation)"
+			break
+		}
+	}
 	return &Error{File: p.name, Line: line, Msg: oneLine(msg)}
 }
 
