@@ -103,7 +103,9 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 // holds init_task in CPU 0's rq and, in every other CPU's, a pid-0 task
 // named swapper/N for its CPU N; followed by rq->stop, the CPU's stopper
 // thread migration/N (declaration order curr, idle, stop since 2.6.37;
-// 6.15 put dl_server between curr and idle). curr: the nearest pointer
+// 6.15 put dl_server between curr and idle; in 7.x curr and idle are at
+// the head of struct rq, stop elsewhere: then, when curr holds the idle
+// task too, the later of the two). curr: the nearest pointer
 // before idle that, on every CPU, leads to that CPU's idle task or to a
 // task the other views know (a guest stopped while idle runs its idle
 // tasks; donor, with proxy execution, comes before curr).
@@ -155,7 +157,15 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 	cands := try(true)
 	if len(cands) == 0 {
 		cands = try(false)
-		how = "holds init_task in CPU 0's rq and swapper/N (pid 0) in CPU N's (no stopper thread after it)"
+		how = "holds init_task in CPU 0's rq and swapper/N (pid 0) in CPU N's (no stopper thread after it, as in 6.x)"
+		// Every CPU idles (a stopped idle guest): rq->curr holds
+		// the idle task too. curr is declared before idle in every
+		// layout (7.x moved both to the head of struct rq, with stop
+		// elsewhere), so of two such the later is idle.
+		if len(cands) == 2 {
+			cands = cands[1:]
+			how += "; of the two offsets holding the idle tasks (curr and idle on CPUs that idle), the later (curr is declared first)"
+		}
 	}
 	ic, err := one("rq.idle", cands)
 	if err != nil {

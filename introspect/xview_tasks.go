@@ -275,10 +275,11 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			continue
 		}
 		for _, a := range set.order {
-			if listed.has[a] {
-				continue
+			// The idle tasks of the other CPUs (pid 0) are groups of
+			// their own, on no list: not walked, never findings.
+			if t := x.info(a); !listed.has[a] && !t.idle() {
+				walkGroup(t)
 			}
-			walkGroup(x.info(a))
 		}
 	}
 	tgView.Count = len(tg.order)

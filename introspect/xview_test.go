@@ -138,6 +138,27 @@ func checkCleanTasks(t *testing.T, k *Kernel, off *Offsets) {
 	for _, h := range tv.Hidden {
 		t.Errorf("hidden on a clean guest: %+v", h)
 	}
+	if got := viewByName(tv.Views, ViewThreadGroup).Count; got != len(all) {
+		in := map[uint64]bool{}
+		for _, p := range all {
+			in[p.Task] = true
+		}
+		x := &xview{k: k, off: off, r: newTaskReader(k, off), infos: map[uint64]*taskInfo{}, budget: 1 << 20}
+		for _, p := range all {
+			ti := x.info(p.Task)
+			if ti.threadsHead == 0 {
+				continue
+			}
+			ns, d, _ := walkList(k, ti.threadsHead, 1000, nil)
+			for _, n := range ns {
+				th := n - uint64(off.TaskThreadNode.Value)
+				if !in[th] {
+					o := x.info(th)
+					t.Logf("thread %#x pid %d tgid %d comm %q flags %#x state %#x (group of %d %q) not in Processes; damage %q", th, o.pid, o.tgid, o.comm, o.flags, o.state, p.PID, p.Comm, d)
+				}
+			}
+		}
+	}
 	want := map[string]int{ViewTasks: len(ps), ViewThreadGroup: len(all), ViewPidIDR: len(all) - 1}
 	for name, n := range want {
 		if got := viewByName(tv.Views, name).Count; got != n {
