@@ -23,7 +23,9 @@ type Module struct {
 var moduleStates = []string{"live", "coming", "going", "unformed"}
 
 // Modules lists the loaded modules from the list headed by the kallsyms
-// symbol modules, in list order (newest first, as /proc/modules).
+// symbol modules, in list order (newest first, as /proc/modules). A
+// damaged list (see PartialError) gives the modules read before the break
+// and a *PartialError.
 func (k *Kernel) Modules(off *Offsets) ([]Module, error) {
 	head, ok := k.Symbol("modules")
 	if !ok {
@@ -33,9 +35,16 @@ func (k *Kernel) Modules(off *Offsets) ([]Module, error) {
 }
 
 func modulesAt(k *Kernel, off *Offsets, head uint64) ([]Module, error) {
-	nodes, err := listNodes(k, head, maxModules, nil)
+	partial := &PartialError{}
+	nodes, damage, err := walkList(k, head, maxModules, nil)
 	if err != nil {
 		return nil, fmt.Errorf("modules: %w", err)
+	}
+	if damage != "" {
+		if len(nodes) == 0 {
+			return nil, fmt.Errorf("modules: %s", damage)
+		}
+		partial.add("modules: %s", damage)
 	}
 	if len(nodes) == 0 {
 		return []Module{}, nil
@@ -45,32 +54,41 @@ func modulesAt(k *Kernel, off *Offsets, head uint64) ([]Module, error) {
 	}
 	out := make([]Module, 0, len(nodes))
 	for _, n := range nodes {
-		addr := n - uint64(off.ModuleList.Value)
-		m := Module{Addr: addr}
-		name := make([]byte, moduleNameLen)
-		if err := k.ReadVirt(name, addr+uint64(off.ModuleName.Value)); err != nil {
-			return nil, fmt.Errorf("modules: name of module at %#x: %w", addr, err)
-		}
-		if i := bytes.IndexByte(name, 0); i >= 0 {
-			name = name[:i]
-		}
-		m.Name = string(name)
-		if off.ModuleState.Known() {
-			if v, err := k.ReadU32(addr + uint64(off.ModuleState.Value)); err == nil && int(v) < len(moduleStates) {
-				m.State = moduleStates[v]
-			}
-		}
-		if off.ModuleBase.Known() {
-			if v, err := k.ReadPtr(addr + uint64(off.ModuleBase.Value)); err == nil {
-				m.Base = v
-			}
-		}
-		if off.ModuleSize.Known() {
-			m.Size = moduleSize(k, off, addr)
+		m, err := readModule(k, off, n-uint64(off.ModuleList.Value))
+		if err != nil {
+			partial.add("modules: %v", err)
+			break
 		}
 		out = append(out, m)
 	}
-	return out, nil
+	return out, partial.orNil()
+}
+
+// readModule reads the struct module at addr.
+func readModule(k *Kernel, off *Offsets, addr uint64) (Module, error) {
+	m := Module{Addr: addr}
+	name := make([]byte, moduleNameLen)
+	if err := k.ReadVirt(name, addr+uint64(off.ModuleName.Value)); err != nil {
+		return m, fmt.Errorf("name of module at %#x: %w", addr, err)
+	}
+	if i := bytes.IndexByte(name, 0); i >= 0 {
+		name = name[:i]
+	}
+	m.Name = string(name)
+	if off.ModuleState.Known() {
+		if v, err := k.ReadU32(addr + uint64(off.ModuleState.Value)); err == nil && int(v) < len(moduleStates) {
+			m.State = moduleStates[v]
+		}
+	}
+	if off.ModuleBase.Known() {
+		if v, err := k.ReadPtr(addr + uint64(off.ModuleBase.Value)); err == nil {
+			m.Base = v
+		}
+	}
+	if off.ModuleSize.Known() {
+		m.Size = moduleSize(k, off, addr)
+	}
+	return m, nil
 }
 
 // moduleSize is /proc/modules' size: core_layout.size + init_layout.size

@@ -54,6 +54,11 @@ const maxCmdline = 4096
 // Processes lists the guest's processes: one entry per thread-group
 // leader, or every thread with opts.Threads, in tasks-list order. It
 // needs at least the tasks, comm and pid offsets.
+//
+// A damaged tasks list (a node whose prev does not lead back, a cycle,
+// an unreadable node, more than maxTasks nodes) ends the walk there: the
+// processes read before the break are returned with a *PartialError that
+// names the damage. CrossViewTasks finds the tasks beyond the break.
 func (k *Kernel) Processes(off *Offsets, opts ProcessOptions) ([]Process, error) {
 	initTask, ok := k.Symbol("init_task")
 	if !ok {
@@ -92,19 +97,28 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 	// The bytes of one leader, read again for each: nothing keeps them
 	// past its iteration but initB, a copy.
 	lb := make([]byte, r.hi-r.lo)
+	partial := &PartialError{}
+	whole := false     // the walk came back to the head
+	budgetHit := false // the thread lists held more than threadBudget
 	for {
 		if len(seen) >= maxTasks+1 {
-			return nil, fmt.Errorf("processes: tasks list at %#x: more than %d nodes", head, maxTasks)
+			partial.add("processes: tasks list at %#x: more than %d nodes", head, maxTasks)
+			break
 		}
 		seen[cur] = true
 		b, err := r.readInto(lb, cur)
 		if err != nil {
-			return nil, fmt.Errorf("processes: %w", err)
+			if cur == initTask {
+				return nil, fmt.Errorf("processes: %w", err)
+			}
+			partial.add("processes: tasks list at %#x: node %#x (after %d tasks): %v", head, cur+lo, len(seen)-1, err)
+			break
 		}
 		if cur == initTask {
 			initB = append([]byte(nil), b...)
 		} else if pr := r.u64(b, off.TaskTasks.Value+8); pr != prevNode {
-			return nil, fmt.Errorf("processes: tasks list at %#x: node %#x: prev is %#x, want %#x", head, cur+lo, pr, prevNode)
+			partial.add("processes: tasks list at %#x: node %#x (after %d tasks): prev is %#x, want %#x", head, cur+lo, len(seen)-1, pr, prevNode)
+			break
 		}
 		p := r.process(cur, b, len(out))
 		if parent, ok := r.field(b, off.TaskRealParent, 8); ok {
@@ -138,8 +152,9 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 				// A task exiting while we look may have a broken
 				// thread list; its count stays unknown (0) and the
 				// threads read before the break are kept.
-				if errors.Is(err, ErrBudget) {
-					return nil, fmt.Errorf("processes: threads: %w", err)
+				if errors.Is(err, ErrBudget) && !budgetHit {
+					budgetHit = true
+					partial.add("processes: threads of %#x: %v", cur, err)
 				}
 				if err != nil {
 					n = 0
@@ -154,22 +169,26 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 		out = append(out, p)
 		out = append(out, threads...)
 		if len(out) > maxTasks {
-			return nil, fmt.Errorf("processes: more than %d tasks", maxTasks)
+			partial.add("processes: more than %d tasks", maxTasks)
+			break
 		}
 		next := r.u64(b, off.TaskTasks.Value)
 		if next == head {
+			whole = true
 			break
 		}
 		if !k.kernelPtr(next) || next < lo {
-			return nil, fmt.Errorf("processes: tasks list at %#x: node %d: %#x is not a kernel address", head, len(seen), next)
+			partial.add("processes: tasks list at %#x: node %d: next %#x is not a kernel address", head, len(seen), next)
+			break
 		}
 		if seen[next-lo] {
-			return nil, fmt.Errorf("processes: tasks list at %#x: node %#x appears twice (the list does not lead back to its head)", head, next)
+			partial.add("processes: tasks list at %#x: node %#x appears twice (the list does not lead back to its head)", head, next)
+			break
 		}
 		prevNode, cur = cur+lo, next-lo
 	}
-	if pr := r.u64(initB, off.TaskTasks.Value+8); pr != cur+lo {
-		return nil, fmt.Errorf("processes: tasks list at %#x: head's prev %#x is not the last node %#x", head, pr, cur+lo)
+	if pr := r.u64(initB, off.TaskTasks.Value+8); whole && pr != cur+lo {
+		partial.add("processes: tasks list at %#x: head's prev %#x is not the last node %#x", head, pr, cur+lo)
 	}
 	// The members behind each task's pointers (creds, mm, signal), one
 	// batched read for all tasks, then the command lines through each
@@ -189,7 +208,7 @@ func processes(k *Kernel, off *Offsets, initTask uint64, opts ProcessOptions) ([
 			}
 		}
 	}
-	return out, nil
+	return out, partial.orNil()
 }
 
 // taskReader reads the members of task_structs: each task's members in

@@ -261,41 +261,12 @@ func (k *Kernel) kernelPtr(v uint64) bool {
 // limit nodes, revisits a node or breaks a link is an error. Each node
 // read takes one from *budget when budget is not nil.
 func listNodes(k *Kernel, head uint64, limit int, budget *int) ([]uint64, error) {
-	var nodes []uint64
-	seen := make(map[uint64]bool)
-	prev := head
-	cur, err := k.ReadU64(head)
+	nodes, damage, err := walkList(k, head, limit, budget)
 	if err != nil {
-		return nil, fmt.Errorf("list at %#x: %w", head, err)
+		return nil, err
 	}
-	for cur != head {
-		if len(nodes) >= limit {
-			return nil, fmt.Errorf("list at %#x: more than %d nodes", head, limit)
-		}
-		if !k.kernelPtr(cur) {
-			return nil, fmt.Errorf("list at %#x: node %d: %#x is not a kernel address", head, len(nodes), cur)
-		}
-		if seen[cur] {
-			return nil, fmt.Errorf("list at %#x: node %#x appears twice (the list does not lead back to its head)", head, cur)
-		}
-		seen[cur] = true
-		if budget != nil {
-			if *budget--; *budget < 0 {
-				return nil, ErrBudget
-			}
-		}
-		var b [16]byte
-		if err := k.ReadVirt(b[:], cur); err != nil {
-			return nil, fmt.Errorf("list at %#x: node %d: %w", head, len(nodes), err)
-		}
-		if p := le64(b[:], 8); p != prev {
-			return nil, fmt.Errorf("list at %#x: node %#x: prev is %#x, want %#x", head, cur, p, prev)
-		}
-		nodes = append(nodes, cur)
-		prev, cur = cur, le64(b[:], 0)
-	}
-	if p, err := k.ReadU64(head + 8); err != nil || p != prev {
-		return nil, fmt.Errorf("list at %#x: head's prev %#x is not the last node %#x", head, p, prev)
+	if damage != "" {
+		return nil, errors.New(damage)
 	}
 	return nodes, nil
 }

@@ -1,0 +1,332 @@
+package introspect
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+)
+
+// The cross-view tests boot the real guests, stop them, and hide objects
+// by editing the guest's own lists in its memory through the live TCG
+// source (writable), as a rootkit in the guest would (DKOM).
+
+// xviewGuest is a booted, stopped guest with a writable memory source.
+type xviewGuest struct {
+	g    *testlinux.Guest
+	mem  *guestmem.TCG
+	k    *Kernel
+	off  *Offsets
+	mods []string
+}
+
+func bootXView(t *testing.T, kernel func(testlinux.Paths) string, withModules bool) *xviewGuest {
+	t.Helper()
+	g, mods := bootGuest(t, kernel, withModules)
+	t.Cleanup(func() { g.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	q, err := guestmem.DialQMP(ctx, g.SpareQMP())
+	if err != nil {
+		t.Fatalf("QMP: %v", err)
+	}
+	t.Cleanup(func() { q.Close() })
+	mem := guestmem.NewTCG(q, g.Pid, true)
+	if _, err := g.QMP("stop", nil); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	k, err := Discover(mem, DiscoverOptions{})
+	if err != nil {
+		t.Fatalf("Discover: %v", err)
+	}
+	off, err := FindOffsets(k)
+	if off == nil {
+		t.Fatalf("FindOffsets: %v", err)
+	}
+	if err != nil {
+		t.Logf("FindOffsets: %v", err)
+	}
+	t.Logf("%s, BTF %v", k.Banner, k.BTF != nil)
+	return &xviewGuest{g: g, mem: mem, k: k, off: off, mods: mods}
+}
+
+// write64 writes v at kernel virtual address va of the guest and returns
+// a function that puts the old value back.
+func (x *xviewGuest) write64(t *testing.T, va, v uint64) func() {
+	t.Helper()
+	pa, err := x.k.VirtToPhys(va)
+	if err != nil {
+		t.Fatalf("translate %#x: %v", va, err)
+	}
+	old := make([]byte, 8)
+	if _, err := x.mem.ReadAt(old, int64(pa)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := x.mem.WriteAt(binary.LittleEndian.AppendUint64(nil, v), int64(pa)); err != nil {
+		t.Fatalf("write %#x: %v", va, err)
+	}
+	x.k.Reset()
+	return func() {
+		if _, err := x.mem.WriteAt(old, int64(pa)); err != nil {
+			t.Errorf("restore %#x: %v", va, err)
+		}
+		x.k.Reset()
+	}
+}
+
+// unlink removes the node at node from its list (as list_del does to its
+// neighbours, leaving the node's own links) and returns the undo.
+func (x *xviewGuest) unlink(t *testing.T, node uint64) func() {
+	t.Helper()
+	next, err1 := x.k.ReadU64(node)
+	prev, err2 := x.k.ReadU64(node + 8)
+	if err1 != nil || err2 != nil {
+		t.Fatalf("read links of %#x: %v %v", node, err1, err2)
+	}
+	u1 := x.write64(t, prev, next)   // prev->next = next
+	u2 := x.write64(t, next+8, prev) // next->prev = prev
+	return func() { u2(); u1() }
+}
+
+func viewByName(vs []ViewResult, name string) ViewResult {
+	for _, v := range vs {
+		if v.Name == name {
+			return v
+		}
+	}
+	return ViewResult{Name: name, Reason: "absent"}
+}
+
+func hasString(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// checkCleanTasks checks the cross-views of an untouched guest: every
+// view ran, nothing hidden, counts as Processes lists.
+func checkCleanTasks(t *testing.T, k *Kernel, off *Offsets) {
+	t.Helper()
+	start := time.Now()
+	tv, err := k.CrossViewTasks(off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("CrossViewTasks in %v: views %+v; warnings %q", time.Since(start), tv.Views, tv.Warnings)
+	ps, err := k.Processes(off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all, err := k.Processes(off, ProcessOptions{NoCmdline: true, Threads: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range tv.Views {
+		if !v.Ran || v.Reason != "" {
+			t.Errorf("view %s: ran %v, reason %q", v.Name, v.Ran, v.Reason)
+		}
+	}
+	for _, h := range tv.Hidden {
+		t.Errorf("hidden on a clean guest: %+v", h)
+	}
+	if got := viewByName(tv.Views, ViewThreadGroup).Count; got != len(all) {
+		in := map[uint64]bool{}
+		for _, p := range all {
+			in[p.Task] = true
+		}
+		x := &xview{k: k, off: off, r: newTaskReader(k, off), infos: map[uint64]*taskInfo{}, budget: 1 << 20}
+		for _, p := range all {
+			ti := x.info(p.Task)
+			if ti.threadsHead == 0 {
+				continue
+			}
+			ns, d, _ := walkList(k, ti.threadsHead, 1000, nil)
+			for _, n := range ns {
+				th := n - uint64(off.TaskThreadNode.Value)
+				if !in[th] {
+					o := x.info(th)
+					t.Logf("thread %#x pid %d tgid %d comm %q flags %#x state %#x (group of %d %q) not in Processes; damage %q", th, o.pid, o.tgid, o.comm, o.flags, o.state, p.PID, p.Comm, d)
+				}
+			}
+		}
+	}
+	want := map[string]int{ViewTasks: len(ps), ViewThreadGroup: len(all), ViewPidIDR: len(all) - 1}
+	for name, n := range want {
+		if got := viewByName(tv.Views, name).Count; got != n {
+			t.Errorf("view %s saw %d tasks, want %d (Processes: %d leaders, %d threads)", name, got, n, len(ps), len(all))
+		}
+	}
+	if rq := viewByName(tv.Views, ViewRunqueue); rq.Count < 1 || rq.Count > 2 {
+		t.Errorf("runqueue view saw %d tasks on a 2-CPU guest", rq.Count)
+	}
+	t.Logf("tasks %d, thread_group %d, pid_idr %d, runqueue %d (Processes: %d leaders, %d threads)",
+		viewByName(tv.Views, ViewTasks).Count, viewByName(tv.Views, ViewThreadGroup).Count,
+		viewByName(tv.Views, ViewPidIDR).Count, viewByName(tv.Views, ViewRunqueue).Count, len(ps), len(all))
+}
+
+// hideProcess unlinks a user process from the tasks list and checks that
+// Processes no longer lists it and CrossViewTasks names it.
+func hideProcess(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	undo := x.unlink(t, victim.Task+uint64(x.off.TaskTasks.Value))
+	defer undo()
+	after, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatalf("Processes after unlinking: %v", err)
+	}
+	for _, p := range after {
+		if p.PID == victim.PID {
+			t.Fatalf("Processes still lists pid %d", p.PID)
+		}
+	}
+	if len(after) != len(ps)-1 {
+		t.Errorf("%d processes after hiding one of %d", len(after), len(ps))
+	}
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found []HiddenTask
+	for _, h := range tv.Hidden {
+		if h.TGID == victim.PID {
+			found = append(found, h)
+		} else {
+			t.Errorf("unexpected finding %+v", h)
+		}
+	}
+	if len(found) == 0 {
+		t.Fatalf("hidden pid %d %q not found; views %+v, warnings %q", victim.PID, comm, tv.Views, tv.Warnings)
+	}
+	for _, h := range found {
+		if !hasString(h.SeenBy, ViewPidIDR) || !hasString(h.MissingFrom, ViewTasks) {
+			t.Errorf("finding %+v: want seen by pid_idr, missing from tasks", h)
+		}
+	}
+	t.Logf("hidden process %d %q (%d threads) found: %+v", victim.PID, comm, victim.Threads, found)
+	if len(found) != max(victim.Threads, 1) {
+		t.Errorf("%d findings for a group of %d threads", len(found), victim.Threads)
+	}
+}
+
+// forgeTaskList breaks the tasks list two ways and checks that Processes
+// returns the tasks before the break with a *PartialError, and that
+// CrossViewTasks names the tasks beyond it.
+func forgeTaskList(t *testing.T, x *xviewGuest) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) < 20 {
+		t.Fatalf("only %d processes", len(ps))
+	}
+	lo := uint64(x.off.TaskTasks.Value)
+	at := len(ps) / 2
+	for _, c := range []struct {
+		name  string
+		forge func() func()
+		n     int
+		words string
+	}{
+		{"prev", func() func() { return x.write64(t, ps[at].Task+lo+8, ps[at].Task+lo+0x40) }, at, "prev is"},
+		{"cycle", func() func() { return x.write64(t, ps[at].Task+lo, ps[3].Task+lo) }, at + 1, "appears twice"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			undo := c.forge()
+			defer undo()
+			got, err := x.k.Processes(x.off, ProcessOptions{})
+			var pe *PartialError
+			if !errors.As(err, &pe) {
+				t.Fatalf("Processes on a forged list: %v (%T), want *PartialError", err, err)
+			}
+			if len(got) != c.n || !strings.Contains(err.Error(), c.words) {
+				t.Fatalf("%d processes, %v; want %d and %q", len(got), err, c.n, c.words)
+			}
+			for i := range got {
+				if got[i].PID != ps[i].PID {
+					t.Fatalf("process %d: pid %d, want %d", i, got[i].PID, ps[i].PID)
+				}
+			}
+			t.Logf("forged %s: %d of %d processes, %v", c.name, len(got), len(ps), err)
+			tv, err := x.k.CrossViewTasks(x.off)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tasks := viewByName(tv.Views, ViewTasks)
+			if !tasks.Ran || !strings.Contains(tasks.Reason, "damaged") {
+				t.Errorf("tasks view %+v does not report the damage", tasks)
+			}
+			beyond := map[int]bool{}
+			for _, h := range tv.Hidden {
+				beyond[h.TGID] = true
+			}
+			missed := 0
+			for _, p := range ps[c.n:] {
+				if !beyond[p.PID] {
+					missed++
+				}
+			}
+			if missed > 0 {
+				t.Errorf("%d of the %d processes beyond the break not named (%d findings)", missed, len(ps)-c.n, len(tv.Hidden))
+			}
+			t.Logf("%d findings beyond the break", len(tv.Hidden))
+		})
+	}
+}
+
+func TestCrossViewDebian(t *testing.T) {
+	x := bootXView(t, testlinux.Debian, true)
+	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
+	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
+	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
+	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
+	t.Run("SolvedOffsets", func(t *testing.T) {
+		// The views without BTF, on the same guest.
+		nb := *x.k
+		nb.BTF = nil
+		off, err := SolveOffsets(&nb)
+		if off == nil {
+			t.Fatal(err)
+		}
+		checkCleanTasks(t, &nb, off)
+	})
+	t.Run("Dump", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "guest.core")
+		if err := x.g.Dump(path); err != nil {
+			t.Fatalf("dump: %v", err)
+		}
+		core, err := guestmem.OpenCore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer core.Close()
+		checkCleanTasks(t, x.k.On(core), x.off)
+	})
+}
+
+func TestCrossViewGokrazy(t *testing.T) {
+	x := bootXView(t, testlinux.Gokrazy, false)
+	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
+	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
+	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
+}
