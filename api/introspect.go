@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
@@ -141,6 +142,9 @@ const (
 	HeaderScanReadBytes = "Kvmscope-Scan-Read-Bytes"
 	HeaderScanReads     = "Kvmscope-Scan-Reads"
 	HeaderScanDuration  = "Kvmscope-Scan-Duration-Ns"
+	// HeaderWarning is one per warning of a partial scan (a damaged
+	// list: the processes read before the break are the reply).
+	HeaderWarning = "Kvmscope-Warning"
 )
 
 func (s *Server) getProcesses(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
@@ -157,6 +161,7 @@ func (s *Server) getProcesses(ctx context.Context, sess *session.Session, w http
 	h.Set(HeaderScanReadBytes, strconv.FormatInt(scan.ReadBytes, 10))
 	h.Set(HeaderScanReads, strconv.FormatInt(scan.Reads, 10))
 	h.Set(HeaderScanDuration, strconv.FormatInt(scan.Duration.Nanoseconds(), 10))
+	setWarnings(h, scan.Warnings)
 	writeProcesses(w, scan.Processes)
 	return nil
 }
@@ -215,11 +220,29 @@ func (s *Server) postRestore(ctx context.Context, sess *session.Session, w http.
 
 func (s *Server) getModules(ctx context.Context, sess *session.Session, w http.ResponseWriter, r *http.Request) error {
 	ms, err := sess.Modules(ctx)
-	if err != nil {
+	var damage *introspect.PartialError
+	if errors.As(err, &damage) {
+		// What was read before the break is the reply.
+		setWarnings(w.Header(), damage.Warnings)
+	} else if err != nil {
 		return err
 	}
 	writeJSON(w, ModulesFrom(ms))
 	return nil
+}
+
+// setWarnings puts the warnings of a partial reply in its headers, one
+// HeaderWarning each (control characters, which a header cannot hold,
+// become spaces).
+func setWarnings(h http.Header, ws []string) {
+	for _, warn := range ws {
+		h.Add(HeaderWarning, strings.Map(func(r rune) rune {
+			if r < ' ' || r == 0x7f {
+				return ' '
+			}
+			return r
+		}, warn))
+	}
 }
 
 // getOffsets serves the offsets in a format other tools read:

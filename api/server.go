@@ -53,6 +53,9 @@ type Server struct {
 	// GuardAllowed lets clients change what the guard protects (POST
 	// /v1/integrity/guard): kvmscope run --guard or --allow-write.
 	GuardAllowed bool
+	// ReloadRules reads the VM's rule file again (POST /v1/rules/reload);
+	// nil when the VM has none.
+	ReloadRules func() error
 	// BaselinePath is where GET /v1/integrity keeps its baseline ("":
 	// none, judged by the kernel's own rules only).
 	BaselinePath string
@@ -118,6 +121,7 @@ func (s *Server) Listen(path string) error {
 	mux.HandleFunc("GET /v1/events", s.getEvents)
 	s.introspectRoutes(mux)
 	s.guardRoutes(mux)
+	s.reportRoutes(mux)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))

@@ -9,33 +9,53 @@ import (
 	"github.com/kvmscope/kvmscope/introspect"
 )
 
-// Run scans the guest's processes (and modules) on policy's schedule
-// until ctx ends, keeping the latest result (Latest). One scan at a time,
-// on this goroutine, locked to its thread so that the scan's CPU time is
-// the thread's: each scan is bounded by the policy's budget and stopped
-// when it reaches it (reported as partial: metrics result "partial"), and
-// the wait after it follows the interval with its jitter, the duty cycle
-// and the back-off (ScanPolicy). Errors go to logf and the scan is
-// retried on the next tick. With ev, what changed between two complete
-// scans (processes started and gone, modules loaded and unloaded) becomes
-// events; a partial scan changes nothing (what it did not reach is not
-// gone).
-func (s *Session) Run(ctx context.Context, p ScanPolicy, ev Events, logf func(err error)) {
+// Run scans the guest's processes and modules on policy's schedule
+// until ctx ends, keeping the latest result (Latest) and judging each
+// complete scan by the rule base (LastReport; new findings become
+// events). One scan at a time, on this goroutine, locked to its thread
+// so that the scan's CPU time is the thread's: each scan is bounded by
+// the policy's budget and stopped when it reaches it (reported as
+// partial: metrics result "partial", its results unused), and the wait
+// after it follows the interval with its jitter, the duty cycle and the
+// back-off (ScanPolicy). Errors go to logf and the scan is retried on
+// the next tick. With SetEvents, what changed between two scans
+// (processes started and gone, modules loaded and unloaded) becomes
+// events; a scan of a damaged list reports no process as gone (what it
+// did not reach is not gone).
+func (s *Session) Run(ctx context.Context, p ScanPolicy, logf func(err error)) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	sched := &scheduler{p: p, load: hostLoad}
 	var ch changes
 	for {
+		ev := s.eventSink()
 		b := &budget{maxBytes: p.MaxBytes, maxCPU: p.MaxCPU}
-		timeout := p.Interval
-		sctx, cancel := context.WithTimeout(context.WithValue(ctx, budgetKey{}, b), timeout)
+		sctx, cancel := context.WithTimeout(context.WithValue(ctx, budgetKey{}, b), p.Interval)
 		cpu0 := threadCPU()
 		scan, err := s.Processes(sctx, introspect.ProcessOptions{}, false)
-		if err == nil && ev != nil {
-			ch.sawProcesses(ev, scan.Processes)
-			var ms []introspect.Module
-			if ms, err = s.Modules(sctx); err == nil {
-				ch.sawModules(ev, ms)
+		var ms []introspect.Module
+		var warnings []string
+		if err == nil {
+			var damage *introspect.PartialError
+			ms, err = s.Modules(sctx)
+			if errors.As(err, &damage) {
+				warnings, err = damage.Warnings, nil
+			}
+			if err == nil && ev != nil {
+				if !scan.Partial {
+					ch.sawProcesses(ev, scan.Processes)
+				}
+				if damage == nil {
+					ch.sawModules(ev, ms)
+				}
+			}
+		}
+		if err == nil {
+			// The judgement's own reads (integrity, cross-views) are
+			// the scan's too.
+			s.judgeSeen(sctx, scan.Processes, ms, append(scan.Warnings, warnings...))
+			if b.hit != "" {
+				err = ErrBudget
 			}
 		}
 		cancel()

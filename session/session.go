@@ -22,8 +22,9 @@ type Session struct {
 	mu sync.Mutex // serializes discovery and scans
 	d  discovery
 
-	latest atomic.Pointer[Scan]
-	guard  guardState // the dispatch guard (guard.go)
+	latest  atomic.Pointer[Scan]
+	guard   guardState // the dispatch guard (guard.go)
+	judging judging    // the rule base and its findings (report.go)
 }
 
 // Scan is the result of one process scan.
@@ -37,6 +38,11 @@ type Scan struct {
 	// many read calls.
 	ReadBytes int64 `json:"read_bytes"`
 	Reads     int64 `json:"reads"`
+	// Partial is set when the tasks list was damaged (a smeared read,
+	// a hostile guest, DKOM): Processes holds what was read up to the
+	// break, and Warnings name the damage.
+	Partial  bool     `json:"partial,omitempty"`
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // New returns the session of the VM m holds, counting into metrics (new
@@ -90,27 +96,44 @@ func (s *Session) Kernel(ctx context.Context) (k *introspect.Kernel, off *intros
 func (s *Session) Processes(ctx context.Context, opts introspect.ProcessOptions, consistent bool) (*Scan, error) {
 	start := time.Now()
 	var procs []introspect.Process
+	var damage *introspect.PartialError
 	c, err := s.scan(ctx, "processes", consistent, func(k *introspect.Kernel, off *introspect.Offsets) (err error) {
 		procs, err = k.Processes(off, opts)
+		// Damage is data: what was read before the break is kept.
+		if errors.As(err, &damage) {
+			err = nil
+		}
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
 	scan := &Scan{At: start, Duration: time.Since(start), Processes: procs, Consistent: consistent, ReadBytes: c.bytes.Load(), Reads: c.reads.Load()}
+	if damage != nil {
+		scan.Partial, scan.Warnings = true, damage.Warnings
+	}
 	if !opts.Threads {
 		s.latest.Store(scan)
 	}
 	return scan, nil
 }
 
-// Modules lists the guest's kernel modules now.
+// Modules lists the guest's kernel modules now. A damaged modules list
+// gives the modules read before the break and an *introspect.PartialError
+// naming the damage.
 func (s *Session) Modules(ctx context.Context) ([]introspect.Module, error) {
 	var ms []introspect.Module
+	var damage *introspect.PartialError
 	_, err := s.scan(ctx, "modules", false, func(k *introspect.Kernel, off *introspect.Offsets) (err error) {
 		ms, err = k.Modules(off)
+		if errors.As(err, &damage) {
+			err = nil
+		}
 		return err
 	})
+	if err == nil && damage != nil {
+		return ms, damage
+	}
 	return ms, err
 }
 

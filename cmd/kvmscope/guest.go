@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/url"
@@ -16,6 +17,7 @@ import (
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/kvmscope/kvmscope/rules"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/urfave/cli/v2"
 )
@@ -29,11 +31,16 @@ var coreFlag = &cli.StringFlag{Name: "core", Usage: "read an ELF core (QEMU dump
 // guest is where the guest kernel's objects come from.
 type guest interface {
 	kernel(ctx context.Context) (api.Kernel, error)
-	processes(ctx context.Context, threads, consistent bool) ([]api.Process, error)
+	// processes lists the processes, and the warnings of a partial
+	// list (a damaged tasks list: what was read before the break).
+	processes(ctx context.Context, threads, consistent bool) ([]api.Process, []string, error)
 	// processesJSON writes the processes to w as `--json` prints them.
-	processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error
+	processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) ([]string, error)
 	modules(ctx context.Context) ([]api.Module, error)
 	integrity(ctx context.Context) (*session.Integrity, error)
+	// report judges the guest by its rule base: a live VM's own (cached:
+	// the newest judgement of its scheduled scans), or set for a dump.
+	report(ctx context.Context, set *rules.Set, cached bool) (*session.Report, error)
 	offsets(ctx context.Context, format, name string) ([]byte, error)
 	close()
 }
@@ -74,33 +81,70 @@ func processesPath(threads, consistent bool) string {
 	return "/v1/processes?" + q.Encode()
 }
 
-func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]api.Process, error) {
+func (g *liveGuest) processes(ctx context.Context, threads, consistent bool) ([]api.Process, []string, error) {
 	var ps []api.Process
-	return ps, g.c.Get(ctx, processesPath(threads, consistent), &ps)
+	ws, err := getWarned(ctx, g.c, processesPath(threads, consistent), &ps)
+	return ps, ws, err
+}
+
+// getWarned is Client.Get that also returns the warnings of a partial
+// reply (api.HeaderWarning).
+func getWarned(ctx context.Context, c *api.Client, path string, v any) ([]string, error) {
+	resp, err := c.Response(ctx, path)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return resp.Header.Values(api.HeaderWarning), nil
 }
 
 // processesJSON passes the server's reply on to w as it comes: one
 // process a line (api's writeProcesses), nothing decoded and encoded again.
-func (g *liveGuest) processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) error {
-	body, _, err := g.c.Open(ctx, processesPath(threads, consistent))
+func (g *liveGuest) processesJSON(ctx context.Context, threads, consistent bool, w io.Writer) ([]string, error) {
+	resp, err := g.c.Response(ctx, processesPath(threads, consistent))
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer body.Close()
-	if _, err := io.Copy(w, body); err != nil {
-		return fmt.Errorf("read the process list: %w", err)
+	defer resp.Body.Close()
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return nil, fmt.Errorf("read the process list: %w", err)
 	}
-	return nil
+	return resp.Header.Values(api.HeaderWarning), nil
 }
 
 func (g *liveGuest) modules(ctx context.Context) ([]api.Module, error) {
 	var ms []api.Module
-	return ms, g.c.Get(ctx, "/v1/modules", &ms)
+	ws, err := getWarned(ctx, g.c, "/v1/modules", &ms)
+	warnPartial("module list", ws)
+	return ms, err
+}
+
+// warnPartial says on stderr that a list is partial, and why: partial
+// results are results (exit status 0).
+func warnPartial(what string, ws []string) {
+	for _, w := range ws {
+		fmt.Fprintf(os.Stderr, "kvmscope: warning: partial %s: %s\n", what, w)
+	}
 }
 
 func (g *liveGuest) integrity(ctx context.Context) (*session.Integrity, error) {
 	var in session.Integrity
 	return &in, g.c.Get(ctx, "/v1/integrity", &in)
+}
+
+func (g *liveGuest) report(ctx context.Context, set *rules.Set, cached bool) (*session.Report, error) {
+	if set != nil {
+		return nil, cli.Exit("a running VM is judged by its own rule base (kvmscope run --rules FILE); --rules is for --core", 2)
+	}
+	path := "/v1/report"
+	if cached {
+		path += "?cached=1"
+	}
+	var r session.Report
+	return &r, g.c.Get(ctx, path, &r)
 }
 
 func (g *liveGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {
@@ -125,26 +169,29 @@ func (g *coreGuest) kernel(ctx context.Context) (api.Kernel, error) {
 	return api.KernelFrom(k, off, offErr), nil
 }
 
-func (g *coreGuest) processes(ctx context.Context, threads, _ bool) ([]api.Process, error) {
+func (g *coreGuest) processes(ctx context.Context, threads, _ bool) ([]api.Process, []string, error) {
 	// A core is consistent by nature.
+	scan, err := g.sess.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	return api.ProcessesFrom(scan.Processes), scan.Warnings, nil
+}
+
+func (g *coreGuest) processesJSON(ctx context.Context, threads, _ bool, w io.Writer) ([]string, error) {
 	scan, err := g.sess.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
 	if err != nil {
 		return nil, err
 	}
-	return api.ProcessesFrom(scan.Processes), nil
-}
-
-func (g *coreGuest) processesJSON(ctx context.Context, threads, _ bool, w io.Writer) error {
-	scan, err := g.sess.Processes(ctx, introspect.ProcessOptions{Threads: threads}, false)
-	if err != nil {
-		return err
-	}
-	return api.WriteProcesses(w, scan.Processes)
+	return scan.Warnings, api.WriteProcesses(w, scan.Processes)
 }
 
 func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
 	ms, err := g.sess.Modules(ctx)
-	if err != nil {
+	var damage *introspect.PartialError
+	if errors.As(err, &damage) {
+		warnPartial("module list", damage.Warnings)
+	} else if err != nil {
 		return nil, err
 	}
 	return api.ModulesFrom(ms), nil
@@ -153,6 +200,13 @@ func (g *coreGuest) modules(ctx context.Context) ([]api.Module, error) {
 // integrity of a dump: no baseline, the kernel's own rules only.
 func (g *coreGuest) integrity(ctx context.Context) (*session.Integrity, error) {
 	return g.sess.Integrity(ctx, "")
+}
+
+func (g *coreGuest) report(ctx context.Context, set *rules.Set, _ bool) (*session.Report, error) {
+	if set != nil {
+		g.sess.SetRules(set)
+	}
+	return g.sess.Judge(ctx)
 }
 
 func (g *coreGuest) offsets(ctx context.Context, format, name string) ([]byte, error) {
@@ -197,13 +251,19 @@ func psCommand() *cli.Command {
 			&cli.BoolFlag{Name: "consistent", Usage: "pause the VM during the scan (live VMs)"},
 		},
 		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+			// A partial list (a damaged tasks list) is printed, with
+			// the warning on stderr and exit status 0.
+			warn := func(ws []string) { warnPartial("process list", ws) }
 			if c.Bool("json") {
-				return g.processesJSON(ctx, c.Bool("threads"), c.Bool("consistent"), os.Stdout)
+				ws, err := g.processesJSON(ctx, c.Bool("threads"), c.Bool("consistent"), os.Stdout)
+				warn(ws)
+				return err
 			}
-			ps, err := g.processes(ctx, c.Bool("threads"), c.Bool("consistent"))
+			ps, ws, err := g.processes(ctx, c.Bool("threads"), c.Bool("consistent"))
 			if err != nil {
 				return err
 			}
+			defer warn(ws)
 			if c.Bool("tree") {
 				printTree(ps)
 				return nil

@@ -67,6 +67,7 @@ func newApp() *cli.App {
 			psCommand(),
 			lsmodCommand(),
 			integrityCommand(),
+			reportCommand(),
 			kernelCommand(),
 			offsetsCommand(),
 			dumpCommand(),

@@ -4,6 +4,7 @@ import (
 	"errors"
 
 	"github.com/kvmscope/kvmscope/internal/launch"
+	"github.com/kvmscope/kvmscope/rules"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/urfave/cli/v2"
 )
@@ -21,6 +22,7 @@ func runCommand() *cli.Command {
 			&cli.BoolFlag{Name: "allow-write", Usage: "allow writes to guest memory through the API"},
 			&cli.BoolFlag{Name: "guard", Usage: "once the guest kernel has booted, block guest writes to its system-call dispatch (KVM only; docs/dispatch-guard.md)"},
 			&cli.StringFlag{Name: "policy", Usage: "enforce the ioctl policy in this YAML file (docs/policy.md); \"default\" is the shipped one", EnvVars: []string{"KVMSCOPE_POLICY"}},
+			&cli.StringFlag{Name: "rules", Usage: "judge the guest by the rule base in this YAML file (docs/rules.md), reloaded when it changes and on SIGHUP; default: the built-in rules"},
 			&cli.DurationFlag{Name: "scan-interval", Usage: "scan the guest's processes on this interval (e.g. 5s), keeping the latest table for the API; 0 scans only on demand"},
 			&cli.Float64Flag{Name: "scan-jitter", Value: 0.1, Usage: "spread each wait between scans over interval*(1±J), 0 to below 1"},
 			&cli.DurationFlag{Name: "scan-max-cpu", Usage: "stop a scheduled scan that used this much CPU time (reported as partial); 0: no bound"},
@@ -47,6 +49,13 @@ func runAction(c *cli.Context) error {
 	}
 	scan := session.ScanPolicy{Interval: c.Duration("scan-interval"), Jitter: c.Float64("scan-jitter"), MaxCPU: c.Duration("scan-max-cpu"),
 		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load"), BusyVM: c.Float64("scan-busy-vm")}
+	var set *rules.Set
+	if path := c.String("rules"); path != "" {
+		if set, err = rules.Load(path); err != nil {
+			return cli.Exit(err.Error(), 2)
+		}
+		applyScanSection(c, &scan, set.Scan)
+	}
 	if scan.Interval > 0 {
 		if err := scan.Check(); err != nil {
 			return cli.Exit(err.Error(), 2)
@@ -58,7 +67,9 @@ func runAction(c *cli.Context) error {
 		NoAPI:        c.Bool("no-api"),
 		AllowWrite:   c.Bool("allow-write"),
 		Guard:        c.Bool("guard"),
-		ScanInterval: c.Duration("scan-interval"),
+		ScanInterval: scan.Interval,
+		Rules:        set,
+		RulesPath:    c.String("rules"),
 		Scan:         scan,
 		FailMode:     launch.FailClosed,
 		Policy:       pol,
@@ -77,4 +88,31 @@ func runQEMU(o launch.Options) error {
 		return cli.Exit("", code)
 	}
 	return nil
+}
+
+// applyScanSection takes the rule file's scan: section into the scan
+// policy, for every value the command line did not set (flags win).
+func applyScanSection(c *cli.Context, p *session.ScanPolicy, sec *rules.ScanSection) {
+	if sec == nil {
+		return
+	}
+	unset := func(flag string) bool { return !c.IsSet(flag) }
+	if sec.Interval != nil && unset("scan-interval") {
+		p.Interval = *sec.Interval
+	}
+	if sec.Jitter != nil && unset("scan-jitter") {
+		p.Jitter = *sec.Jitter
+	}
+	if sec.MaxCPU != nil && unset("scan-max-cpu") {
+		p.MaxCPU = *sec.MaxCPU
+	}
+	if sec.MaxBytes != nil && unset("scan-max-bytes") {
+		p.MaxBytes = *sec.MaxBytes
+	}
+	if sec.MaxDuty != nil && unset("scan-max-duty") {
+		p.MaxDuty = *sec.MaxDuty
+	}
+	if sec.BusyLoad != nil && unset("scan-busy-load") {
+		p.BusyLoad = *sec.BusyLoad
+	}
 }

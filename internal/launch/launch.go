@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/rules"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
@@ -55,6 +56,11 @@ type Options struct {
 	// Scan is the rest of the scan policy: jitter, budgets, duty cycle,
 	// back-off (its Interval is ScanInterval).
 	Scan session.ScanPolicy
+	// Rules is the rule base the VM is judged by (nil: the built-in
+	// one), loaded from RulesPath, which is watched: reloaded when it
+	// changes, on SIGHUP to the tracer, and on POST /v1/rules/reload.
+	Rules     *rules.Set
+	RulesPath string
 	// Policy is the ioctl policy the tracer enforces (nil: none). The
 	// caller loads it in both processes (the front checks it before
 	// anything starts; the tracer enforces its own copy and hands the
@@ -207,6 +213,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	log.Debug().Int("pid", ts.pid).Msg("attached; QEMU starts")
 
 	var server *api.Server
+	var watch *rulesWatch // the rule file, when there is one
 	var target *runTarget
 	if serve {
 		target = newRunTarget(t, qa, o.AllowWrite, ts.qmpPath, log)
@@ -219,6 +226,13 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			}
 		}
 		sess := session.New(target, nil)
+		sess.SetBaseline(BaselinePath(sock))
+		if events != nil {
+			sess.SetEvents(events)
+		}
+		if o.Rules != nil {
+			sess.SetRules(o.Rules)
+		}
 		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, Blocked: logs.blocked, BaselinePath: BaselinePath(sock),
 			GuardAllowed: o.Guard || o.AllowWrite}
 		if logs.queue != nil {
@@ -229,17 +243,21 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 				go armGuard(ctx, t.Done(), sess, BaselinePath(sock), events, log)
 			}
 		}
+		if o.RulesPath != "" {
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() { <-t.Done(); cancel() }()
+			watch = &rulesWatch{path: o.RulesPath, sess: sess, events: events, log: log}
+			watch.seen, _ = stampOf(o.RulesPath)
+			server.ReloadRules = func() error { return watch.reload("API request") }
+			go watch.run(ctx, time.Second)
+		}
 		if o.ScanInterval > 0 {
 			ctx, cancel := context.WithCancel(context.Background())
 			go func() { <-t.Done(); cancel() }()
-			var ev session.Events
-			if events != nil {
-				ev = events
-			}
 			pol := o.Scan
 			pol.Interval = o.ScanInterval
 			pol.VMLoad = session.VMLoad(ts.pid)
-			go sess.Run(ctx, pol, ev, func(err error) {
+			go sess.Run(ctx, pol, func(err error) {
 				var partial *session.PartialScanError
 				if errors.As(err, &partial) {
 					log.Info().Err(err).Msg("scheduled scan")
@@ -258,6 +276,12 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	}
 
 	forward := func(s os.Signal) {
+		// SIGHUP reloads the rule file, as for a daemon (QEMU gets a
+		// terminal's hangup itself, from its process group).
+		if s == syscall.SIGHUP && watch != nil {
+			watch.reload("SIGHUP")
+			return
+		}
 		log.Info().Str("signal", s.String()).Msg("forwarding signal to QEMU")
 		t.Signal(s.(syscall.Signal))
 	}

@@ -1,0 +1,167 @@
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/kvmscope/kvmscope/rules"
+)
+
+// Report is what kvmscope concluded about the guest: the findings of the
+// rule base over every judgement so far, highest severity first, each
+// with when it was first and last seen (a finding that persists is one
+// entry).
+type Report struct {
+	At time.Time `json:"at"`
+	// Rules is the rule file the guest was judged by, or "built-in".
+	Rules string `json:"rules"`
+	// Judged lists the kinds of finding this judgement covered (a
+	// rule about something not read judges nothing: see Warnings).
+	Judged   []string        `json:"judged"`
+	Findings []rules.Tracked `json:"findings"`
+	// Views are the cross-views that ran (or why not), with what each
+	// saw.
+	Views []introspect.ViewResult `json:"views,omitempty"`
+	// Partial is set when something could not be read whole; Warnings
+	// say what.
+	Partial  bool     `json:"partial"`
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// judging is the session's rule base and what it remembers between
+// judgements.
+type judging struct {
+	set      atomic.Pointer[rules.Set]
+	events   atomic.Pointer[eventsBox]
+	baseline atomic.Pointer[string]
+	track    rules.Tracker
+	last     atomic.Pointer[Report]
+
+	mu   sync.Mutex           // serializes judgements (prev)
+	prev []introspect.Process // the processes of the judgement before
+}
+
+type eventsBox struct{ Events }
+
+// SetRules replaces the rule base the session judges by (nil: the
+// built-in one). The next judgement uses it.
+func (s *Session) SetRules(set *rules.Set) { s.judging.set.Store(set) }
+
+// Rules returns the rule base in force.
+func (s *Session) Rules() *rules.Set {
+	if set := s.judging.set.Load(); set != nil {
+		return set
+	}
+	set := rules.Builtin()
+	s.judging.set.CompareAndSwap(nil, set)
+	return s.judging.set.Load()
+}
+
+// SetEvents makes new findings events (kind "finding") in ev.
+func (s *Session) SetEvents(ev Events) { s.judging.events.Store(&eventsBox{ev}) }
+
+// SetBaseline is where judgements keep and read the dispatch baseline
+// (see Integrity); "" judges the dispatch by the kernel's own rules only.
+func (s *Session) SetBaseline(path string) { s.judging.baseline.Store(&path) }
+
+// LastReport is the newest judgement's report, or nil.
+func (s *Session) LastReport() *Report { return s.judging.last.Load() }
+
+func (s *Session) eventSink() Events {
+	if b := s.judging.events.Load(); b != nil {
+		return b.Events
+	}
+	return nil
+}
+
+// Judge scans the guest now (processes, modules, and what the rules ask
+// for beyond them) and judges it by the rule base.
+func (s *Session) Judge(ctx context.Context) (*Report, error) {
+	scan, err := s.Processes(ctx, introspect.ProcessOptions{}, false)
+	var pe *introspect.PartialError
+	if err != nil && !errors.As(err, &pe) {
+		return nil, err
+	}
+	var procs []introspect.Process
+	var warnings []string
+	if scan != nil {
+		procs = scan.Processes
+		warnings = append(warnings, scan.Warnings...)
+	}
+	mods, err := s.Modules(ctx)
+	if err != nil && !errors.As(err, &pe) {
+		warnings = append(warnings, fmt.Sprintf("modules not judged: %v", err))
+		mods = nil
+	} else if pe != nil && err != nil {
+		warnings = append(warnings, pe.Warnings...)
+	}
+	return s.judgeSeen(ctx, procs, mods, warnings), nil
+}
+
+// judgeSeen judges what a scan saw (procs and mods; nil when not read),
+// adding the dispatch integrity check and the cross-views when the rules
+// ask for them, records the findings, makes events of the new ones and
+// returns the report.
+func (s *Session) judgeSeen(ctx context.Context, procs []introspect.Process, mods []introspect.Module, warnings []string) *Report {
+	s.judging.mu.Lock()
+	defer s.judging.mu.Unlock()
+	set := s.Rules()
+	want := map[string]bool{}
+	for i := range set.Rules {
+		want[set.Rules[i].Matcher()] = true
+	}
+	sub := rules.Subject{Processes: procs, Modules: mods}
+	if procs != nil && s.judging.prev != nil {
+		sub.Previous = s.judging.prev
+	}
+	if want["integrity"] {
+		base := ""
+		if p := s.judging.baseline.Load(); p != nil {
+			base = *p
+		}
+		if in, err := s.Integrity(ctx, base); err != nil {
+			warnings = append(warnings, fmt.Sprintf("dispatch integrity not judged: %v", err))
+		} else {
+			sub.Deviations = in.Deviations
+			if sub.Deviations == nil {
+				sub.Deviations = []introspect.Deviation{}
+			}
+		}
+	}
+	var views []introspect.ViewResult
+	if want["hidden"] {
+		v, w := s.crossViews(ctx, &sub)
+		views = v
+		warnings = append(warnings, w...)
+	}
+	if b, ok := ctx.Value(budgetKey{}).(*budget); ok && b.hit != "" {
+		// A scheduled scan out of budget: what it read is incomplete,
+		// and judging it would retire findings it did not look for.
+		return nil
+	}
+	now := time.Now()
+	judged := sub.Judged()
+	fresh := s.judging.track.ObservePartial(now, set.Evaluate(sub), judged)
+	if ev := s.eventSink(); ev != nil {
+		for _, f := range fresh {
+			ev.Append("finding", f)
+		}
+	}
+	if procs != nil {
+		s.judging.prev = procs
+	}
+	r := &Report{At: now, Rules: set.Source, Judged: judged, Findings: s.judging.track.All(), Views: views, Partial: len(warnings) > 0, Warnings: warnings}
+	if r.Findings == nil {
+		r.Findings = []rules.Tracked{}
+	}
+	if r.Judged == nil {
+		r.Judged = []string{}
+	}
+	s.judging.last.Store(r)
+	return r
+}
