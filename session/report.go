@@ -33,6 +33,18 @@ type Report struct {
 	Warnings []string `json:"warnings,omitempty"`
 }
 
+// FindingEvent is the event (kind "finding") of a finding first seen, or
+// seen again after a judgement without it. Finding is the finding's own
+// kind (process, module, hidden_process, ...).
+type FindingEvent struct {
+	Rule     string         `json:"rule"`
+	Severity rules.Severity `json:"severity"`
+	Finding  string         `json:"finding"`
+	Key      string         `json:"key"`
+	Summary  string         `json:"summary"`
+	Evidence rules.Evidence `json:"evidence"`
+}
+
 // judging is the session's rule base and what it remembers between
 // judgements.
 type judging struct {
@@ -149,7 +161,7 @@ func (s *Session) judgeSeen(ctx context.Context, procs []introspect.Process, mod
 	fresh := s.judging.track.ObservePartial(now, set.Evaluate(sub), judged)
 	if ev := s.eventSink(); ev != nil {
 		for _, f := range fresh {
-			ev.Append("finding", f)
+			ev.Append("finding", FindingEvent{Rule: f.Rule, Severity: f.Severity, Finding: f.Kind, Key: f.Key, Summary: f.Summary, Evidence: f.Evidence})
 		}
 	}
 	if procs != nil {

@@ -1,0 +1,247 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+	"github.com/kvmscope/kvmscope/session"
+)
+
+// The docs' first example (docs/rules.md).
+const docsRules = `rules:
+  - name: no miners
+    severity: high
+    process: {name: crypto-miner}
+  - name: only root runs sshd
+    severity: medium
+    process: {name: sshd, uid_not_in: [0]}
+  - name: hidden process
+    severity: critical
+    hidden: {processes: true}
+`
+
+// replaceFile writes text to path the way editors do: a new file renamed
+// over the old one.
+func replaceFile(t *testing.T, path, text string) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func reportJSON(t *testing.T, args ...string) session.Report {
+	t.Helper()
+	out, errOut, code := kvmscope(t, append([]string{"report", "--json"}, args...)...)
+	var r session.Report
+	if code != 0 || json.Unmarshal([]byte(out), &r) != nil {
+		t.Fatalf("report %v: code %d: %s%s", args, code, out, errOut)
+	}
+	return r
+}
+
+func findingOf(r session.Report, rule string) *session.Report {
+	for _, f := range r.Findings {
+		if f.Rule == rule && f.Active {
+			one := r
+			one.Findings = append(one.Findings[:0:0], f)
+			return &one
+		}
+	}
+	return nil
+}
+
+// TestRules: a Debian guest under TCG judged by `run --rules FILE
+// --scan-interval 1s`. A process named in a deny rule, started late by
+// the guest (kvmscope.late=3), becomes a finding event within a few scans
+// and a report entry with first and last seen; the next scans use an
+// edited file; a broken edit keeps the rules in force and names its line;
+// a process unlinked from the tasks list from the host (--allow-write) is
+// reported hidden, with the views that still see it.
+func TestRules(t *testing.T) {
+	p := testlinux.Require(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "api.sock")
+	rulesPath := filepath.Join(dir, "rules.yaml")
+	replaceFile(t, rulesPath, docsRules)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{
+		Kernel: p.DebianKernel,
+		Accel:  "tcg",
+		Append: "kvmscope.late=3",
+		Wrapper: []string{kvmscopeBin, "--log-level", "info", "run", "--api", sock, "--allow-write",
+			"--rules", rulesPath, "--scan-interval", "1s", "--"},
+	})
+	if err != nil {
+		t.Fatalf("boot under kvmscope run --rules: %v", err)
+	}
+	defer g.Close()
+
+	// The miner: an event, then a report entry that persists.
+	var ev map[string]any
+	waitFor(t, 60*time.Second, "a finding event for crypto-miner", func() bool {
+		for _, e := range events(t, sock) {
+			if e["kind"] == "finding" && e["rule"] == "no miners" {
+				ev = e
+				return true
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+		return false
+	})
+	evid, _ := ev["evidence"].(map[string]any)
+	if ev["severity"] != "high" || ev["finding"] != "process" || evid["comm"] != "crypto-miner" || evid["pid"] == nil || evid["task"] == nil {
+		t.Errorf("finding event: %v", ev)
+	}
+	r1 := findingOf(reportJSON(t, "--api", sock), "no miners")
+	time.Sleep(2500 * time.Millisecond)
+	r2 := findingOf(reportJSON(t, "--api", sock, "--cached"), "no miners")
+	if r1 == nil || r2 == nil {
+		t.Fatalf("report lacks the active miner finding: %+v, %+v", r1, r2)
+	}
+	f1, f2 := r1.Findings[0], r2.Findings[0]
+	if !f1.FirstSeen.Equal(f2.FirstSeen) || !f2.LastSeen.After(f1.LastSeen) || f2.Count <= f1.Count {
+		t.Errorf("a finding that persists: first %v/%v, last %v/%v, count %d/%d", f1.FirstSeen, f2.FirstSeen, f1.LastSeen, f2.LastSeen, f1.Count, f2.Count)
+	}
+	if r2.Rules != rulesPath || r2.Partial {
+		t.Errorf("report: rules %q, partial %v (%v)", r2.Rules, r2.Partial, r2.Warnings)
+	}
+	out, errOut, code := kvmscope(t, "report", "--api", sock)
+	if code != 0 || !strings.Contains(out, "no miners") || !strings.Contains(out, "high") {
+		t.Errorf("report: code %d: %s%s", code, out, errOut)
+	}
+	n := 0
+	for _, e := range events(t, sock) {
+		if e["kind"] == "finding" && e["rule"] == "no miners" {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d finding events for one persisting miner, want 1", n)
+	}
+
+	// An edit: the next scans judge by the new file.
+	replaceFile(t, rulesPath, docsRules+"  - name: no sleepers\n    severity: low\n    process: {name: sleep}\n")
+	waitFor(t, 30*time.Second, "the edited rules to find the sleep processes", func() bool {
+		time.Sleep(300 * time.Millisecond)
+		return findingOf(reportJSON(t, "--api", sock, "--cached"), "no sleepers") != nil
+	})
+
+	// A broken edit: the rules in force stay, the error names line 3.
+	replaceFile(t, rulesPath, "rules:\n  - name: broken\n    severity: urgent\n    process: {name: a}\n")
+	var rulesErr string
+	waitFor(t, 30*time.Second, "a rules_error event", func() bool {
+		for _, e := range events(t, sock) {
+			if e["kind"] == "rules_error" {
+				rulesErr, _ = e["error"].(string)
+				return true
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+		return false
+	})
+	if !strings.HasPrefix(rulesErr, rulesPath+":3:") || strings.Contains(rulesErr, "\n") {
+		t.Errorf("rules error %q: want one line starting %s:3:", rulesErr, rulesPath)
+	}
+	var info api.RulesInfo
+	if err := api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info); err != nil || len(info.Rules) != 4 || info.Rules[3].Name != "no sleepers" {
+		t.Errorf("rules in force after a broken edit: %+v (%v)", info, err)
+	}
+	replaceFile(t, rulesPath, docsRules)
+	waitFor(t, 30*time.Second, "the good rules back", func() bool {
+		time.Sleep(200 * time.Millisecond)
+		var info api.RulesInfo
+		return api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info) == nil && len(info.Rules) == 3
+	})
+
+	// DKOM: unlink one sleep process from the tasks list; the PID
+	// allocator still holds it.
+	victim, restore := unlinkTask(t, sock, "sleep")
+	defer restore()
+	if slices.ContainsFunc(psJSON(t, "--api", sock), func(p api.Process) bool { return p.PID == victim }) {
+		t.Fatalf("pid %d still listed by ps after the unlink", victim)
+	}
+	rep := reportJSON(t, "--api", sock)
+	var hidden *session.Report
+	for _, f := range rep.Findings {
+		if f.Kind == "hidden_process" && f.Evidence.PID == victim && f.Active {
+			hidden = &session.Report{Findings: append(rep.Findings[:0:0], f)}
+		}
+	}
+	if hidden == nil {
+		t.Fatalf("report does not name pid %d as hidden: %+v", victim, rep)
+	}
+	if h := hidden.Findings[0]; !slices.Contains(h.Evidence.SeenBy, "pid_idr") || !slices.Contains(h.Evidence.MissingFrom, "tasks") || h.Severity.String() != "critical" {
+		t.Errorf("hidden finding: %+v", h)
+	}
+	t.Logf("hidden: %s; views %+v", hidden.Findings[0].Summary, rep.Views)
+}
+
+// unlinkTask takes the first process named comm off the guest's tasks
+// list by pointing its neighbours at each other (PUT /v1/memory; the VM
+// runs with --allow-write), as a rootkit hides a process. It returns the
+// pid and a function that links the task back in.
+func unlinkTask(t *testing.T, sock, comm string) (int, func()) {
+	t.Helper()
+	var k api.Kernel
+	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
+	if err := json.Unmarshal([]byte(out), &k); err != nil {
+		t.Fatal(err)
+	}
+	tasksOff := int64(-1)
+	for _, m := range k.Offsets {
+		if m.Name == "task_struct.tasks" && m.Source != "" {
+			tasksOff = m.Value
+		}
+	}
+	if tasksOff < 0 {
+		t.Fatalf("task_struct.tasks unknown: %+v", k.Offsets)
+	}
+	c := api.NewClient(sock)
+	// task_structs come from a slab: the direct map, PA = VA -
+	// page_offset_base.
+	pa := func(va uint64) uint64 { return va - uint64(k.PageOffsetBase) }
+	read := func(va uint64) uint64 {
+		b, err := c.GetRaw(ctxT(t), fmt.Sprintf("/v1/memory?gpa=%#x&len=8", pa(va)))
+		if err != nil || len(b) != 8 {
+			t.Fatalf("read %#x: %v", va, err)
+		}
+		return binary.LittleEndian.Uint64(b)
+	}
+	write := func(va, v uint64) {
+		var w [8]byte
+		binary.LittleEndian.PutUint64(w[:], v)
+		if err := c.Put(ctxT(t), fmt.Sprintf("/v1/memory?gpa=%#x", pa(va)), w[:]); err != nil {
+			t.Fatalf("write %#x: %v", va, err)
+		}
+	}
+	for _, p := range psJSON(t, "--api", sock) {
+		if p.Comm != comm {
+			continue
+		}
+		node := uint64(p.Task) + uint64(tasksOff)
+		next, prev := read(node), read(node+8)
+		write(prev, next)   // prev->next = next
+		write(next+8, prev) // next->prev = prev
+		return p.PID, func() {
+			write(prev, node)
+			write(next+8, node)
+		}
+	}
+	t.Fatalf("no %s process", comm)
+	return 0, nil
+}
