@@ -21,6 +21,9 @@ type viewOffsets struct {
 	pidLinks   Offset // task_struct.pid_links (pids[PIDTYPE_PID].node before 4.19)
 	// runqueue view.
 	rqCurr, rqIdle Offset
+	// module_kset view: kobject.entry and name, module_kobject.mod;
+	// module.mkobj (the module's own module_kobject) for the carve.
+	kobjEntry, kobjName, mkobjMod, moduleMkobj Offset
 	// exitState is task_struct.exit_state, BTF only (the flags and
 	// state tell an exiting task without it).
 	exitState Offset
@@ -99,4 +102,21 @@ func (k *Kernel) pidViewFromBTF(v *viewOffsets) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// members lists the known offsets by kernel name.
+func (v *viewOffsets) members() map[string]Offset {
+	m := map[string]Offset{}
+	for name, o := range map[string]Offset{
+		"pid_namespace.idr.idr_rt.xa_head": v.xaHead, "xa_node.slots": v.nodeSlots,
+		"pid.tasks": v.pidTasks, "pid.numbers": v.pidNumbers, "task_struct.pid_links": v.pidLinks,
+		"rq.curr": v.rqCurr, "rq.idle": v.rqIdle, "task_struct.exit_state": v.exitState,
+		"kobject.entry": v.kobjEntry, "kobject.name": v.kobjName, "module_kobject.mod": v.mkobjMod,
+		"module.mkobj.mod": v.moduleMkobj,
+	} {
+		if o.Known() {
+			m[name] = o
+		}
+	}
+	return m
 }

@@ -34,6 +34,9 @@ type TaskViews struct {
 	Views    []ViewResult `json:"views"`
 	Hidden   []HiddenTask `json:"hidden"`
 	Warnings []string     `json:"warnings,omitempty"`
+	// Offsets are the members the views used beyond Offsets, by kernel
+	// name, with where each came from (BTF, or solved and how).
+	Offsets map[string]Offset `json:"offsets,omitempty"`
 }
 
 // View names.
@@ -351,5 +354,6 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 	}
 	sort.Slice(res.Hidden, func(i, j int) bool { return res.Hidden[i].PID < res.Hidden[j].PID })
 	res.Warnings = x.warn
+	res.Offsets = x.v.members()
 	return res, nil
 }

@@ -122,6 +122,9 @@ func checkCleanTasks(t *testing.T, k *Kernel, off *Offsets) {
 		t.Fatal(err)
 	}
 	t.Logf("CrossViewTasks in %v: views %+v; warnings %q", time.Since(start), tv.Views, tv.Warnings)
+	for name, o := range tv.Offsets {
+		t.Logf("  %s = %#x (%s: %s)", name, o.Value, o.Source, o.How)
+	}
 	ps, err := k.Processes(off, ProcessOptions{NoCmdline: true})
 	if err != nil {
 		t.Fatal(err)
@@ -297,6 +300,8 @@ func forgeTaskList(t *testing.T, x *xviewGuest) {
 func TestCrossViewDebian(t *testing.T) {
 	x := bootXView(t, testlinux.Debian, true)
 	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
+	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, true) })
+	t.Run("HideModule", func(t *testing.T) { hideModule(t, x) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
@@ -309,6 +314,12 @@ func TestCrossViewDebian(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkCleanTasks(t, &nb, off)
+		checkCleanModules(t, &nb, off, true)
+		t.Run("HideModule", func(t *testing.T) {
+			y := *x
+			y.k, y.off = &nb, off
+			hideModule(t, &y)
+		})
 	})
 	t.Run("Dump", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "guest.core")
@@ -321,12 +332,86 @@ func TestCrossViewDebian(t *testing.T) {
 		}
 		defer core.Close()
 		checkCleanTasks(t, x.k.On(core), x.off)
+		checkCleanModules(t, x.k.On(core), x.off, true)
 	})
 }
 
 func TestCrossViewGokrazy(t *testing.T) {
 	x := bootXView(t, testlinux.Gokrazy, false)
 	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
+	// No module loaded and no BTF: struct module cannot be solved, so
+	// the carve does not run (and says why); the kset view runs.
+	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, false) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
+}
+
+// checkCleanModules checks the module cross-views of an untouched guest.
+func checkCleanModules(t *testing.T, k *Kernel, off *Offsets, wantCarve bool) {
+	t.Helper()
+	start := time.Now()
+	mv, err := k.CrossViewModules(off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("CrossViewModules in %v: views %+v; warnings %q", time.Since(start), mv.Views, mv.Warnings)
+	for name, o := range mv.Offsets {
+		t.Logf("  %s = %#x (%s: %s)", name, o.Value, o.Source, o.How)
+	}
+	ms, err := k.Modules(off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range mv.Views {
+		if v.Name == ViewModuleCarve && !wantCarve {
+			if v.Ran || v.Reason == "" {
+				t.Errorf("view %s: ran %v, reason %q; want not run, with a reason", v.Name, v.Ran, v.Reason)
+			}
+			continue
+		}
+		if !v.Ran || v.Reason != "" {
+			t.Errorf("view %s: ran %v, reason %q", v.Name, v.Ran, v.Reason)
+		}
+		if v.Count != len(ms) {
+			t.Errorf("view %s saw %d modules, Modules lists %d", v.Name, v.Count, len(ms))
+		}
+	}
+	for _, h := range mv.Hidden {
+		t.Errorf("hidden on a clean guest: %+v", h)
+	}
+	if len(mv.Warnings) > 0 {
+		t.Errorf("warnings on a clean guest: %q", mv.Warnings)
+	}
+}
+
+// hideModule unlinks a module from the modules list and checks that
+// CrossViewModules names it.
+func hideModule(t *testing.T, x *xviewGuest) {
+	ms, err := x.k.Modules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) < 2 {
+		t.Fatalf("%d modules loaded, want >= 2 (%s/debian/modules)", len(ms), testlinux.Require(t).Dir)
+	}
+	victim := ms[1]
+	undo := x.unlink(t, victim.Addr+uint64(x.off.ModuleList.Value))
+	defer undo()
+	after, err := x.k.Modules(x.off)
+	if err != nil || len(after) != len(ms)-1 {
+		t.Fatalf("Modules after unlinking %s: %d, %v", victim.Name, len(after), err)
+	}
+	mv, err := x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want %s; views %+v", mv.Hidden, victim.Name, mv.Views)
+	}
+	h := mv.Hidden[0]
+	if h.Name != victim.Name || h.Addr != victim.Addr || h.Base != victim.Base || h.Size != victim.Size ||
+		!hasString(h.SeenBy, ViewModuleKset) || !hasString(h.SeenBy, ViewModuleCarve) || !hasString(h.MissingFrom, ViewModules) {
+		t.Errorf("finding %+v, want %+v seen by module_kset and module_carve", h, victim)
+	}
+	t.Logf("hidden module found: %+v", h)
 }
