@@ -26,7 +26,8 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
 }
 
-// Set is a parsed rule file.
+// Set is a parsed rule file. It is not changed after Parse: Evaluate may
+// run from many goroutines at once.
 type Set struct {
 	Rules []Rule
 	// Scan is the file's scan: section, nil when it has none.
@@ -560,6 +561,9 @@ func (p *parser) strings(v *yaml.Node, key string) ([]string, error) {
 func (p *parser) uids(v *yaml.Node) ([]int, error) {
 	if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
 		return []int{}, nil
+	}
+	if isNull(v) || v.Kind == yaml.MappingNode {
+		return nil, p.fail(v, "process: uid_not_in: want a list of uids, such as [0, 1000]")
 	}
 	list := []*yaml.Node{v}
 	if v.Kind == yaml.SequenceNode {

@@ -111,6 +111,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top key", "rule:\n  - name: a\n", `f.yaml:1: unknown key "rule" (want rules or scan)`},
 		{"missing name", "rules:\n  - name: a\n    severity: low\n    process: {name: x}\n  - severity: low\n    process: {name: y}\n", `f.yaml:5: rule at line 5: name: missing`},
 		{"bad uid type", "rules:\n  - name: a\n    severity: low\n    process:\n      name: sshd\n      uid_not_in: [0, root]\n", `f.yaml:6: process: uid_not_in: "root" is not a uid`},
+		{"null uids", "rules:\n  - name: a\n    severity: low\n    process: {name: sshd, uid_not_in: }\n", `f.yaml:4: process: uid_not_in: want a list of uids`},
 		{"negative uid", "rules:\n  - name: a\n    severity: low\n    process: {name: sshd, uid_not_in: [-1]}\n", `f.yaml:4: process: uid_not_in: "-1" is not a uid`},
 		{"duplicate names", "rules:\n  - name: a\n    severity: low\n    process: {name: x}\n  - name: a\n    severity: high\n    module: {name: y}\n", `f.yaml:5: rule "a": name already used by the rule at line 2`},
 		{"bad duration", "scan:\n  interval: 5s\n  max_cpu: 5 seconds\n", `f.yaml:3: scan: max_cpu: "5 seconds" is not a duration`},
