@@ -26,7 +26,8 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
 }
 
-// Set is a parsed rule file.
+// Set is a parsed rule file. It is not changed after Parse: Evaluate may
+// run from many goroutines at once.
 type Set struct {
 	Rules []Rule
 	// Scan is the file's scan: section, nil when it has none.
@@ -561,6 +562,9 @@ func (p *parser) uids(v *yaml.Node) ([]int, error) {
 	if v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
 		return []int{}, nil
 	}
+	if isNull(v) || v.Kind == yaml.MappingNode {
+		return nil, p.fail(v, "process: uid_not_in: want a list of uids, such as [0, 1000]")
+	}
 	list := []*yaml.Node{v}
 	if v.Kind == yaml.SequenceNode {
 		list = v.Content
@@ -658,26 +662,54 @@ func oneLine(s string) string {
 // *Error at the line that broke the file. yaml.v3 reports the line where
 // the enclosing block starts, not where the error is: the first line
 // whose prefix of the file fails with the same message is the one that
-// broke it (the approach of tracer/policy's parser).
+// broke it (the approach of tracer/policy's parser). Prefixes that end
+// before the fault parse, or fail otherwise (a flow collection or a
+// quoted string cut in two); those past it fail with the message: the
+// line is found by bisection, then the lines just before it are tried in
+// case a prefix failed with the message early.
 func (p *parser) syntaxError(data []byte, err error) error {
 	line, msg := yamlMessage(err)
 	if line == 0 {
 		line = 1
 	}
-	if lines := bytes.SplitAfter(data, []byte("\n")); len(lines) <= 5000 {
-		var prefix []byte
-		for i, l := range lines {
-			prefix = append(prefix, l...)
-			if i+1 < line {
-				continue
+	lines := bytes.SplitAfter(data, []byte("\n"))
+	if len(lines) > 0 && len(lines[len(lines)-1]) == 0 {
+		lines = lines[:len(lines)-1]
+	}
+	ends := make([]int, len(lines)) // ends[i]: the length of lines[:i+1]
+	n := 0
+	for i, l := range lines {
+		n += len(l)
+		ends[i] = n
+	}
+	same := func(i int) bool {
+		var node yaml.Node
+		perr := yaml.Unmarshal(data[:ends[i]], &node)
+		if perr == nil {
+			return false
+		}
+		_, m := yamlMessage(perr)
+		return m == msg
+	}
+	if lo, hi := min(line-1, len(lines)), len(lines)-1; lo <= hi {
+		// The smallest i in [lo, hi] with same(i); hi fails (the file).
+		for lo < hi {
+			mid := lo + (hi-lo)/2
+			if same(mid) {
+				hi = mid
+			} else {
+				lo = mid + 1
 			}
-			var n yaml.Node
-			if perr := yaml.Unmarshal(prefix, &n); perr != nil {
-				if _, m := yamlMessage(perr); m == msg {
-					line = i + 1
-					break
-				}
+		}
+		found := lo
+		for i := max(line-1, found-20); i < found; i++ {
+			if same(i) {
+				found = i
+				break
 			}
+		}
+		if found >= 0 && same(found) {
+			line = found + 1
 		}
 	}
 	for _, hint := range []string{"expected '-' indicator", "did not find expected key", "mapping values are not allowed"} {

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -111,6 +112,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top key", "rule:\n  - name: a\n", `f.yaml:1: unknown key "rule" (want rules or scan)`},
 		{"missing name", "rules:\n  - name: a\n    severity: low\n    process: {name: x}\n  - severity: low\n    process: {name: y}\n", `f.yaml:5: rule at line 5: name: missing`},
 		{"bad uid type", "rules:\n  - name: a\n    severity: low\n    process:\n      name: sshd\n      uid_not_in: [0, root]\n", `f.yaml:6: process: uid_not_in: "root" is not a uid`},
+		{"null uids", "rules:\n  - name: a\n    severity: low\n    process: {name: sshd, uid_not_in: }\n", `f.yaml:4: process: uid_not_in: want a list of uids`},
 		{"negative uid", "rules:\n  - name: a\n    severity: low\n    process: {name: sshd, uid_not_in: [-1]}\n", `f.yaml:4: process: uid_not_in: "-1" is not a uid`},
 		{"duplicate names", "rules:\n  - name: a\n    severity: low\n    process: {name: x}\n  - name: a\n    severity: high\n    module: {name: y}\n", `f.yaml:5: rule "a": name already used by the rule at line 2`},
 		{"bad duration", "scan:\n  interval: 5s\n  max_cpu: 5 seconds\n", `f.yaml:3: scan: max_cpu: "5 seconds" is not a duration`},
@@ -183,5 +185,35 @@ func TestSeverityText(t *testing.T) {
 	var s Severity
 	if err := s.UnmarshalText([]byte("severe")); err == nil {
 		t.Error("severe parses")
+	}
+}
+
+// TestSyntaxErrorLine: YAML that does not parse is reported at the line
+// that broke it, not where yaml.v3 says its block started, and quickly in
+// a long file.
+func TestSyntaxErrorLine(t *testing.T) {
+	var long strings.Builder
+	long.WriteString("rules:\n")
+	for i := 0; i < 1500; i++ {
+		fmt.Fprintf(&long, "  - name: r%d\n    severity: low\n    process: {name: x}\n", i)
+	}
+	long.WriteString("   severity: high\n")
+	for i := 0; i < 100; i++ {
+		fmt.Fprintf(&long, "  - name: s%d\n    severity: low\n    process: {name: x}\n", i)
+	}
+	for _, tc := range []struct {
+		name, text string
+		line       int
+	}{
+		{"indentation", "rules:\n  - name: a\n    severity: low\n    process: {name: x}\n  - name: b\n    severity: low\n   process: {name: y}\n", 7},
+		{"mapping in a value", "rules:\n  - name: a\n    severity: low: high\n", 3},
+		{"tab", "rules:\n  - name: a\n\tseverity: low\n", 3},
+		{"long file", long.String(), 4502},
+	} {
+		_, err := Parse([]byte(tc.text), "f.yaml")
+		var e *Error
+		if !errors.As(err, &e) || e.Line != tc.line {
+			t.Errorf("%s: %v; want line %d", tc.name, err, tc.line)
+		}
 	}
 }

@@ -103,7 +103,6 @@ func TestTrackerBounded(t *testing.T) {
 
 func TestTrackerConcurrent(t *testing.T) {
 	s := mustParse(t, docExample)
-	fs := s.Evaluate(Subject{Processes: guestProcesses()})
 	var tr Tracker
 	var wg sync.WaitGroup
 	for i := 0; i < 8; i++ {
@@ -111,7 +110,7 @@ func TestTrackerConcurrent(t *testing.T) {
 		go func(i int) {
 			defer wg.Done()
 			for j := 0; j < 100; j++ {
-				tr.Observe(time.Unix(int64(i*1000+j), 0), fs)
+				tr.Observe(time.Unix(int64(i*1000+j), 0), s.Evaluate(Subject{Processes: guestProcesses()}))
 				tr.All()
 			}
 		}(i)

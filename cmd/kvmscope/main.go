@@ -58,6 +58,7 @@ func newApp() *cli.App {
 		Commands: []*cli.Command{
 			runCommand(),
 			policyCommand(),
+			rulesCommand(),
 			eventsCommand(),
 			guardCommand(),
 			blockedCommand(),
