@@ -8,7 +8,7 @@ import (
 	"github.com/kvmscope/kvmscope/rules"
 )
 
-// crossViews runs the cross-view checks of hidden tasks (and modules)
+// crossViews runs the cross-view checks of hidden tasks and modules
 // and puts what they found into sub; it returns the views and what
 // could not be checked. A view that did not run is a warning, never a
 // silent all clear.
@@ -25,6 +25,17 @@ func (s *Session) crossViews(ctx context.Context, sub *rules.Subject) ([]introsp
 			sub.HiddenProcesses = []rules.Hidden{}
 			for _, h := range tv.Hidden {
 				sub.HiddenProcesses = append(sub.HiddenProcesses, rules.Hidden{Name: h.Comm, PID: h.PID, Addr: h.Task, SeenBy: h.SeenBy, MissingFrom: h.MissingFrom})
+			}
+		}
+		mv, err := k.CrossViewModules(off)
+		if err != nil {
+			warnings = append(warnings, fmt.Sprintf("hidden modules not judged: %v", err))
+		} else {
+			views = append(views, mv.Views...)
+			warnings = append(warnings, mv.Warnings...)
+			sub.HiddenModules = []rules.Hidden{}
+			for _, h := range mv.Hidden {
+				sub.HiddenModules = append(sub.HiddenModules, rules.Hidden{Name: h.Name, Addr: h.Addr, SeenBy: h.SeenBy, MissingFrom: h.MissingFrom})
 			}
 		}
 		return nil

@@ -26,8 +26,8 @@ func reportCommand() *cli.Command {
 			var set *rules.Set
 			if path := c.String("rules"); path != "" {
 				var err error
-				if set, err = rules.Load(path); err != nil {
-					return cli.Exit(err.Error(), 2)
+				if set, err = loadRules(path); err != nil {
+					return err
 				}
 			}
 			rep, err := g.report(ctx, set, c.Bool("cached"))

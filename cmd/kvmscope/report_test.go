@@ -161,6 +161,9 @@ func TestRules(t *testing.T) {
 	if err := api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info); err != nil || len(info.Rules) != 4 || info.Rules[3].Name != "no sleepers" {
 		t.Errorf("rules in force after a broken edit: %+v (%v)", info, err)
 	}
+	if out, errOut, code := kvmscope(t, "rules", "reload", "--api", sock); code != 1 || !strings.Contains(errOut, rulesPath+":3:") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+		t.Errorf("rules reload of a broken file: code %d: %s%s", code, out, errOut)
+	}
 	replaceFile(t, rulesPath, docsRules)
 	waitFor(t, 30*time.Second, "the good rules back", func() bool {
 		time.Sleep(200 * time.Millisecond)
@@ -189,6 +192,21 @@ func TestRules(t *testing.T) {
 		t.Errorf("hidden finding: %+v", h)
 	}
 	t.Logf("hidden: %s; views %+v", hidden.Findings[0].Summary, rep.Views)
+
+	// The same judgement on a dump of the guest, by the same rules.
+	core := filepath.Join(dir, "vm.core")
+	if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code != 0 {
+		t.Fatalf("dump: %s", errOut)
+	}
+	restore()
+	rep = reportJSON(t, "--core", core, "--rules", rulesPath)
+	found := false
+	for _, f := range rep.Findings {
+		found = found || (f.Kind == "hidden_process" && f.Evidence.PID == victim)
+	}
+	if !found || findingOf(rep, "no miners") == nil {
+		t.Errorf("report of the dump: %+v", rep)
+	}
 }
 
 // unlinkTask takes the first process named comm off the guest's tasks

@@ -1,7 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
 
 	"github.com/kvmscope/kvmscope/rules"
 	"github.com/urfave/cli/v2"
@@ -28,6 +34,22 @@ func rulesCommand() *cli.Command {
 					return nil
 				},
 			},
+			{
+				Name:  "show",
+				Usage: "the rule base a running VM judges by",
+				Flags: []cli.Flag{apiFlag, vmFlag, jsonFlag},
+				Action: func(c *cli.Context) error {
+					return rulesRequest(c, false)
+				},
+			},
+			{
+				Name:  "reload",
+				Usage: "make a running VM read its rule file again (as SIGHUP to its tracer does); a bad file keeps the rules in force",
+				Flags: []cli.Flag{apiFlag, vmFlag, jsonFlag},
+				Action: func(c *cli.Context) error {
+					return rulesRequest(c, true)
+				},
+			},
 		},
 	}
 }
@@ -40,4 +62,34 @@ func loadRules(name string) (*rules.Set, error) {
 		return nil, cli.Exit(err.Error(), 2)
 	}
 	return s, nil
+}
+
+// rulesRequest prints the rule base of a running VM, after a reload when
+// reload is set.
+func rulesRequest(c *cli.Context, reload bool) error {
+	cl, err := client(c)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var info api.RulesInfo
+	if reload {
+		err = cl.Post(ctx, "/v1/rules/reload", &info)
+	} else {
+		err = cl.Get(ctx, "/v1/rules", &info)
+	}
+	if err != nil {
+		return cli.Exit(err.Error(), 1)
+	}
+	if c.Bool("json") {
+		return printJSON(info)
+	}
+	fmt.Printf("%s: %d rules\n", info.Source, len(info.Rules))
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LINE\tSEVERITY\tMATCHES\tNAME")
+	for _, r := range info.Rules {
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Line, r.Severity, r.Matcher, r.Name)
+	}
+	return tw.Flush()
 }

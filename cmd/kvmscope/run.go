@@ -51,8 +51,8 @@ func runAction(c *cli.Context) error {
 		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load"), BusyVM: c.Float64("scan-busy-vm")}
 	var set *rules.Set
 	if path := c.String("rules"); path != "" {
-		if set, err = rules.Load(path); err != nil {
-			return cli.Exit(err.Error(), 2)
+		if set, err = loadRules(path); err != nil {
+			return err
 		}
 		applyScanSection(c, &scan, set.Scan)
 	}
