@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kvmscope/kvmscope/internal/yamlerr"
 	"gopkg.in/yaml.v3"
 )
 
@@ -658,77 +659,9 @@ func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
 }
 
-// syntaxError turns a yaml.v3 syntax error ("yaml: line N: msg") into an
-// *Error at the line that broke the file. yaml.v3 reports the line where
-// the enclosing block starts, not where the error is: the first line
-// whose prefix of the file fails with the same message is the one that
-// broke it (the approach of tracer/policy's parser). Prefixes that end
-// before the fault parse, or fail otherwise (a flow collection or a
-// quoted string cut in two); those past it fail with the message: the
-// line is found by bisection, then the lines just before it are tried in
-// case a prefix failed with the message early.
+// syntaxError turns a yaml.v3 syntax error into an *Error at the line
+// that broke the file (yamlerr.SyntaxLine).
 func (p *parser) syntaxError(data []byte, err error) error {
-	line, msg := yamlMessage(err)
-	if line == 0 {
-		line = 1
-	}
-	lines := bytes.SplitAfter(data, []byte("\n"))
-	if len(lines) > 0 && len(lines[len(lines)-1]) == 0 {
-		lines = lines[:len(lines)-1]
-	}
-	ends := make([]int, len(lines)) // ends[i]: the length of lines[:i+1]
-	n := 0
-	for i, l := range lines {
-		n += len(l)
-		ends[i] = n
-	}
-	same := func(i int) bool {
-		var node yaml.Node
-		perr := yaml.Unmarshal(data[:ends[i]], &node)
-		if perr == nil {
-			return false
-		}
-		_, m := yamlMessage(perr)
-		return m == msg
-	}
-	if lo, hi := min(line-1, len(lines)), len(lines)-1; lo <= hi {
-		// The smallest i in [lo, hi] with same(i); hi fails (the file).
-		for lo < hi {
-			mid := lo + (hi-lo)/2
-			if same(mid) {
-				hi = mid
-			} else {
-				lo = mid + 1
-			}
-		}
-		found := lo
-		for i := max(line-1, found-20); i < found; i++ {
-			if same(i) {
-				found = i
-				break
-			}
-		}
-		if found >= 0 && same(found) {
-			line = found + 1
-		}
-	}
-	for _, hint := range []string{"expected '-' indicator", "did not find expected key", "mapping values are not allowed"} {
-		if strings.Contains(msg, hint) {
-			msg += " (check the indentation)"
-			break
-		}
-	}
-	return &Error{File: p.name, Line: line, Msg: oneLine(msg)}
-}
-
-// yamlMessage splits yaml.v3's "yaml: line N: msg" into N and msg.
-func yamlMessage(err error) (int, string) {
-	msg := strings.TrimPrefix(err.Error(), "yaml: ")
-	var line int
-	if _, scanErr := fmt.Sscanf(msg, "line %d:", &line); scanErr == nil {
-		if i := strings.Index(msg, ":"); i >= 0 {
-			msg = strings.TrimSpace(msg[i+1:])
-		}
-	}
-	return line, msg
+	line, msg := yamlerr.Split(err)
+	return &Error{File: p.name, Line: yamlerr.SyntaxLine(data, line, msg), Msg: oneLine(yamlerr.Hint(msg))}
 }

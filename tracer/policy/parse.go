@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/kvmscope/kvmscope/internal/yamlerr"
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
 	"golang.org/x/sys/unix"
 	"gopkg.in/yaml.v3"
@@ -58,7 +59,7 @@ func Parse(name string, b []byte) (*Policy, error) {
 	err := dec.Decode(&doc)
 	if err != nil && !errors.Is(err, io.EOF) {
 		e := yamlError(name, err)
-		e.Line = syntaxErrorLine(b, e)
+		e.Line = yamlerr.SyntaxLine(b, e.Line, e.Msg)
 		return nil, e
 	}
 	p := &Policy{Default: Allow, Mode: Enforce, Source: name}
@@ -243,43 +244,7 @@ func errOr(err error, s string) string {
 }
 
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error.
-// syntaxErrorLine finds the line of a YAML syntax error. yaml.v3 reports
-// the line where the enclosing block starts, not where the error is; the
-// first line whose prefix of the file fails with the same message is the
-// one that broke it. (A prefix can also fail because it cuts a flow
-// collection or a quoted string in two: those fail with other messages.)
-func syntaxErrorLine(b []byte, e *Error) int {
-	lines := bytes.SplitAfter(b, []byte("\n"))
-	if len(lines) > 5000 {
-		return e.Line
-	}
-	var prefix []byte
-	for i, l := range lines {
-		prefix = append(prefix, l...)
-		if i+1 < e.Line {
-			continue
-		}
-		var n yaml.Node
-		err := yaml.Unmarshal(prefix, &n)
-		if err != nil && yamlError(e.File, err).Msg == e.Msg {
-			return i + 1
-		}
-	}
-	return e.Line
-}
-
 func yamlError(name string, err error) *Error {
-	msg := err.Error()
-	var te *yaml.TypeError
-	if errors.As(err, &te) && len(te.Errors) > 0 {
-		msg = te.Errors[0]
-	}
-	msg = strings.TrimPrefix(msg, "yaml: ")
-	e := &Error{File: name, Msg: msg}
-	var line int
-	if _, scanErr := fmt.Sscanf(msg, "line %d:", &line); scanErr == nil {
-		e.Line = line
-		e.Msg = strings.TrimSpace(msg[strings.Index(msg, ":")+1:])
-	}
-	return e
+	line, msg := yamlerr.Split(err)
+	return &Error{File: name, Line: line, Msg: msg}
 }
