@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -171,6 +173,24 @@ func TestRules(t *testing.T) {
 		return api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info) == nil && len(info.Rules) == 3
 	})
 
+	// SIGHUP to the tracer reloads the file, and QEMU does not see it.
+	tracerPID := tracerOf(t, g.Pid())
+	if err := syscall.Kill(tracerPID, syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "a reload on SIGHUP", func() bool {
+		for _, e := range events(t, sock) {
+			if e["kind"] == "rules_reloaded" && e["why"] == "SIGHUP" {
+				return true
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+		return false
+	})
+	if syscall.Kill(g.Pid(), 0) != nil || len(psJSON(t, "--api", sock)) == 0 {
+		t.Fatal("QEMU did not survive a SIGHUP to its tracer")
+	}
+
 	// DKOM: unlink one sleep process from the tasks list; the PID
 	// allocator still holds it.
 	victim, restore := unlinkTask(t, sock, "sleep")
@@ -262,4 +282,24 @@ func unlinkTask(t *testing.T, sock, comm string) (int, func()) {
 	}
 	t.Fatalf("no %s process", comm)
 	return 0, nil
+}
+
+// tracerOf is the pid tracing pid (its TracerPid): kvmscope's tracer.
+func tracerOf(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n == 0 {
+				t.Fatalf("TracerPid of %d: %q", pid, v)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no TracerPid in /proc/%d/status", pid)
+	return 0
 }

@@ -55,14 +55,14 @@ func (w *rulesWatch) reload(why string) error {
 	if err != nil {
 		w.log.Error().Str("rules", w.path).Str("why", why).Msgf("rules not reloaded, the previous ones stay: %v", err)
 		if w.events != nil {
-			w.events.Append("rules_error", map[string]string{"file": w.path, "error": err.Error()})
+			w.events.Append("rules_error", map[string]string{"file": w.path, "error": err.Error(), "why": why})
 		}
 		return err
 	}
 	w.sess.SetRules(set)
 	w.log.Info().Str("rules", w.path).Str("why", why).Int("rules", len(set.Rules)).Msg("rules reloaded")
 	if w.events != nil {
-		w.events.Append("rules_reloaded", map[string]any{"file": w.path, "rules": len(set.Rules)})
+		w.events.Append("rules_reloaded", map[string]any{"file": w.path, "rules": len(set.Rules), "why": why})
 	}
 	return nil
 }
