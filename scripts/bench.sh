@@ -137,7 +137,7 @@ if [ "${KVMSCOPE_BENCH_SCAN:-1}" != 0 ]; then
   # The KVM rows (BenchmarkPSKVM) ran with the KVM benchmarks above.
   grep '^BenchmarkPSKVM' "$log" >.cache/bench-pskvm.log || true
   echo >&2
-  go test -run '^$' -bench '^Benchmark(PS|FirstContact|CorePS|ScanSchedule)$' -benchtime 2s -count 1 -timeout 30m ./cmd/kvmscope 2>&1 |
+  go test -run '^$' -bench '^Benchmark(PS|FirstContact|CorePS|ScanSchedule|EventLatency)$' -benchtime 2s -count 1 -timeout 30m ./cmd/kvmscope 2>&1 |
     grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
     tee "$scanlog" >&2 || status=1
   cat .cache/bench-pskvm.log >>"$scanlog"
@@ -213,6 +213,8 @@ END {
   }
   count("guest busy loop, unscanned / scanned (same run)", "ScanSchedule/procs=100", "guest-slowdown-ratio")
   count("  noise floor: the two unscanned guests", "ScanSchedule/procs=100", "unscanned-spread-ratio")
+  row("event latency, scan end to events --follow (CLI)", "EventLatency", "event-latency-ms", 0, 0)
+  row("  p90 (CLI)", "EventLatency", "event-latency-p90-ms", 0, 0)
   exit failed
 }' "$scanlog" || status=1
 fi

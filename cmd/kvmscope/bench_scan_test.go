@@ -63,6 +63,7 @@ type scanBoot struct {
 	accel        string
 	extra, memMB int
 	memfd, spin  bool
+	churn        bool // kvmscope.churn=1: a new process every second
 	run          []string
 }
 
@@ -86,6 +87,9 @@ func bootScanGuestWith(b *testing.B, o scanBoot) *scanGuest {
 	}
 	if o.spin {
 		app = append(app, "kvmscope.spin=1")
+	}
+	if o.churn {
+		app = append(app, "kvmscope.churn=1")
 	}
 	opts.Append = strings.Join(app, " ")
 	if memfd {
