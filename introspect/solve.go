@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -328,23 +329,11 @@ func twins(member string, cands []candidate, width int) (first, second candidate
 	switch {
 	case len(cands) == 0:
 		return first, second, fmt.Errorf("%s: no offset satisfies the constraints", member)
-	case len(cands) == 2 && cands[1].off == cands[0].off+width && equalVals(cands[0].vals, cands[1].vals):
+	case len(cands) == 2 && cands[1].off == cands[0].off+width && slices.Equal(cands[0].vals, cands[1].vals):
 		return cands[0], cands[1], nil
 	default:
 		return first, second, fmt.Errorf("%s: %w: candidates %s", member, ErrAmbiguous, offsList(cands))
 	}
-}
-
-func equalVals(a, b []uint64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // one returns the only candidate, or an error naming all of them.

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -266,7 +267,7 @@ func (e *evaluator) process(p *introspect.Process) {
 	desc := describe(p)
 	summary := desc + " is running"
 	if m.hasUIDs {
-		if p.UID < 0 || containsInt(m.uidNotIn, p.UID) {
+		if p.UID < 0 || slices.Contains(m.uidNotIn, p.UID) {
 			return // unknown uid (offsets unsolved), or an allowed one
 		}
 		summary = fmt.Sprintf("%s runs as uid %d, not %s", desc, p.UID, uidList(m.uidNotIn))
@@ -292,7 +293,7 @@ func (e *evaluator) previous(p *introspect.Process) *introspect.Process {
 	if q == nil || q.Comm != p.Comm {
 		return nil
 	}
-	if q.Cmdline != nil && p.Cmdline != nil && !equalStrings(q.Cmdline, p.Cmdline) {
+	if q.Cmdline != nil && p.Cmdline != nil && !slices.Equal(q.Cmdline, p.Cmdline) {
 		return nil
 	}
 	return q
@@ -499,25 +500,4 @@ func glob(p, s string) bool {
 		px++
 	}
 	return px == len(p)
-}
-
-func containsInt(list []int, v int) bool {
-	for _, x := range list {
-		if x == v {
-			return true
-		}
-	}
-	return false
-}
-
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

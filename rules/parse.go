@@ -7,11 +7,12 @@ import (
 	"io"
 	"math"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/kvmscope/kvmscope/internal/yamlerr"
+	"github.com/kvmscope/kvmscope/internal/yamlfile"
 	"gopkg.in/yaml.v3"
 )
 
@@ -229,9 +230,9 @@ func (p *parser) rule(n *yaml.Node) (Rule, *yaml.Node, error) {
 			r.Name, nameNode = v.Value, k
 			return nil
 		case "severity":
-			s, err := ParseSeverity(scalar(v))
+			s, err := ParseSeverity(yamlfile.Scalar(v))
 			if err != nil || v.Kind != yaml.ScalarNode {
-				return p.fail(v, "severity: %s", errOr(err, "want info, low, medium, high or critical"))
+				return p.fail(v, "severity: %s", yamlfile.ErrOr(err, "want info, low, medium, high or critical"))
 			}
 			r.Severity, hasSeverity = s, true
 			return nil
@@ -363,7 +364,7 @@ func (p *parser) matcher(r *Rule, key string, v *yaml.Node) error {
 				return err
 			}
 			for _, it := range items {
-				if !contains(IntegrityKinds, it.Value) {
+				if !slices.Contains(IntegrityKinds, it.Value) {
 					return p.fail(it, "integrity: kinds: unknown kind %q (want %s)", it.Value, strings.Join(IntegrityKinds, ", "))
 				}
 				m.kinds[it.Value] = true
@@ -631,37 +632,14 @@ func isNull(n *yaml.Node) bool {
 	return n.Kind == 0 || (n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null")
 }
 
-func scalar(n *yaml.Node) string {
-	if n.Kind != yaml.ScalarNode {
-		return ""
-	}
-	return n.Value
-}
-
-func errOr(err error, s string) string {
-	if err != nil {
-		return err.Error()
-	}
-	return s
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
-
 // oneLine keeps a message to one line.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", "; ")), " ")
 }
 
 // syntaxError turns a yaml.v3 syntax error into an *Error at the line
-// that broke the file (yamlerr.SyntaxLine).
+// that broke the file (yamlfile.SyntaxLine).
 func (p *parser) syntaxError(data []byte, err error) error {
-	line, msg := yamlerr.Split(err)
-	return &Error{File: p.name, Line: yamlerr.SyntaxLine(data, line, msg), Msg: oneLine(yamlerr.Hint(msg))}
+	line, msg := yamlfile.Split(err)
+	return &Error{File: p.name, Line: yamlfile.SyntaxLine(data, line, msg), Msg: oneLine(yamlfile.Hint(msg))}
 }

@@ -19,15 +19,9 @@ import (
 	"github.com/kvmscope/kvmscope/session"
 )
 
-// The docs' first example (docs/rules.md).
-const docsRules = `rules:
-  - name: no miners
-    severity: high
-    process: {name: crypto-miner}
-  - name: only root runs sshd
-    severity: medium
-    process: {name: sshd, uid_not_in: [0]}
-  - name: hidden process
+// docsRules is the docs' first example (docRules) and a hidden-process
+// rule.
+const docsRules = docRules + `  - name: hidden process
     severity: critical
     hidden: {processes: true}
 `

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/kvmscope/kvmscope/internal/yamlerr"
+	"github.com/kvmscope/kvmscope/internal/yamlfile"
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
 	"golang.org/x/sys/unix"
 	"gopkg.in/yaml.v3"
@@ -59,7 +59,7 @@ func Parse(name string, b []byte) (*Policy, error) {
 	err := dec.Decode(&doc)
 	if err != nil && !errors.Is(err, io.EOF) {
 		e := yamlError(name, err)
-		e.Line = yamlerr.SyntaxLine(b, e.Line, e.Msg)
+		e.Line = yamlfile.SyntaxLine(b, e.Line, e.Msg)
 		return nil, e
 	}
 	p := &Policy{Default: Allow, Mode: Enforce, Source: name}
@@ -79,13 +79,13 @@ func Parse(name string, b []byte) (*Policy, error) {
 		seen[k.Value] = true
 		switch k.Value {
 		case "default":
-			a, err := parseAction(scalar(v))
+			a, err := parseAction(yamlfile.Scalar(v))
 			if err != nil || v.Kind != yaml.ScalarNode {
-				return nil, fail(v, "default: %v", errOr(err, "want an action"))
+				return nil, fail(v, "default: %v", yamlfile.ErrOr(err, "want an action"))
 			}
 			p.Default = a
 		case "mode":
-			switch Mode(scalar(v)) {
+			switch Mode(yamlfile.Scalar(v)) {
 			case Enforce, LogOnly:
 				p.Mode = Mode(v.Value)
 			default:
@@ -127,7 +127,7 @@ func parseRule(n *yaml.Node, fail failFunc) (*Rule, error) {
 		seen[k.Value] = true
 		switch k.Value {
 		case "name":
-			r.Name = scalar(v)
+			r.Name = yamlfile.Scalar(v)
 		case "ioctl":
 			hasIoctl = true
 			items := []*yaml.Node{v}
@@ -135,7 +135,7 @@ func parseRule(n *yaml.Node, fail failFunc) (*Rule, error) {
 				items = v.Content
 			}
 			for _, it := range items {
-				s := scalar(it)
+				s := yamlfile.Scalar(it)
 				if it.Kind != yaml.ScalarNode || s == "" {
 					return nil, fail(it, "ioctl: want a request name or number")
 				}
@@ -153,7 +153,7 @@ func parseRule(n *yaml.Node, fail failFunc) (*Rule, error) {
 				r.Requests = append(r.Requests, req.Cmd)
 			}
 		case "fd":
-			r.FD = scalar(v)
+			r.FD = yamlfile.Scalar(v)
 			switch ioctl.FD(r.FD) {
 			case ioctl.FDKVM, ioctl.FDVM, ioctl.FDVCPU, ioctl.FDDevice:
 			default:
@@ -162,7 +162,7 @@ func parseRule(n *yaml.Node, fail failFunc) (*Rule, error) {
 				}
 			}
 		case "thread":
-			switch t := Thread(scalar(v)); t {
+			switch t := Thread(yamlfile.Scalar(v)); t {
 			case ThreadAny, ThreadMain, ThreadVCPU, ThreadIO:
 				r.Thread = t
 			default:
@@ -171,7 +171,7 @@ func parseRule(n *yaml.Node, fail failFunc) (*Rule, error) {
 		case "match":
 			matchNode = v
 		case "action":
-			a, err := parseAction(scalar(v))
+			a, err := parseAction(yamlfile.Scalar(v))
 			if err != nil {
 				return nil, fail(v, "action: %v", err)
 			}
@@ -209,7 +209,7 @@ func parseRule(n *yaml.Node, fail failFunc) (*Rule, error) {
 		if r.Action != Deny {
 			return nil, fail(errnoNode, "errno: only a deny rule has one")
 		}
-		e, err := parseErrno(scalar(errnoNode))
+		e, err := parseErrno(yamlfile.Scalar(errnoNode))
 		if err != nil {
 			return nil, fail(errnoNode, "errno: %v", err)
 		}
@@ -229,22 +229,8 @@ func parseErrno(s string) (syscall.Errno, error) {
 	return 0, fmt.Errorf("unknown errno %q (want a name such as EPERM or EINVAL)", s)
 }
 
-func scalar(n *yaml.Node) string {
-	if n.Kind != yaml.ScalarNode {
-		return ""
-	}
-	return n.Value
-}
-
-func errOr(err error, s string) string {
-	if err != nil {
-		return err.Error()
-	}
-	return s
-}
-
 // yamlError turns yaml.v3's "yaml: line N: msg" into an Error.
 func yamlError(name string, err error) *Error {
-	line, msg := yamlerr.Split(err)
+	line, msg := yamlfile.Split(err)
 	return &Error{File: name, Line: line, Msg: msg}
 }

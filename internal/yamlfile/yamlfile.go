@@ -1,6 +1,7 @@
-// Package yamlerr turns gopkg.in/yaml.v3's errors into a line and a
-// message a user can act on, for the policy and rule files.
-package yamlerr
+// Package yamlfile holds what the policy and rule files share in reading
+// YAML with gopkg.in/yaml.v3: errors turned into a line and a message a
+// user can act on, and small node helpers.
+package yamlfile
 
 import (
 	"bytes"
@@ -95,4 +96,21 @@ func Hint(msg string) string {
 		}
 	}
 	return msg
+}
+
+// Scalar is a scalar node's value, or "" for any other node.
+func Scalar(n *yaml.Node) string {
+	if n.Kind != yaml.ScalarNode {
+		return ""
+	}
+	return n.Value
+}
+
+// ErrOr is err's text, or s when err is nil (an unknown value: what to
+// want instead).
+func ErrOr(err error, s string) string {
+	if err != nil {
+		return err.Error()
+	}
+	return s
 }
