@@ -43,21 +43,37 @@ type baselineFile struct {
 // baseline kept there, which the first scan takes. The read is made with
 // the guest paused.
 func (s *Session) Integrity(ctx context.Context, baselinePath string) (*Integrity, error) {
+	return s.integrity(ctx, baselinePath, false)
+}
+
+// integrity is Integrity, or with quick the check a scheduled scan makes
+// between full ones: the tables and the code only, read without pausing
+// the guest, without kicking the vCPUs for their MSRs and registers (no
+// IDT, LSTAR or control-register check). A quick check never takes the
+// baseline.
+func (s *Session) integrity(ctx context.Context, baselinePath string, quick bool) (*Integrity, error) {
 	src, err := s.machine.Source()
 	if err != nil {
 		return nil, err
 	}
+	if quick {
+		if _, err := loadBaseline(baselinePath); err != nil {
+			quick = false
+		}
+	}
 	// MSRs and registers first: reading MSRs kicks the vCPUs, which a
 	// paused QEMU would never answer.
 	var notes []string
-	if r, ok := src.(interface{ ReadEntryMSRs(context.Context) error }); ok {
-		if err := r.ReadEntryMSRs(ctx); err != nil {
-			notes = append(notes, fmt.Sprintf("LSTAR not read: %v", err))
+	var cpus []guestmem.CPU
+	if !quick {
+		if r, ok := src.(interface{ ReadEntryMSRs(context.Context) error }); ok {
+			if err := r.ReadEntryMSRs(ctx); err != nil {
+				notes = append(notes, fmt.Sprintf("LSTAR not read: %v", err))
+			}
 		}
-	}
-	cpus, err := src.CPUs(ctx)
-	if err != nil {
-		notes = append(notes, fmt.Sprintf("no vCPU registers (IDT and control registers not checked): %v", err))
+		if cpus, err = src.CPUs(ctx); err != nil {
+			notes = append(notes, fmt.Sprintf("no vCPU registers (IDT and control registers not checked): %v", err))
+		}
 	}
 	var idt uint64
 	for _, c := range cpus {
@@ -66,11 +82,11 @@ func (s *Session) Integrity(ctx context.Context, baselinePath string) (*Integrit
 			break
 		}
 	}
-	if idt == 0 && err == nil {
+	if idt == 0 && err == nil && !quick {
 		notes = append(notes, "IDT not checked: no vCPU in long mode with an IDT (dumps carry no IDTR)")
 	}
 	out := &Integrity{At: time.Now(), Baseline: "none", Deviations: []introspect.Deviation{}}
-	_, err = s.scan(ctx, "integrity", true, func(k *introspect.Kernel, _ *introspect.Offsets) error {
+	_, err = s.scan(ctx, "integrity", !quick, func(k *introspect.Kernel, _ *introspect.Offsets) error {
 		d, err := k.ReadDispatch(idt)
 		if err != nil {
 			return err
@@ -93,15 +109,24 @@ func (s *Session) Integrity(ctx context.Context, baselinePath string) (*Integrit
 		case !errors.Is(err, os.ErrNotExist):
 			return fmt.Errorf("integrity baseline: %w", err)
 		}
+		if quick {
+			return errNeedFull
+		}
 		out.Baseline = "taken"
 		return saveBaseline(baselinePath, baselineFile{Banner: k.Banner, TextVA: k.TextVA, Taken: out.At, Dispatch: d})
 	})
+	if errors.Is(err, errNeedFull) {
+		return s.integrity(ctx, baselinePath, false)
+	}
 	if err != nil {
 		return nil, err
 	}
 	out.Notes = notes
 	return out, nil
 }
+
+// errNeedFull stops a quick check that would have to take a baseline.
+var errNeedFull = errors.New("integrity: a full check is needed")
 
 // merge adds the baseline's deviations to the kernel's own, one per
 // location: where both name a place, the one with the baseline stays.

@@ -54,8 +54,51 @@ type judging struct {
 	track    rules.Tracker
 	last     atomic.Pointer[Report]
 
-	mu   sync.Mutex           // serializes judgements (prev)
+	mu   sync.Mutex           // serializes judgements (prev, full*)
 	prev []introspect.Process // the processes of the judgement before
+	// fullAt is when the last full integrity check ran; fullRegs its
+	// deviations that a quick check does not look at (IDT, LSTAR,
+	// control registers).
+	fullAt   time.Time
+	fullRegs []introspect.Deviation
+}
+
+// fullIntegrityEvery is how often scheduled judgements make a full
+// integrity check (the guest paused, the vCPUs kicked for their MSRs);
+// the ones between are quick (integrity's quick).
+const fullIntegrityEvery = time.Minute
+
+// judgeIntegrity checks the dispatch: fully when !quick or a minute
+// after the last full check, else quickly, with a quick check that finds
+// anything confirmed by a full one (a read made while the kernel patches
+// its own text can be torn). A quick check carries the register-side
+// deviations of the last full one over. Precondition: judging.mu held.
+func (s *Session) judgeIntegrity(ctx context.Context, quick bool) ([]introspect.Deviation, error) {
+	base := ""
+	if p := s.judging.baseline.Load(); p != nil {
+		base = *p
+	}
+	j := &s.judging
+	full := !quick || time.Since(j.fullAt) >= fullIntegrityEvery
+	in, err := s.integrity(ctx, base, !full)
+	if err == nil && !full && len(in.Deviations) > 0 {
+		full = true
+		in, err = s.integrity(ctx, base, false)
+	}
+	if err != nil {
+		return nil, err
+	}
+	devs := append([]introspect.Deviation{}, in.Deviations...)
+	if full {
+		j.fullAt, j.fullRegs = time.Now(), nil
+		for _, d := range in.Deviations {
+			if d.Kind == "idt" || d.Kind == "cpu" || d.Kind == "msr" {
+				j.fullRegs = append(j.fullRegs, d)
+			}
+		}
+		return devs, nil
+	}
+	return append(devs, j.fullRegs...), nil
 }
 
 type eventsBox struct{ Events }
@@ -112,14 +155,15 @@ func (s *Session) Judge(ctx context.Context) (*Report, error) {
 	} else if pe != nil && err != nil {
 		warnings = append(warnings, pe.Warnings...)
 	}
-	return s.judgeSeen(ctx, procs, mods, warnings), nil
+	return s.judgeSeen(ctx, procs, mods, warnings, false), nil
 }
 
 // judgeSeen judges what a scan saw (procs and mods; nil when not read),
 // adding the dispatch integrity check and the cross-views when the rules
 // ask for them, records the findings, makes events of the new ones and
-// returns the report.
-func (s *Session) judgeSeen(ctx context.Context, procs []introspect.Process, mods []introspect.Module, warnings []string) *Report {
+// returns the report. quick (scheduled scans) makes the integrity check
+// a quick one between full ones (judgeIntegrity).
+func (s *Session) judgeSeen(ctx context.Context, procs []introspect.Process, mods []introspect.Module, warnings []string, quick bool) *Report {
 	s.judging.mu.Lock()
 	defer s.judging.mu.Unlock()
 	set := s.Rules()
@@ -132,17 +176,10 @@ func (s *Session) judgeSeen(ctx context.Context, procs []introspect.Process, mod
 		sub.Previous = s.judging.prev
 	}
 	if want["integrity"] {
-		base := ""
-		if p := s.judging.baseline.Load(); p != nil {
-			base = *p
-		}
-		if in, err := s.Integrity(ctx, base); err != nil {
+		if devs, err := s.judgeIntegrity(ctx, quick); err != nil {
 			warnings = append(warnings, fmt.Sprintf("dispatch integrity not judged: %v", err))
 		} else {
-			sub.Deviations = in.Deviations
-			if sub.Deviations == nil {
-				sub.Deviations = []introspect.Deviation{}
-			}
+			sub.Deviations = devs
 		}
 	}
 	var views []introspect.ViewResult

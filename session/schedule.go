@@ -53,7 +53,7 @@ func (s *Session) Run(ctx context.Context, p ScanPolicy, logf func(err error)) {
 		if err == nil {
 			// The judgement's own reads (integrity, cross-views) are
 			// the scan's too.
-			s.judgeSeen(sctx, scan.Processes, ms, append(scan.Warnings, warnings...))
+			s.judgeSeen(sctx, scan.Processes, ms, append(scan.Warnings, warnings...), true)
 			if b.hit != "" {
 				err = ErrBudget
 			}
