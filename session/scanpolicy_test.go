@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -121,22 +122,17 @@ func TestSchedulerBusyVM(t *testing.T) {
 // TestVMLoad measures a real process: this test's own busy thread, named
 // as QEMU names its vCPU threads.
 func TestVMLoad(t *testing.T) {
-	done := make(chan struct{})
+	var stop atomic.Bool
 	go func() {
 		runtime.LockOSThread()
 		// A thread's comm is what /proc/PID/task/TID/stat shows.
 		if err := setThreadName("CPU 0/KVM"); err != nil {
 			t.Error(err)
 		}
-		for {
-			select {
-			case <-done:
-				return
-			default:
-			}
+		for !stop.Load() { // busy, as a vCPU running guest code
 		}
 	}()
-	defer close(done)
+	defer stop.Store(true)
 	load := VMLoad(os.Getpid())
 	load()
 	time.Sleep(500 * time.Millisecond)
