@@ -36,7 +36,8 @@ func (k *Kernel) onlineCPUs() ([]int, error) {
 	return cpus, nil
 }
 
-// runqueues runs the runqueue view: rq->curr of every online CPU.
+// runqueues runs the runqueue view: rq->curr of every online CPU and,
+// with BTF, the CFS tasks queued on it (rq->cfs_tasks).
 // listed and idr (nil when that view did not run) are the tasks the other
 // views found, used to solve rq->curr without BTF.
 func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
@@ -91,6 +92,32 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 			continue
 		}
 		set.add(curr)
+	}
+	// With BTF, the CFS tasks queued on each CPU too: rq->cfs_tasks,
+	// linked through task->se.group_node (every runnable CFS task of the
+	// rq, the running one included).
+	if k.BTF != nil {
+		cfs, err1 := k.btfOffset("rq", "cfs_tasks")
+		se, err2 := k.btfOffset("task_struct", "se.group_node")
+		if err1 == nil && err2 == nil {
+			x.v.rqCFSTasks, x.v.seGroupNode = cfs, se
+			budget := maxTasks
+			for i, c := range cpus {
+				nodes, d, err := walkList(k, rqs[i]+uint64(cfs.Value), maxTasks, &budget)
+				if err != nil {
+					d = err.Error()
+				}
+				if d != "" {
+					damage = append(damage, fmt.Sprintf("cpu %d: rq->cfs_tasks: %s", c, d))
+				}
+				for _, n := range nodes {
+					t := n - uint64(se.Value)
+					if x.info(t).ok {
+						set.add(t)
+					}
+				}
+			}
+		}
 	}
 	vr.Ran, vr.Count = true, len(set.order)
 	if len(damage) > 0 {
