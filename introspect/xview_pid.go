@@ -7,8 +7,9 @@ import (
 	"strings"
 )
 
-// idrEntry is one entry of a radix tree / xarray: its index and value.
-type idrEntry struct{ index, ptr uint64 }
+// idrEntry is one entry of a radix tree / xarray: its index, its value
+// and the address of the slot that holds it.
+type idrEntry struct{ index, ptr, slot uint64 }
 
 // walkIDR walks the radix tree (4.15..4.19) or xarray (4.20+) whose head
 // pointer is at head, of the struct xarray (radix_tree_root) at array,
@@ -49,7 +50,7 @@ func walkIDR(k *Kernel, head, array uint64, slots int64, chunk int, xarray bool,
 		if internal(v) || v&1 != 0 || !k.kernelPtr(v) {
 			return nil, nil, fmt.Errorf("tree head at %#x: %#x is neither an entry nor a node", head, v)
 		}
-		return []idrEntry{{0, v}}, nil, nil
+		return []idrEntry{{0, v, head}}, nil, nil
 	}
 	type item struct {
 		node, parent uint64
@@ -121,7 +122,7 @@ func walkIDR(k *Kernel, head, array uint64, slots int64, chunk int, xarray bool,
 					bad("more than %d entries", pidMax)
 					break
 				}
-				out = append(out, idrEntry{idx, e})
+				out = append(out, idrEntry{idx, e, it.node + uint64(slots) + 8*uint64(i)})
 				continue
 			}
 			c, ok := node(e)

@@ -166,6 +166,11 @@ func (x *xview) info(addr uint64) *taskInfo {
 // lists and the allocator in steps (exit_notify, release_task); one
 // missing from a view is not a finding but a warning saying so.
 //
+// On a guest that runs while it is read, a task forked between the walks
+// would be in the allocator and not on the list: the tasks list is walked
+// again at the end, and such a task is dropped with a warning. Pause the
+// guest for a consistent view.
+//
 // Each view runs on its own: one whose symbols or offsets cannot be found
 // is reported with Ran false and the reason, and a damaged tasks list (see
 // PartialError) is reported in its Reason; the other views then name the
@@ -352,8 +357,76 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			}
 		}
 	}
+	res.Hidden = x.recheck(res.Hidden, initTask)
 	sort.Slice(res.Hidden, func(i, j int) bool { return res.Hidden[i].PID < res.Hidden[j].PID })
 	res.Warnings = x.warn
 	res.Offsets = x.v.members()
 	return res, nil
+}
+
+// recheck walks the tasks list once more: on a guest that runs while it
+// is read, a task forked after the first walk is in the allocator but was
+// not on the list then. A finding missing from tasks whose task (or whose
+// thread group) is on the list now is dropped with a warning.
+func (x *xview) recheck(hidden []HiddenTask, initTask uint64) []HiddenTask {
+	var missing []int
+	for i, h := range hidden {
+		if hasName(h.MissingFrom, ViewTasks) {
+			missing = append(missing, i)
+		}
+	}
+	if len(missing) == 0 {
+		return hidden
+	}
+	lo := uint64(x.off.TaskTasks.Value)
+	nodes, _, err := walkList(x.k, initTask+lo, maxTasks, nil)
+	if err != nil {
+		return hidden
+	}
+	now := map[uint64]bool{initTask: true}
+	heads := map[uint64]bool{}
+	for _, n := range nodes {
+		now[n-lo] = true
+	}
+	// Thread-list heads of the leaders now listed, read only for the
+	// groups of the findings (the others are cached or not needed).
+	want := map[uint64]bool{}
+	for _, i := range missing {
+		if t := x.info(hidden[i].Task); t.threadsHead != 0 {
+			want[t.threadsHead] = true
+		}
+	}
+	for a := range now {
+		if t := x.info(a); t.threadsHead != 0 && want[t.threadsHead] {
+			heads[t.threadsHead] = true
+		}
+	}
+	drop := map[int]bool{}
+	for _, i := range missing {
+		h := hidden[i]
+		t := x.info(h.Task)
+		if now[h.Task] || t.threadsHead != 0 && heads[t.threadsHead] {
+			drop[i] = true
+			x.warnf("task %d %q at %#x was not on the tasks list but is now: created while the guest ran (not a finding; pause the guest for a consistent view)", h.PID, h.Comm, h.Task)
+		}
+	}
+	if len(drop) == 0 {
+		return hidden
+	}
+	out := hidden[:0:0]
+	for i, h := range hidden {
+		if !drop[i] {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+func hasName(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }

@@ -304,6 +304,7 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("HideModule", func(t *testing.T) { hideModule(t, x) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
+	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("SolvedOffsets", func(t *testing.T) {
 		// The views without BTF, on the same guest.
@@ -344,6 +345,7 @@ func TestCrossViewGokrazy(t *testing.T) {
 	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, false) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
+	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("Dump", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "guest.core")
@@ -428,4 +430,60 @@ func hideModule(t *testing.T, x *xviewGuest) {
 		t.Errorf("finding %+v, want %+v seen by module_kset and module_carve", h, victim)
 	}
 	t.Logf("hidden module found: %+v", h)
+}
+
+// hideFromIDR removes a user process's pid from the PID allocator (as a
+// rootkit hides it from /proc, whose readdir walks the allocator) and
+// checks that CrossViewTasks names it as listed but missing from pid_idr.
+func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	ns, _ := x.k.Symbol("init_pid_ns")
+	xv := &xview{k: x.k, off: x.off, r: newTaskReader(x.k, x.off), infos: map[uint64]*taskInfo{}}
+	if x.k.BTF != nil {
+		if err := x.k.pidViewFromBTF(&xv.v); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		xv.v.xaHead, xv.v.nodeSlots, xv.v.chunk = solved(xaHeadDefault, ""), solved(nodeSlotsDefault, ""), chunkDefault
+	}
+	head := ns + uint64(xv.v.xaHead.Value)
+	entries, damage, err := walkIDR(x.k, head, head-8, xv.v.nodeSlots.Value, xv.v.chunk, true, maxIDRNodes)
+	if err != nil || len(damage) > 0 {
+		t.Fatalf("walk: %v %q", err, damage)
+	}
+	var slot uint64
+	for _, e := range entries {
+		if e.index == uint64(victim.PID) {
+			slot = e.slot
+		}
+	}
+	if slot == 0 {
+		t.Fatalf("pid %d not in the allocator", victim.PID)
+	}
+	undo := x.write64(t, slot, 0)
+	defer undo()
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want pid %d only; views %+v", tv.Hidden, victim.PID, tv.Views)
+	}
+	h := tv.Hidden[0]
+	if h.PID != victim.PID || !hasString(h.SeenBy, ViewTasks) || !hasString(h.MissingFrom, ViewPidIDR) {
+		t.Errorf("finding %+v: want pid %d seen by tasks, missing from pid_idr", h, victim.PID)
+	}
+	t.Logf("pid taken out of the allocator found: %+v", h)
 }
