@@ -267,7 +267,6 @@ func (k *Kernel) moduleKset(off *Offsets, v *viewOffsets, warnf func(string, ...
 	}
 	var out []ksetEntry
 	var bad []string
-	builtin := 0
 	for _, n := range nodes {
 		kobj := n - uint64(v.kobjEntry.Value)
 		b := make([]byte, max(v.mkobjMod.Value, kobjKset.Value, v.kobjName.Value)+8)
@@ -286,8 +285,7 @@ func (k *Kernel) moduleKset(off *Offsets, v *viewOffsets, warnf func(string, ...
 		name := readCString(k, le64(b, int(v.kobjName.Value)), moduleNameLen)
 		mod := le64(b, int(v.mkobjMod.Value))
 		if mod == 0 {
-			builtin++
-			continue
+			continue // the parameters of built-in code
 		}
 		if mod < modulesStart || mod >= modulesEnd {
 			if k.BTF == nil {
@@ -314,7 +312,6 @@ func (k *Kernel) moduleKset(off *Offsets, v *viewOffsets, warnf func(string, ...
 	if len(bad) > 0 {
 		vr.Reason = "damaged: " + strings.Join(bad, "; ")
 	}
-	_ = builtin
 	return vr, out
 }
 

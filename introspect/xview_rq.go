@@ -77,6 +77,16 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 	}
 	set := newTaskSet()
 	var damage []string
+	idles := map[uint64]bool{}
+	if initTask, ok := k.Symbol("init_task"); ok {
+		idles[initTask] = true
+	}
+	for i := range cpus {
+		if v, err := k.ReadU64(rqs[i] + uint64(x.v.rqIdle.Value)); err == nil {
+			idles[v] = true
+		}
+	}
+	x.idles = idles
 	for i, c := range cpus {
 		curr, err := k.ReadU64(rqs[i] + uint64(x.v.rqCurr.Value))
 		if err != nil {

@@ -81,8 +81,13 @@ func (t *taskInfo) exiting() bool {
 	return t.haveFlags && t.flags&pfExiting != 0 || t.state&taskDead != 0 || t.exitState&(exitZombie|exitDead) != 0
 }
 
-func (t *taskInfo) idle() bool {
-	return t.pid == 0 && (!t.haveFlags || t.flags&pfIdle != 0) && strings.HasPrefix(t.comm, "swapper")
+// idle reports whether t is one of the idle tasks: pid 0, PF_IDLE, named
+// swapper/N and, when the runqueue view read them, some CPU's rq->idle.
+func (x *xview) idle(t *taskInfo) bool {
+	if t.pid != 0 || t.haveFlags && t.flags&pfIdle == 0 || !strings.HasPrefix(t.comm, "swapper") {
+		return false
+	}
+	return x.idles == nil || x.idles[t.addr]
 }
 
 // xview is the state of one CrossViewTasks.
@@ -95,6 +100,8 @@ type xview struct {
 	warn  []string
 	// budget bounds the list nodes walked over all thread groups.
 	budget int
+	// idles are the CPUs' idle tasks (rq->idle), when read.
+	idles map[uint64]bool
 }
 
 func (x *xview) warnf(format string, args ...any) {
@@ -285,7 +292,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 		for _, a := range set.order {
 			// The idle tasks of the other CPUs (pid 0) are groups of
 			// their own, on no list: not walked, never findings.
-			if t := x.info(a); !listed.has[a] && !t.idle() {
+			if t := x.info(a); !listed.has[a] && !x.idle(t) {
 				walkGroup(t)
 			}
 		}
@@ -317,7 +324,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 				missing = append(missing, v.name)
 			}
 		}
-		if t.idle() {
+		if x.idle(t) {
 			return
 		}
 		if t.exiting() {
@@ -352,7 +359,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			if a == initTask || idr.has[a] {
 				continue
 			}
-			if t := x.info(a); t.ok && !t.idle() {
+			if t := x.info(a); t.ok && !x.idle(t) {
 				report(a, seenBy(a))
 			}
 		}
