@@ -302,6 +302,7 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
 	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, true) })
 	t.Run("HideModule", func(t *testing.T) { hideModule(t, x) })
+	t.Run("ForgedModuleList", func(t *testing.T) { forgeModuleList(t, x) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
@@ -486,4 +487,42 @@ func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
 		t.Errorf("finding %+v: want pid %d seen by tasks, missing from pid_idr", h, victim.PID)
 	}
 	t.Logf("pid taken out of the allocator found: %+v", h)
+}
+
+// forgeModuleList breaks a prev link of the modules list: Modules returns
+// the modules before the break with a *PartialError, and CrossViewModules
+// names the ones beyond it.
+func forgeModuleList(t *testing.T, x *xviewGuest) {
+	ms, err := x.k.Modules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) < 3 {
+		t.Fatalf("%d modules loaded, want >= 3", len(ms))
+	}
+	lo := uint64(x.off.ModuleList.Value)
+	undo := x.write64(t, ms[1].Addr+lo+8, ms[1].Addr+lo+0x40)
+	defer undo()
+	got, err := x.k.Modules(x.off)
+	var pe *PartialError
+	if !errors.As(err, &pe) || len(got) != 1 || got[0].Name != ms[0].Name || !strings.Contains(err.Error(), "prev is") {
+		t.Fatalf("Modules on a forged list: %+v, %v; want %s and a *PartialError", got, err, ms[0].Name)
+	}
+	mv, err := x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := viewByName(mv.Views, ViewModules); !v.Ran || v.Count != 1 || !strings.Contains(v.Reason, "damaged") {
+		t.Errorf("modules view %+v", v)
+	}
+	names := map[string]bool{}
+	for _, h := range mv.Hidden {
+		names[h.Name] = true
+	}
+	for _, m := range ms[1:] {
+		if !names[m.Name] {
+			t.Errorf("module %s beyond the break not named; hidden %+v", m.Name, mv.Hidden)
+		}
+	}
+	t.Logf("forged modules list: %d of %d modules, %v; %d named beyond the break", len(got), len(ms), pe, len(mv.Hidden))
 }
