@@ -303,6 +303,7 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, true) })
 	t.Run("HideModule", func(t *testing.T) { hideModule(t, x) })
 	t.Run("ForgedModuleList", func(t *testing.T) { forgeModuleList(t, x) })
+	t.Run("HideModuleDeep", func(t *testing.T) { hideModuleDeep(t, x) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
@@ -321,6 +322,11 @@ func TestCrossViewDebian(t *testing.T) {
 			y := *x
 			y.k, y.off = &nb, off
 			hideModule(t, &y)
+		})
+		t.Run("HideModuleDeep", func(t *testing.T) {
+			y := *x
+			y.k, y.off = &nb, off
+			hideModuleDeep(t, &y)
 		})
 	})
 	t.Run("Dump", func(t *testing.T) {
@@ -525,4 +531,52 @@ func forgeModuleList(t *testing.T, x *xviewGuest) {
 		}
 	}
 	t.Logf("forged modules list: %d of %d modules, %v; %d named beyond the break", len(got), len(ms), pe, len(mv.Hidden))
+}
+
+// hideModuleDeep hides a module as list_del and kobject_del would: off the
+// modules list and off module_kset's list, its own links poisoned. Only
+// the carve still sees it.
+func hideModuleDeep(t *testing.T, x *xviewGuest) {
+	ms, err := x.k.Modules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mv, err := x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, ok1 := mv.Offsets["module.mkobj.mod"]
+	mod, ok2 := mv.Offsets["module_kobject.mod"]
+	entry, ok3 := mv.Offsets["kobject.entry"]
+	if !ok1 || !ok2 || !ok3 {
+		t.Fatalf("offsets %+v lack module.mkobj.mod, module_kobject.mod or kobject.entry", mv.Offsets)
+	}
+	victim := ms[len(ms)-1]
+	node := victim.Addr + uint64(x.off.ModuleList.Value)
+	kentry := victim.Addr + uint64(self.Value-mod.Value+entry.Value)
+	var undos []func()
+	defer func() {
+		for i := len(undos) - 1; i >= 0; i-- {
+			undos[i]()
+		}
+	}()
+	for _, n := range []uint64{node, kentry} {
+		undos = append(undos, x.unlink(t, n), x.write64(t, n, listPoison1), x.write64(t, n+8, listPoison2))
+	}
+	mv, err = x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want %s; views %+v", mv.Hidden, victim.Name, mv.Views)
+	}
+	h := mv.Hidden[0]
+	if h.Name != victim.Name || h.Addr != victim.Addr || len(h.SeenBy) != 1 || h.SeenBy[0] != ViewModuleCarve ||
+		!hasString(h.MissingFrom, ViewModules) || !hasString(h.MissingFrom, ViewModuleKset) {
+		t.Errorf("finding %+v, want %s seen by module_carve only", h, victim.Name)
+	}
+	if v := viewByName(mv.Views, ViewModuleKset); v.Count != len(ms)-1 {
+		t.Errorf("module_kset view %+v, want %d", v, len(ms)-1)
+	}
+	t.Logf("module off both lists, links poisoned, carved: %+v", h)
 }
