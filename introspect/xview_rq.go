@@ -143,9 +143,11 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 // 6.15 put dl_server between curr and idle; in 7.x curr and idle are at
 // the head of struct rq, stop elsewhere: then, when curr holds the idle
 // task too, the later of the two). curr: the nearest pointer
-// before idle that, on every CPU, leads to that CPU's idle task or to a
-// task the other views know (a guest stopped while idle runs its idle
-// tasks; donor, with proxy execution, comes before curr).
+// before idle that, on every CPU, leads to that CPU's idle task, to a
+// task the other views know, or to a task_struct by its own structure
+// (looksLikeTask: a task hidden from every list may be the one running;
+// a guest stopped while idle runs its idle tasks; donor, with proxy
+// execution, comes before curr).
 func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 	k := x.k
 	initTask, _ := k.Symbol("init_task")
@@ -209,7 +211,7 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 		return err
 	}
 	known := func(v uint64, i int) bool {
-		return v == le64(imgs[i], ic.off) || listed.has[v] || idr != nil && idr.has[v]
+		return v == le64(imgs[i], ic.off) || listed.has[v] || idr != nil && idr.has[v] || x.looksLikeTask(v)
 	}
 	for o := ic.off - 8; o >= max(0, ic.off-32); o -= 8 {
 		ok := true
@@ -221,9 +223,32 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 		}
 		if ok {
 			x.v.rqIdle = solved(ic.off, how)
-			x.v.rqCurr = solved(o, "nearest pointer before rq->idle leading, on every CPU, to its idle task or a task the tasks list or the PID allocator holds")
+			x.v.rqCurr = solved(o, "nearest pointer before rq->idle leading, on every CPU, to its idle task, a task the tasks list or the PID allocator holds, or a task_struct by structure (name, pid, on its own thread list)")
 			return nil
 		}
 	}
 	return fmt.Errorf("rq.curr: no pointer in the 32 bytes before rq->idle (%#x) leads to a task on every CPU", ic.off)
+}
+
+// looksLikeTask reports whether a is a task_struct by its own members: a
+// name, a pid in range, and a thread list (signal->thread_head) that is
+// whole and holds a.
+func (x *xview) looksLikeTask(a uint64) bool {
+	if !x.k.kernelPtr(a) || !x.off.TaskThreadNode.Known() {
+		return false
+	}
+	t := x.info(a)
+	if !t.ok || t.pid <= 0 || t.pid > pidMax || len(t.comm) == 0 || len(t.comm) > 15 || t.threadsHead == 0 {
+		return false
+	}
+	nodes, damage, err := walkList(x.k, t.threadsHead, 1<<12, &x.budget)
+	if err != nil || damage != "" {
+		return false
+	}
+	for _, n := range nodes {
+		if n-uint64(x.off.TaskThreadNode.Value) == a {
+			return true
+		}
+	}
+	return false
 }

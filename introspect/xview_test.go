@@ -307,6 +307,7 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
+	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("SolvedOffsets", func(t *testing.T) {
 		// The views without BTF, on the same guest.
@@ -327,6 +328,11 @@ func TestCrossViewDebian(t *testing.T) {
 			y := *x
 			y.k, y.off = &nb, off
 			hideModuleDeep(t, &y)
+		})
+		t.Run("HideButRunning", func(t *testing.T) {
+			y := *x
+			y.k, y.off = &nb, off
+			hideButRunning(t, &y, "kvm-odd_name.x")
 		})
 	})
 	t.Run("Dump", func(t *testing.T) {
@@ -353,6 +359,7 @@ func TestCrossViewGokrazy(t *testing.T) {
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
+	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("Dump", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "guest.core")
@@ -456,29 +463,7 @@ func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
 	if victim == nil {
 		t.Fatalf("no process %q", comm)
 	}
-	ns, _ := x.k.Symbol("init_pid_ns")
-	xv := &xview{k: x.k, off: x.off, r: newTaskReader(x.k, x.off), infos: map[uint64]*taskInfo{}}
-	if x.k.BTF != nil {
-		if err := x.k.pidViewFromBTF(&xv.v); err != nil {
-			t.Fatal(err)
-		}
-	} else {
-		xv.v.xaHead, xv.v.nodeSlots, xv.v.chunk = solved(xaHeadDefault, ""), solved(nodeSlotsDefault, ""), chunkDefault
-	}
-	head := ns + uint64(xv.v.xaHead.Value)
-	entries, damage, err := walkIDR(x.k, head, head-8, xv.v.nodeSlots.Value, xv.v.chunk, true, maxIDRNodes)
-	if err != nil || len(damage) > 0 {
-		t.Fatalf("walk: %v %q", err, damage)
-	}
-	var slot uint64
-	for _, e := range entries {
-		if e.index == uint64(victim.PID) {
-			slot = e.slot
-		}
-	}
-	if slot == 0 {
-		t.Fatalf("pid %d not in the allocator", victim.PID)
-	}
+	slot := x.pidSlot(t, victim.PID)
 	undo := x.write64(t, slot, 0)
 	defer undo()
 	tv, err := x.k.CrossViewTasks(x.off)
@@ -493,6 +478,87 @@ func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
 		t.Errorf("finding %+v: want pid %d seen by tasks, missing from pid_idr", h, victim.PID)
 	}
 	t.Logf("pid taken out of the allocator found: %+v", h)
+}
+
+// pidSlot returns the address of the allocator's slot for pid.
+func (x *xviewGuest) pidSlot(t *testing.T, pid int) uint64 {
+	t.Helper()
+	ns, _ := x.k.Symbol("init_pid_ns")
+	xv := &xview{k: x.k, off: x.off, r: newTaskReader(x.k, x.off), infos: map[uint64]*taskInfo{}}
+	if x.k.BTF != nil {
+		if err := x.k.pidViewFromBTF(&xv.v); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		xv.v.xaHead, xv.v.nodeSlots, xv.v.chunk = solved(xaHeadDefault, ""), solved(nodeSlotsDefault, ""), chunkDefault
+	}
+	head := ns + uint64(xv.v.xaHead.Value)
+	entries, damage, err := walkIDR(x.k, head, head-8, xv.v.nodeSlots.Value, xv.v.chunk, true, maxIDRNodes)
+	if err != nil || len(damage) > 0 {
+		t.Fatalf("walk: %v %q", err, damage)
+	}
+	for _, e := range entries {
+		if e.index == uint64(pid) {
+			return e.slot
+		}
+	}
+	t.Fatalf("pid %d not in the allocator", pid)
+	return 0
+}
+
+// hideButRunning hides a process from the tasks list and the allocator
+// and makes it CPU 1's current task (rq->curr, written in the stopped
+// guest): the runqueue view sees it, and through it its thread group.
+func hideButRunning(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	curr, ok := tv.Offsets["rq.curr"]
+	if !ok {
+		t.Fatalf("no rq.curr in %+v", tv.Offsets)
+	}
+	rqs, _ := x.k.Symbol("runqueues")
+	pco, _ := x.k.Symbol("__per_cpu_offset")
+	o1, err := x.k.ReadU64(pco + 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var undos []func()
+	defer func() {
+		for i := len(undos) - 1; i >= 0; i-- {
+			undos[i]()
+		}
+	}()
+	undos = append(undos, x.write64(t, x.pidSlot(t, victim.PID), 0))
+	undos = append(undos, x.unlink(t, victim.Task+uint64(x.off.TaskTasks.Value)))
+	undos = append(undos, x.write64(t, rqs+o1+uint64(curr.Value), victim.Task))
+	tv, err = x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want pid %d only; views %+v", tv.Hidden, victim.PID, tv.Views)
+	}
+	h := tv.Hidden[0]
+	if h.PID != victim.PID || !hasString(h.SeenBy, ViewRunqueue) || !hasString(h.SeenBy, ViewThreadGroup) ||
+		!hasString(h.MissingFrom, ViewTasks) || !hasString(h.MissingFrom, ViewPidIDR) {
+		t.Errorf("finding %+v: want pid %d seen by runqueue and thread_group, missing from tasks and pid_idr", h, victim.PID)
+	}
+	t.Logf("process off the tasks list and the allocator, running on CPU 1, found: %+v", h)
 }
 
 // forgeModuleList breaks a prev link of the modules list: Modules returns
