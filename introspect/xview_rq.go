@@ -201,7 +201,7 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 		// the idle task too. curr is declared before idle in every
 		// layout (7.x moved both to the head of struct rq, with stop
 		// elsewhere), so of two such the later is idle.
-		if len(cands) == 2 {
+		if len(cands) == 2 && cands[1].off == cands[0].off+8 {
 			cands = cands[1:]
 			how += "; of the two offsets holding the idle tasks (curr and idle on CPUs that idle), the later (curr is declared first)"
 		}

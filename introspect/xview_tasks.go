@@ -262,7 +262,14 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			tgDamage = append(tgDamage, fmt.Sprintf("threads of pid %d: %s", t.pid, damage))
 		}
 		for _, n := range ns {
-			tg.add(n - uint64(off.TaskThreadNode.Value))
+			th := n - uint64(off.TaskThreadNode.Value)
+			if ti := x.info(th); !ti.ok {
+				if len(tgDamage) < 16 {
+					tgDamage = append(tgDamage, fmt.Sprintf("threads of pid %d: task at %#x: %v", t.pid, th, ti.readErr))
+				}
+				continue
+			}
+			tg.add(th)
 		}
 	}
 	for _, l := range leaders.order {
