@@ -73,7 +73,7 @@ const (
 // module is on the list before its sysfs entry exists (state coming) and
 // after it is gone (going).
 func (k *Kernel) CrossViewModules(off *Offsets) (*ModuleViews, error) {
-	res := &ModuleViews{}
+	res := &ModuleViews{Hidden: []HiddenModule{}}
 	var v viewOffsets
 	var warn []string
 	warnf := func(format string, args ...any) { warn = append(warn, fmt.Sprintf(format, args...)) }

@@ -218,7 +218,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			x.v.exitState = o
 		}
 	}
-	res := &TaskViews{}
+	res := &TaskViews{Hidden: []HiddenTask{}}
 
 	// tasks: the leaders on init_task.tasks.
 	tasksView := ViewResult{Name: ViewTasks, Ran: true}

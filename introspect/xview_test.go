@@ -308,6 +308,7 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
 	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
+	t.Run("HideExiting", func(t *testing.T) { hideExiting(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("SolvedOffsets", func(t *testing.T) {
 		// The views without BTF, on the same guest.
@@ -360,6 +361,7 @@ func TestCrossViewGokrazy(t *testing.T) {
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
 	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
+	t.Run("HideExiting", func(t *testing.T) { hideExiting(t, x, "kvm-odd_name.x") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("Dump", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "guest.core")
@@ -645,4 +647,47 @@ func hideModuleDeep(t *testing.T, x *xviewGuest) {
 		t.Errorf("module_kset view %+v, want %d", v, len(ms)-1)
 	}
 	t.Logf("module off both lists, links poisoned, carved: %+v", h)
+}
+
+// hideExiting hides a process that is exiting (PF_EXITING set): it may
+// be missing from a view while it exits, so it is a warning, not a
+// finding.
+func hideExiting(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	fa := victim.Task + uint64(x.off.TaskFlags.Value)
+	old, err := x.k.ReadU64(fa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u1 := x.write64(t, fa, old|pfExiting)
+	defer u1()
+	u2 := x.unlink(t, victim.Task+uint64(x.off.TaskTasks.Value))
+	defer u2()
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 0 {
+		t.Errorf("exiting task reported hidden: %+v", tv.Hidden)
+	}
+	warned := false
+	for _, w := range tv.Warnings {
+		warned = warned || strings.Contains(w, comm) && strings.Contains(w, "exiting")
+	}
+	if !warned {
+		t.Errorf("no warning names the exiting task: %q", tv.Warnings)
+	}
+	t.Logf("exiting task: warnings %q", tv.Warnings)
 }
