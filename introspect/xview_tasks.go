@@ -415,11 +415,18 @@ func (x *xview) recheck(hidden []HiddenTask, initTask uint64) []HiddenTask {
 			heads[t.threadsHead] = true
 		}
 	}
+	// The members of those groups, walked again.
+	members := map[uint64]bool{}
+	for h := range heads {
+		ns, _, _ := walkList(x.k, h, maxTasks, &x.budget)
+		for _, n := range ns {
+			members[n-uint64(x.off.TaskThreadNode.Value)] = true
+		}
+	}
 	drop := map[int]bool{}
 	for _, i := range missing {
 		h := hidden[i]
-		t := x.info(h.Task)
-		if now[h.Task] || t.threadsHead != 0 && heads[t.threadsHead] {
+		if now[h.Task] || members[h.Task] {
 			drop[i] = true
 			x.warnf("task %d %q at %#x was not on the tasks list but is now: created while the guest ran (not a finding; pause the guest for a consistent view)", h.PID, h.Comm, h.Task)
 		}

@@ -309,6 +309,7 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
 	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
 	t.Run("HideExiting", func(t *testing.T) { hideExiting(t, x, "kvm-odd_name.x") })
+	t.Run("HideThread", func(t *testing.T) { hideThread(t, x, "kvm-threads") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("SolvedOffsets", func(t *testing.T) {
 		// The views without BTF, on the same guest.
@@ -362,6 +363,7 @@ func TestCrossViewGokrazy(t *testing.T) {
 	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
 	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
 	t.Run("HideExiting", func(t *testing.T) { hideExiting(t, x, "kvm-odd_name.x") })
+	t.Run("HideThread", func(t *testing.T) { hideThread(t, x, "kvm-threads") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("Dump", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "guest.core")
@@ -690,4 +692,42 @@ func hideExiting(t *testing.T, x *xviewGuest, comm string) {
 		t.Errorf("no warning names the exiting task: %q", tv.Warnings)
 	}
 	t.Logf("exiting task: warnings %q", tv.Warnings)
+}
+
+// hideThread unlinks one thread of a multi-threaded process from its
+// group's thread list: Processes with threads no longer lists it, the
+// allocator still holds it.
+func hideThread(t *testing.T, x *xviewGuest, comm string) {
+	all, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true, Threads: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range all {
+		if all[i].Comm == comm && all[i].PID != all[i].TGID {
+			victim = &all[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no thread of %q", comm)
+	}
+	undo := x.unlink(t, victim.Task+uint64(x.off.TaskThreadNode.Value))
+	defer undo()
+	after, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true, Threads: true})
+	if err != nil || len(after) != len(all)-1 {
+		t.Fatalf("Processes with threads after unlinking thread %d: %d of %d, %v", victim.PID, len(after), len(all), err)
+	}
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want thread %d only", tv.Hidden, victim.PID)
+	}
+	h := tv.Hidden[0]
+	if h.PID != victim.PID || h.TGID != victim.TGID || !hasString(h.SeenBy, ViewPidIDR) ||
+		!hasString(h.MissingFrom, ViewTasks) || !hasString(h.MissingFrom, ViewThreadGroup) {
+		t.Errorf("finding %+v: want thread %d seen by pid_idr, missing from tasks and thread_group", h, victim.PID)
+	}
+	t.Logf("thread off its group's list found: %+v", h)
 }
