@@ -350,6 +350,7 @@ func TestCrossViewDebian(t *testing.T) {
 		checkCleanTasks(t, x.k.On(core), x.off)
 		checkCleanModules(t, x.k.On(core), x.off, true)
 	})
+	t.Run("Running", func(t *testing.T) { checkRunning(t, x) })
 }
 
 func TestCrossViewGokrazy(t *testing.T) {
@@ -378,6 +379,7 @@ func TestCrossViewGokrazy(t *testing.T) {
 		checkCleanTasks(t, x.k.On(core), x.off)
 		checkCleanModules(t, x.k.On(core), x.off, false)
 	})
+	t.Run("Running", func(t *testing.T) { checkRunning(t, x) })
 }
 
 // checkCleanModules checks the module cross-views of an untouched guest.
@@ -730,4 +732,31 @@ func hideThread(t *testing.T, x *xviewGuest, comm string) {
 		t.Errorf("finding %+v: want thread %d seen by pid_idr, missing from tasks and thread_group", h, victim.PID)
 	}
 	t.Logf("thread off its group's list found: %+v", h)
+}
+
+// checkRunning runs the cross-views on the guest while it runs: it idles,
+// so nothing may be reported hidden (races are warnings at most).
+func checkRunning(t *testing.T, x *xviewGuest) {
+	if _, err := x.g.QMP("cont", nil); err != nil {
+		t.Fatal(err)
+	}
+	defer x.g.QMP("stop", nil)
+	for i := range 5 {
+		k := x.k.On(x.mem)
+		tv, err := k.CrossViewTasks(x.off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mv, err := k.CrossViewModules(x.off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(tv.Hidden) > 0 || len(mv.Hidden) > 0 {
+			t.Errorf("run %d on the running guest: hidden %+v %+v", i, tv.Hidden, mv.Hidden)
+		}
+		if len(tv.Warnings)+len(mv.Warnings) > 0 {
+			t.Logf("run %d: warnings %q %q", i, tv.Warnings, mv.Warnings)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
