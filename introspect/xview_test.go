@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
@@ -759,4 +761,34 @@ func checkRunning(t *testing.T, x *xviewGuest) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// TestCrossViewDebian612 runs the cross-views on Debian's 6.12 kernel
+// (struct pid with pidfs members, module.mem[]), with BTF and without.
+// The fetched modules are 6.1's: none loads.
+func TestCrossViewDebian612(t *testing.T) {
+	kernel := func(p testlinux.Paths) string { return filepath.Join(p.Dir, "debian-6.12", "vmlinuz") }
+	_, err := os.Stat(kernel(testlinux.Require(t)))
+	testenv.Check(t, testenv.Guests, err)
+	x := bootXView(t, kernel, false)
+	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
+	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, true) })
+	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
+	t.Run("HideThread", func(t *testing.T) { hideThread(t, x, "kvm-threads") })
+	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
+	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
+	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
+	t.Run("SolvedOffsets", func(t *testing.T) {
+		nb := *x.k
+		nb.BTF = nil
+		off, err := SolveOffsets(&nb)
+		if off == nil {
+			t.Fatal(err)
+		}
+		checkCleanTasks(t, &nb, off)
+		checkCleanModules(t, &nb, off, false)
+		y := *x
+		y.k, y.off = &nb, off
+		t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, &y, "kvm-odd_name.x") })
+	})
 }
