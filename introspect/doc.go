@@ -62,7 +62,10 @@
 //     rq and swapper/N in CPU N's (followed by rq->stop, migration/N, in
 //     6.x; in 7.x curr and idle head struct rq and the later of the two
 //     is idle), and rq.curr is the nearest pointer before it that leads,
-//     on every CPU, to a task another view knows or the idle task.
+//     on every CPU, to the idle task, a task another view knows, or a
+//     task_struct by structure (a name, a pid, on its own thread list:
+//     the running task may be hidden from every list). With BTF the CFS
+//     tasks queued on each CPU (rq->cfs_tasks) are read too.
 //   - thread_group: signal->thread_head / thread_node of every group a
 //     view knows (the offsets the solver already finds).
 //   - modules: the modules list; module_kset: the kobjects on

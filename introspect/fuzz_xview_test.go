@@ -137,7 +137,11 @@ func FuzzCrossViewTasks(f *testing.F) {
 		}
 		mem := make([]byte, fxSize)
 		copy(mem, data)
-		tv, err := crossViewTasks(fuzzXViewKernel(mem), fuzzOffsets(), fuzzBase)
+		k := fuzzXViewKernel(mem)
+		if len(data) > 0 && data[len(data)-1]&1 != 0 {
+			k.Version = KernelVersion{4, 19, 0} // the radix tree's tagging
+		}
+		tv, err := crossViewTasks(k, fuzzOffsets(), fuzzBase)
 		if err == nil && len(tv.Hidden) > 4*maxTasks {
 			t.Fatalf("%d hidden tasks from %d bytes", len(tv.Hidden), len(data))
 		}
@@ -243,4 +247,38 @@ func FuzzModuleViews(f *testing.F) {
 			t.Fatalf("%d modules carved from 16 KiB", len(ms))
 		}
 	})
+}
+
+// TestModuleCarveMem checks the carve on the 6.4+ layout, module.mem[]:
+// the struct lies in mem[MOD_DATA], one stride after mem[MOD_TEXT].
+func TestModuleCarveMem(t *testing.T) {
+	mem := forgedModules()
+	m := fmModule
+	const stride = 0x38
+	off := fuzzOffsets()
+	off.ModuleMemStride = solved(stride, "")
+	// mem[MOD_TEXT] elsewhere, mem[MOD_DATA] holding the struct.
+	binary.LittleEndian.PutUint64(mem[m+0x140:], fmBase+0x10000)
+	binary.LittleEndian.PutUint32(mem[m+0x148:], 0x2000)
+	binary.LittleEndian.PutUint64(mem[m+0x140+stride:], fmBase)
+	binary.LittleEndian.PutUint32(mem[m+0x148+stride:], 0x4000)
+	k := fuzzModuleKernel(mem)
+	pages := []uint64{fmBase, fmBase + 0x1000, fmBase + 0x2000, fmBase + 0x3000}
+	c, err := newModuleCheck(k, off, &viewOffsets{moduleMkobj: solved(fmSelf, "")}, fmBase, fmBase+0x4000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms := k.carveModules(off, c, pages); len(ms) != 1 || ms[0].Name != "dummy" {
+		t.Fatalf("6.4+ layout: carved %+v", ms)
+	}
+	// Read as the old layout, core_layout (the text pair) does not hold
+	// the struct: nothing is carved.
+	off.ModuleMemStride = Offset{}
+	c, err = newModuleCheck(k, off, &viewOffsets{moduleMkobj: solved(fmSelf, "")}, fmBase, fmBase+0x4000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ms := k.carveModules(off, c, pages); len(ms) != 0 {
+		t.Fatalf("old layout on 6.4+ memory: carved %+v", ms)
+	}
 }

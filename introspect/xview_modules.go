@@ -69,11 +69,13 @@ const (
 //     maxCarvePages pages are read.
 //
 // A module seen by module_kset or module_carve and not on the list is a
-// finding. A listed module missing from another view is a warning only: a
+// finding (the list is walked again at the end: a module loaded while
+// the guest ran is a warning; on a running guest a module being unloaded,
+// off the list and not yet freed, can be carved for a moment). A listed module missing from another view is a warning only: a
 // module is on the list before its sysfs entry exists (state coming) and
 // after it is gone (going).
 func (k *Kernel) CrossViewModules(off *Offsets) (*ModuleViews, error) {
-	res := &ModuleViews{}
+	res := &ModuleViews{Hidden: []HiddenModule{}}
 	var v viewOffsets
 	var warn []string
 	warnf := func(format string, args ...any) { warn = append(warn, fmt.Sprintf(format, args...)) }
@@ -169,6 +171,25 @@ func (k *Kernel) CrossViewModules(off *Offsets) (*ModuleViews, error) {
 		}
 		if carveView.Ran && !carveHas[m.Addr] {
 			warnf("module %s at %#x is listed but the carve did not find it", m.Name, m.Addr)
+		}
+	}
+	// A module loaded while the guest ran is on the list now: walk it
+	// again, and drop such findings with a warning.
+	if len(res.Hidden) > 0 {
+		if again, err := k.Modules(off); err == nil || errors.As(err, &pe) {
+			now := map[uint64]bool{}
+			for _, m := range again {
+				now[m.Addr] = true
+			}
+			kept := res.Hidden[:0]
+			for _, h := range res.Hidden {
+				if now[h.Addr] {
+					warnf("module %s at %#x was not on the modules list but is now: loaded while the guest ran (not a finding)", h.Name, h.Addr)
+					continue
+				}
+				kept = append(kept, h)
+			}
+			res.Hidden = kept
 		}
 	}
 	sort.Slice(res.Hidden, func(i, j int) bool { return res.Hidden[i].Addr < res.Hidden[j].Addr })
@@ -267,7 +288,6 @@ func (k *Kernel) moduleKset(off *Offsets, v *viewOffsets, warnf func(string, ...
 	}
 	var out []ksetEntry
 	var bad []string
-	builtin := 0
 	for _, n := range nodes {
 		kobj := n - uint64(v.kobjEntry.Value)
 		b := make([]byte, max(v.mkobjMod.Value, kobjKset.Value, v.kobjName.Value)+8)
@@ -286,8 +306,7 @@ func (k *Kernel) moduleKset(off *Offsets, v *viewOffsets, warnf func(string, ...
 		name := readCString(k, le64(b, int(v.kobjName.Value)), moduleNameLen)
 		mod := le64(b, int(v.mkobjMod.Value))
 		if mod == 0 {
-			builtin++
-			continue
+			continue // the parameters of built-in code
 		}
 		if mod < modulesStart || mod >= modulesEnd {
 			if k.BTF == nil {
@@ -314,7 +333,6 @@ func (k *Kernel) moduleKset(off *Offsets, v *viewOffsets, warnf func(string, ...
 	if len(bad) > 0 {
 		vr.Reason = "damaged: " + strings.Join(bad, "; ")
 	}
-	_ = builtin
 	return vr, out
 }
 

@@ -21,6 +21,8 @@ type viewOffsets struct {
 	pidLinks   Offset // task_struct.pid_links (pids[PIDTYPE_PID].node before 4.19)
 	// runqueue view.
 	rqCurr, rqIdle Offset
+	// rq.cfs_tasks and task_struct.se.group_node, BTF only.
+	rqCFSTasks, seGroupNode Offset
 	// module_kset view: kobject.entry and name, module_kobject.mod;
 	// module.mkobj (the module's own module_kobject) for the carve.
 	kobjEntry, kobjName, mkobjMod, moduleMkobj Offset
@@ -110,7 +112,7 @@ func (v *viewOffsets) members() map[string]Offset {
 	for name, o := range map[string]Offset{
 		"pid_namespace.idr.idr_rt.xa_head": v.xaHead, "xa_node.slots": v.nodeSlots,
 		"pid.tasks": v.pidTasks, "pid.numbers": v.pidNumbers, "task_struct.pid_links": v.pidLinks,
-		"rq.curr": v.rqCurr, "rq.idle": v.rqIdle, "task_struct.exit_state": v.exitState,
+		"rq.curr": v.rqCurr, "rq.idle": v.rqIdle, "rq.cfs_tasks": v.rqCFSTasks, "task_struct.se.group_node": v.seGroupNode, "task_struct.exit_state": v.exitState,
 		"kobject.entry": v.kobjEntry, "kobject.name": v.kobjName, "module_kobject.mod": v.mkobjMod,
 		"module.mkobj.mod": v.moduleMkobj,
 	} {

@@ -36,7 +36,8 @@ func (k *Kernel) onlineCPUs() ([]int, error) {
 	return cpus, nil
 }
 
-// runqueues runs the runqueue view: rq->curr of every online CPU.
+// runqueues runs the runqueue view: rq->curr of every online CPU and,
+// with BTF, the CFS tasks queued on it (rq->cfs_tasks).
 // listed and idr (nil when that view did not run) are the tasks the other
 // views found, used to solve rq->curr without BTF.
 func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
@@ -76,6 +77,16 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 	}
 	set := newTaskSet()
 	var damage []string
+	idles := map[uint64]bool{}
+	if initTask, ok := k.Symbol("init_task"); ok {
+		idles[initTask] = true
+	}
+	for i := range cpus {
+		if v, err := k.ReadU64(rqs[i] + uint64(x.v.rqIdle.Value)); err == nil {
+			idles[v] = true
+		}
+	}
+	x.idles = idles
 	for i, c := range cpus {
 		curr, err := k.ReadU64(rqs[i] + uint64(x.v.rqCurr.Value))
 		if err != nil {
@@ -92,6 +103,32 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 		}
 		set.add(curr)
 	}
+	// With BTF, the CFS tasks queued on each CPU too: rq->cfs_tasks,
+	// linked through task->se.group_node (every runnable CFS task of the
+	// rq, the running one included).
+	if k.BTF != nil {
+		cfs, err1 := k.btfOffset("rq", "cfs_tasks")
+		se, err2 := k.btfOffset("task_struct", "se.group_node")
+		if err1 == nil && err2 == nil {
+			x.v.rqCFSTasks, x.v.seGroupNode = cfs, se
+			budget := maxTasks
+			for i, c := range cpus {
+				nodes, d, err := walkList(k, rqs[i]+uint64(cfs.Value), maxTasks, &budget)
+				if err != nil {
+					d = err.Error()
+				}
+				if d != "" {
+					damage = append(damage, fmt.Sprintf("cpu %d: rq->cfs_tasks: %s", c, d))
+				}
+				for _, n := range nodes {
+					t := n - uint64(se.Value)
+					if x.info(t).ok {
+						set.add(t)
+					}
+				}
+			}
+		}
+	}
 	vr.Ran, vr.Count = true, len(set.order)
 	if len(damage) > 0 {
 		vr.Reason = "damaged: " + strings.Join(damage, "; ")
@@ -106,9 +143,11 @@ func (x *xview) runqueues(listed, idr *taskSet) (ViewResult, *taskSet) {
 // 6.15 put dl_server between curr and idle; in 7.x curr and idle are at
 // the head of struct rq, stop elsewhere: then, when curr holds the idle
 // task too, the later of the two). curr: the nearest pointer
-// before idle that, on every CPU, leads to that CPU's idle task or to a
-// task the other views know (a guest stopped while idle runs its idle
-// tasks; donor, with proxy execution, comes before curr).
+// before idle that, on every CPU, leads to that CPU's idle task, to a
+// task the other views know, or to a task_struct by its own structure
+// (looksLikeTask: a task hidden from every list may be the one running;
+// a guest stopped while idle runs its idle tasks; donor, with proxy
+// execution, comes before curr).
 func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 	k := x.k
 	initTask, _ := k.Symbol("init_task")
@@ -162,7 +201,7 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 		// the idle task too. curr is declared before idle in every
 		// layout (7.x moved both to the head of struct rq, with stop
 		// elsewhere), so of two such the later is idle.
-		if len(cands) == 2 {
+		if len(cands) == 2 && cands[1].off == cands[0].off+8 {
 			cands = cands[1:]
 			how += "; of the two offsets holding the idle tasks (curr and idle on CPUs that idle), the later (curr is declared first)"
 		}
@@ -172,7 +211,7 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 		return err
 	}
 	known := func(v uint64, i int) bool {
-		return v == le64(imgs[i], ic.off) || listed.has[v] || idr != nil && idr.has[v]
+		return v == le64(imgs[i], ic.off) || listed.has[v] || idr != nil && idr.has[v] || x.looksLikeTask(v)
 	}
 	for o := ic.off - 8; o >= max(0, ic.off-32); o -= 8 {
 		ok := true
@@ -184,9 +223,32 @@ func (x *xview) solveRq(cpus []int, rqs []uint64, listed, idr *taskSet) error {
 		}
 		if ok {
 			x.v.rqIdle = solved(ic.off, how)
-			x.v.rqCurr = solved(o, "nearest pointer before rq->idle leading, on every CPU, to its idle task or a task the tasks list or the PID allocator holds")
+			x.v.rqCurr = solved(o, "nearest pointer before rq->idle leading, on every CPU, to its idle task, a task the tasks list or the PID allocator holds, or a task_struct by structure (name, pid, on its own thread list)")
 			return nil
 		}
 	}
 	return fmt.Errorf("rq.curr: no pointer in the 32 bytes before rq->idle (%#x) leads to a task on every CPU", ic.off)
+}
+
+// looksLikeTask reports whether a is a task_struct by its own members: a
+// name, a pid in range, and a thread list (signal->thread_head) that is
+// whole and holds a.
+func (x *xview) looksLikeTask(a uint64) bool {
+	if !x.k.kernelPtr(a) || !x.off.TaskThreadNode.Known() {
+		return false
+	}
+	t := x.info(a)
+	if !t.ok || t.pid <= 0 || t.pid > pidMax || len(t.comm) == 0 || len(t.comm) > 15 || t.threadsHead == 0 {
+		return false
+	}
+	nodes, damage, err := walkList(x.k, t.threadsHead, 1<<12, &x.budget)
+	if err != nil || damage != "" {
+		return false
+	}
+	for _, n := range nodes {
+		if n-uint64(x.off.TaskThreadNode.Value) == a {
+			return true
+		}
+	}
+	return false
 }

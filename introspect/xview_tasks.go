@@ -81,8 +81,13 @@ func (t *taskInfo) exiting() bool {
 	return t.haveFlags && t.flags&pfExiting != 0 || t.state&taskDead != 0 || t.exitState&(exitZombie|exitDead) != 0
 }
 
-func (t *taskInfo) idle() bool {
-	return t.pid == 0 && (!t.haveFlags || t.flags&pfIdle != 0) && strings.HasPrefix(t.comm, "swapper")
+// idle reports whether t is one of the idle tasks: pid 0, PF_IDLE, named
+// swapper/N and, when the runqueue view read them, some CPU's rq->idle.
+func (x *xview) idle(t *taskInfo) bool {
+	if t.pid != 0 || t.haveFlags && t.flags&pfIdle == 0 || !strings.HasPrefix(t.comm, "swapper") {
+		return false
+	}
+	return x.idles == nil || x.idles[t.addr]
 }
 
 // xview is the state of one CrossViewTasks.
@@ -95,6 +100,8 @@ type xview struct {
 	warn  []string
 	// budget bounds the list nodes walked over all thread groups.
 	budget int
+	// idles are the CPUs' idle tasks (rq->idle), when read.
+	idles map[uint64]bool
 }
 
 func (x *xview) warnf(format string, args ...any) {
@@ -166,6 +173,11 @@ func (x *xview) info(addr uint64) *taskInfo {
 // lists and the allocator in steps (exit_notify, release_task); one
 // missing from a view is not a finding but a warning saying so.
 //
+// On a guest that runs while it is read, a task forked between the walks
+// would be in the allocator and not on the list: the tasks list is walked
+// again at the end, and such a task is dropped with a warning. Pause the
+// guest for a consistent view.
+//
 // Each view runs on its own: one whose symbols or offsets cannot be found
 // is reported with Ran false and the reason, and a damaged tasks list (see
 // PartialError) is reported in its Reason; the other views then name the
@@ -206,7 +218,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			x.v.exitState = o
 		}
 	}
-	res := &TaskViews{}
+	res := &TaskViews{Hidden: []HiddenTask{}}
 
 	// tasks: the leaders on init_task.tasks.
 	tasksView := ViewResult{Name: ViewTasks, Ran: true}
@@ -250,7 +262,14 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			tgDamage = append(tgDamage, fmt.Sprintf("threads of pid %d: %s", t.pid, damage))
 		}
 		for _, n := range ns {
-			tg.add(n - uint64(off.TaskThreadNode.Value))
+			th := n - uint64(off.TaskThreadNode.Value)
+			if ti := x.info(th); !ti.ok {
+				if len(tgDamage) < 16 {
+					tgDamage = append(tgDamage, fmt.Sprintf("threads of pid %d: task at %#x: %v", t.pid, th, ti.readErr))
+				}
+				continue
+			}
+			tg.add(th)
 		}
 	}
 	for _, l := range leaders.order {
@@ -280,7 +299,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 		for _, a := range set.order {
 			// The idle tasks of the other CPUs (pid 0) are groups of
 			// their own, on no list: not walked, never findings.
-			if t := x.info(a); !listed.has[a] && !t.idle() {
+			if t := x.info(a); !listed.has[a] && !x.idle(t) {
 				walkGroup(t)
 			}
 		}
@@ -312,7 +331,7 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 				missing = append(missing, v.name)
 			}
 		}
-		if t.idle() {
+		if x.idle(t) {
 			return
 		}
 		if t.exiting() {
@@ -347,13 +366,88 @@ func crossViewTasks(k *Kernel, off *Offsets, initTask uint64) (*TaskViews, error
 			if a == initTask || idr.has[a] {
 				continue
 			}
-			if t := x.info(a); t.ok && !t.idle() {
+			if t := x.info(a); t.ok && !x.idle(t) {
 				report(a, seenBy(a))
 			}
 		}
 	}
+	res.Hidden = x.recheck(res.Hidden, initTask)
 	sort.Slice(res.Hidden, func(i, j int) bool { return res.Hidden[i].PID < res.Hidden[j].PID })
 	res.Warnings = x.warn
 	res.Offsets = x.v.members()
 	return res, nil
+}
+
+// recheck walks the tasks list once more: on a guest that runs while it
+// is read, a task forked after the first walk is in the allocator but was
+// not on the list then. A finding missing from tasks whose task (or whose
+// thread group) is on the list now is dropped with a warning.
+func (x *xview) recheck(hidden []HiddenTask, initTask uint64) []HiddenTask {
+	var missing []int
+	for i, h := range hidden {
+		if hasName(h.MissingFrom, ViewTasks) {
+			missing = append(missing, i)
+		}
+	}
+	if len(missing) == 0 {
+		return hidden
+	}
+	lo := uint64(x.off.TaskTasks.Value)
+	nodes, _, err := walkList(x.k, initTask+lo, maxTasks, nil)
+	if err != nil {
+		return hidden
+	}
+	now := map[uint64]bool{initTask: true}
+	heads := map[uint64]bool{}
+	for _, n := range nodes {
+		now[n-lo] = true
+	}
+	// Thread-list heads of the leaders now listed, read only for the
+	// groups of the findings (the others are cached or not needed).
+	want := map[uint64]bool{}
+	for _, i := range missing {
+		if t := x.info(hidden[i].Task); t.threadsHead != 0 {
+			want[t.threadsHead] = true
+		}
+	}
+	for a := range now {
+		if t := x.info(a); t.threadsHead != 0 && want[t.threadsHead] {
+			heads[t.threadsHead] = true
+		}
+	}
+	// The members of those groups, walked again.
+	members := map[uint64]bool{}
+	for h := range heads {
+		ns, _, _ := walkList(x.k, h, maxTasks, &x.budget)
+		for _, n := range ns {
+			members[n-uint64(x.off.TaskThreadNode.Value)] = true
+		}
+	}
+	drop := map[int]bool{}
+	for _, i := range missing {
+		h := hidden[i]
+		if now[h.Task] || members[h.Task] {
+			drop[i] = true
+			x.warnf("task %d %q at %#x was not on the tasks list but is now: created while the guest ran (not a finding; pause the guest for a consistent view)", h.PID, h.Comm, h.Task)
+		}
+	}
+	if len(drop) == 0 {
+		return hidden
+	}
+	out := hidden[:0:0]
+	for i, h := range hidden {
+		if !drop[i] {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+func hasName(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }

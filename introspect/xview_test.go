@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
 
@@ -168,7 +170,7 @@ func checkCleanTasks(t *testing.T, k *Kernel, off *Offsets) {
 			t.Errorf("view %s saw %d tasks, want %d (Processes: %d leaders, %d threads)", name, got, n, len(ps), len(all))
 		}
 	}
-	if rq := viewByName(tv.Views, ViewRunqueue); rq.Count < 1 || rq.Count > 2 {
+	if rq := viewByName(tv.Views, ViewRunqueue); rq.Count < 1 || rq.Count > len(all)+1 || k.BTF == nil && rq.Count > 2 {
 		t.Errorf("runqueue view saw %d tasks on a 2-CPU guest", rq.Count)
 	}
 	t.Logf("tasks %d, thread_group %d, pid_idr %d, runqueue %d (Processes: %d leaders, %d threads)",
@@ -302,8 +304,14 @@ func TestCrossViewDebian(t *testing.T) {
 	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
 	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, true) })
 	t.Run("HideModule", func(t *testing.T) { hideModule(t, x) })
+	t.Run("ForgedModuleList", func(t *testing.T) { forgeModuleList(t, x) })
+	t.Run("HideModuleDeep", func(t *testing.T) { hideModuleDeep(t, x) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
 	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
+	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
+	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
+	t.Run("HideExiting", func(t *testing.T) { hideExiting(t, x, "kvm-odd_name.x") })
+	t.Run("HideThread", func(t *testing.T) { hideThread(t, x, "kvm-threads") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
 	t.Run("SolvedOffsets", func(t *testing.T) {
 		// The views without BTF, on the same guest.
@@ -320,6 +328,16 @@ func TestCrossViewDebian(t *testing.T) {
 			y.k, y.off = &nb, off
 			hideModule(t, &y)
 		})
+		t.Run("HideModuleDeep", func(t *testing.T) {
+			y := *x
+			y.k, y.off = &nb, off
+			hideModuleDeep(t, &y)
+		})
+		t.Run("HideButRunning", func(t *testing.T) {
+			y := *x
+			y.k, y.off = &nb, off
+			hideButRunning(t, &y, "kvm-odd_name.x")
+		})
 	})
 	t.Run("Dump", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "guest.core")
@@ -334,6 +352,7 @@ func TestCrossViewDebian(t *testing.T) {
 		checkCleanTasks(t, x.k.On(core), x.off)
 		checkCleanModules(t, x.k.On(core), x.off, true)
 	})
+	t.Run("Running", func(t *testing.T) { checkRunning(t, x) })
 }
 
 func TestCrossViewGokrazy(t *testing.T) {
@@ -343,7 +362,26 @@ func TestCrossViewGokrazy(t *testing.T) {
 	// the carve does not run (and says why); the kset view runs.
 	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, false) })
 	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
+	t.Run("HideThreadedProcess", func(t *testing.T) { hideProcess(t, x, "kvm-threads") })
+	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
+	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
+	t.Run("HideExiting", func(t *testing.T) { hideExiting(t, x, "kvm-odd_name.x") })
+	t.Run("HideThread", func(t *testing.T) { hideThread(t, x, "kvm-threads") })
 	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
+	t.Run("Dump", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "guest.core")
+		if err := x.g.Dump(path); err != nil {
+			t.Fatalf("dump: %v", err)
+		}
+		core, err := guestmem.OpenCore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer core.Close()
+		checkCleanTasks(t, x.k.On(core), x.off)
+		checkCleanModules(t, x.k.On(core), x.off, false)
+	})
+	t.Run("Running", func(t *testing.T) { checkRunning(t, x) })
 }
 
 // checkCleanModules checks the module cross-views of an untouched guest.
@@ -414,4 +452,343 @@ func hideModule(t *testing.T, x *xviewGuest) {
 		t.Errorf("finding %+v, want %+v seen by module_kset and module_carve", h, victim)
 	}
 	t.Logf("hidden module found: %+v", h)
+}
+
+// hideFromIDR removes a user process's pid from the PID allocator (as a
+// rootkit hides it from /proc, whose readdir walks the allocator) and
+// checks that CrossViewTasks names it as listed but missing from pid_idr.
+func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	slot := x.pidSlot(t, victim.PID)
+	undo := x.write64(t, slot, 0)
+	defer undo()
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want pid %d only; views %+v", tv.Hidden, victim.PID, tv.Views)
+	}
+	h := tv.Hidden[0]
+	if h.PID != victim.PID || !hasString(h.SeenBy, ViewTasks) || !hasString(h.MissingFrom, ViewPidIDR) {
+		t.Errorf("finding %+v: want pid %d seen by tasks, missing from pid_idr", h, victim.PID)
+	}
+	t.Logf("pid taken out of the allocator found: %+v", h)
+}
+
+// pidSlot returns the address of the allocator's slot for pid.
+func (x *xviewGuest) pidSlot(t *testing.T, pid int) uint64 {
+	t.Helper()
+	ns, _ := x.k.Symbol("init_pid_ns")
+	xv := &xview{k: x.k, off: x.off, r: newTaskReader(x.k, x.off), infos: map[uint64]*taskInfo{}}
+	if x.k.BTF != nil {
+		if err := x.k.pidViewFromBTF(&xv.v); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		xv.v.xaHead, xv.v.nodeSlots, xv.v.chunk = solved(xaHeadDefault, ""), solved(nodeSlotsDefault, ""), chunkDefault
+	}
+	head := ns + uint64(xv.v.xaHead.Value)
+	entries, damage, err := walkIDR(x.k, head, head-8, xv.v.nodeSlots.Value, xv.v.chunk, true, maxIDRNodes)
+	if err != nil || len(damage) > 0 {
+		t.Fatalf("walk: %v %q", err, damage)
+	}
+	for _, e := range entries {
+		if e.index == uint64(pid) {
+			return e.slot
+		}
+	}
+	t.Fatalf("pid %d not in the allocator", pid)
+	return 0
+}
+
+// hideButRunning hides a process from the tasks list and the allocator
+// and makes it CPU 1's current task (rq->curr, written in the stopped
+// guest): the runqueue view sees it, and through it its thread group.
+func hideButRunning(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	curr, ok := tv.Offsets["rq.curr"]
+	if !ok {
+		t.Fatalf("no rq.curr in %+v", tv.Offsets)
+	}
+	rqs, _ := x.k.Symbol("runqueues")
+	pco, _ := x.k.Symbol("__per_cpu_offset")
+	o1, err := x.k.ReadU64(pco + 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var undos []func()
+	defer func() {
+		for i := len(undos) - 1; i >= 0; i-- {
+			undos[i]()
+		}
+	}()
+	undos = append(undos, x.write64(t, x.pidSlot(t, victim.PID), 0))
+	undos = append(undos, x.unlink(t, victim.Task+uint64(x.off.TaskTasks.Value)))
+	undos = append(undos, x.write64(t, rqs+o1+uint64(curr.Value), victim.Task))
+	tv, err = x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want pid %d only; views %+v", tv.Hidden, victim.PID, tv.Views)
+	}
+	h := tv.Hidden[0]
+	if h.PID != victim.PID || !hasString(h.SeenBy, ViewRunqueue) || !hasString(h.SeenBy, ViewThreadGroup) ||
+		!hasString(h.MissingFrom, ViewTasks) || !hasString(h.MissingFrom, ViewPidIDR) {
+		t.Errorf("finding %+v: want pid %d seen by runqueue and thread_group, missing from tasks and pid_idr", h, victim.PID)
+	}
+	t.Logf("process off the tasks list and the allocator, running on CPU 1, found: %+v", h)
+}
+
+// forgeModuleList breaks a prev link of the modules list: Modules returns
+// the modules before the break with a *PartialError, and CrossViewModules
+// names the ones beyond it.
+func forgeModuleList(t *testing.T, x *xviewGuest) {
+	ms, err := x.k.Modules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) < 3 {
+		t.Fatalf("%d modules loaded, want >= 3", len(ms))
+	}
+	lo := uint64(x.off.ModuleList.Value)
+	undo := x.write64(t, ms[1].Addr+lo+8, ms[1].Addr+lo+0x40)
+	defer undo()
+	got, err := x.k.Modules(x.off)
+	var pe *PartialError
+	if !errors.As(err, &pe) || len(got) != 1 || got[0].Name != ms[0].Name || !strings.Contains(err.Error(), "prev is") {
+		t.Fatalf("Modules on a forged list: %+v, %v; want %s and a *PartialError", got, err, ms[0].Name)
+	}
+	mv, err := x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := viewByName(mv.Views, ViewModules); !v.Ran || v.Count != 1 || !strings.Contains(v.Reason, "damaged") {
+		t.Errorf("modules view %+v", v)
+	}
+	names := map[string]bool{}
+	for _, h := range mv.Hidden {
+		names[h.Name] = true
+	}
+	for _, m := range ms[1:] {
+		if !names[m.Name] {
+			t.Errorf("module %s beyond the break not named; hidden %+v", m.Name, mv.Hidden)
+		}
+	}
+	t.Logf("forged modules list: %d of %d modules, %v; %d named beyond the break", len(got), len(ms), pe, len(mv.Hidden))
+}
+
+// hideModuleDeep hides a module as list_del and kobject_del would: off the
+// modules list and off module_kset's list, its own links poisoned. Only
+// the carve still sees it.
+func hideModuleDeep(t *testing.T, x *xviewGuest) {
+	ms, err := x.k.Modules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mv, err := x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, ok1 := mv.Offsets["module.mkobj.mod"]
+	mod, ok2 := mv.Offsets["module_kobject.mod"]
+	entry, ok3 := mv.Offsets["kobject.entry"]
+	if !ok1 || !ok2 || !ok3 {
+		t.Fatalf("offsets %+v lack module.mkobj.mod, module_kobject.mod or kobject.entry", mv.Offsets)
+	}
+	victim := ms[len(ms)-1]
+	node := victim.Addr + uint64(x.off.ModuleList.Value)
+	kentry := victim.Addr + uint64(self.Value-mod.Value+entry.Value)
+	var undos []func()
+	defer func() {
+		for i := len(undos) - 1; i >= 0; i-- {
+			undos[i]()
+		}
+	}()
+	for _, n := range []uint64{node, kentry} {
+		undos = append(undos, x.unlink(t, n), x.write64(t, n, listPoison1), x.write64(t, n+8, listPoison2))
+	}
+	mv, err = x.k.CrossViewModules(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want %s; views %+v", mv.Hidden, victim.Name, mv.Views)
+	}
+	h := mv.Hidden[0]
+	if h.Name != victim.Name || h.Addr != victim.Addr || len(h.SeenBy) != 1 || h.SeenBy[0] != ViewModuleCarve ||
+		!hasString(h.MissingFrom, ViewModules) || !hasString(h.MissingFrom, ViewModuleKset) {
+		t.Errorf("finding %+v, want %s seen by module_carve only", h, victim.Name)
+	}
+	if v := viewByName(mv.Views, ViewModuleKset); v.Count != len(ms)-1 {
+		t.Errorf("module_kset view %+v, want %d", v, len(ms)-1)
+	}
+	t.Logf("module off both lists, links poisoned, carved: %+v", h)
+}
+
+// hideExiting hides a process that is exiting (PF_EXITING set): it may
+// be missing from a view while it exits, so it is a warning, not a
+// finding.
+func hideExiting(t *testing.T, x *xviewGuest, comm string) {
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range ps {
+		if ps[i].Comm == comm {
+			victim = &ps[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no process %q", comm)
+	}
+	fa := victim.Task + uint64(x.off.TaskFlags.Value)
+	old, err := x.k.ReadU64(fa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u1 := x.write64(t, fa, old|pfExiting)
+	defer u1()
+	u2 := x.unlink(t, victim.Task+uint64(x.off.TaskTasks.Value))
+	defer u2()
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 0 {
+		t.Errorf("exiting task reported hidden: %+v", tv.Hidden)
+	}
+	warned := false
+	for _, w := range tv.Warnings {
+		warned = warned || strings.Contains(w, comm) && strings.Contains(w, "exiting")
+	}
+	if !warned {
+		t.Errorf("no warning names the exiting task: %q", tv.Warnings)
+	}
+	t.Logf("exiting task: warnings %q", tv.Warnings)
+}
+
+// hideThread unlinks one thread of a multi-threaded process from its
+// group's thread list: Processes with threads no longer lists it, the
+// allocator still holds it.
+func hideThread(t *testing.T, x *xviewGuest, comm string) {
+	all, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true, Threads: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var victim *Process
+	for i := range all {
+		if all[i].Comm == comm && all[i].PID != all[i].TGID {
+			victim = &all[i]
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no thread of %q", comm)
+	}
+	undo := x.unlink(t, victim.Task+uint64(x.off.TaskThreadNode.Value))
+	defer undo()
+	after, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true, Threads: true})
+	if err != nil || len(after) != len(all)-1 {
+		t.Fatalf("Processes with threads after unlinking thread %d: %d of %d, %v", victim.PID, len(after), len(all), err)
+	}
+	tv, err := x.k.CrossViewTasks(x.off)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tv.Hidden) != 1 {
+		t.Fatalf("hidden %+v, want thread %d only", tv.Hidden, victim.PID)
+	}
+	h := tv.Hidden[0]
+	if h.PID != victim.PID || h.TGID != victim.TGID || !hasString(h.SeenBy, ViewPidIDR) ||
+		!hasString(h.MissingFrom, ViewTasks) || !hasString(h.MissingFrom, ViewThreadGroup) {
+		t.Errorf("finding %+v: want thread %d seen by pid_idr, missing from tasks and thread_group", h, victim.PID)
+	}
+	t.Logf("thread off its group's list found: %+v", h)
+}
+
+// checkRunning runs the cross-views on the guest while it runs: it idles,
+// so nothing may be reported hidden (races are warnings at most).
+func checkRunning(t *testing.T, x *xviewGuest) {
+	if _, err := x.g.QMP("cont", nil); err != nil {
+		t.Fatal(err)
+	}
+	defer x.g.QMP("stop", nil)
+	for i := range 5 {
+		k := x.k.On(x.mem)
+		tv, err := k.CrossViewTasks(x.off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mv, err := k.CrossViewModules(x.off)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(tv.Hidden) > 0 || len(mv.Hidden) > 0 {
+			t.Errorf("run %d on the running guest: hidden %+v %+v", i, tv.Hidden, mv.Hidden)
+		}
+		if len(tv.Warnings)+len(mv.Warnings) > 0 {
+			t.Logf("run %d: warnings %q %q", i, tv.Warnings, mv.Warnings)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestCrossViewDebian612 runs the cross-views on Debian's 6.12 kernel
+// (struct pid with pidfs members, module.mem[]), with BTF and without.
+// The fetched modules are 6.1's: none loads.
+func TestCrossViewDebian612(t *testing.T) {
+	kernel := func(p testlinux.Paths) string { return filepath.Join(p.Dir, "debian-6.12", "vmlinuz") }
+	_, err := os.Stat(kernel(testlinux.Require(t)))
+	testenv.Check(t, testenv.Guests, err)
+	x := bootXView(t, kernel, false)
+	t.Run("CleanTasks", func(t *testing.T) { checkCleanTasks(t, x.k, x.off) })
+	t.Run("CleanModules", func(t *testing.T) { checkCleanModules(t, x.k, x.off, true) })
+	t.Run("HideProcess", func(t *testing.T) { hideProcess(t, x, "kvm-odd_name.x") })
+	t.Run("HideThread", func(t *testing.T) { hideThread(t, x, "kvm-threads") })
+	t.Run("HideFromPidIDR", func(t *testing.T) { hideFromIDR(t, x, "kvm-odd_name.x") })
+	t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, x, "kvm-odd_name.x") })
+	t.Run("ForgedTaskList", func(t *testing.T) { forgeTaskList(t, x) })
+	t.Run("SolvedOffsets", func(t *testing.T) {
+		nb := *x.k
+		nb.BTF = nil
+		off, err := SolveOffsets(&nb)
+		if off == nil {
+			t.Fatal(err)
+		}
+		checkCleanTasks(t, &nb, off)
+		checkCleanModules(t, &nb, off, false)
+		y := *x
+		y.k, y.off = &nb, off
+		t.Run("HideButRunning", func(t *testing.T) { hideButRunning(t, &y, "kvm-odd_name.x") })
+	})
 }
