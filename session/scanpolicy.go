@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kvmscope/kvmscope/rules"
 	"golang.org/x/sys/unix"
 )
 
@@ -40,6 +41,38 @@ type ScanPolicy struct {
 	// VMLoad, usually session.VMLoad of QEMU's pid; 0: never).
 	BusyVM float64
 	VMLoad func() float64 `json:"-"`
+}
+
+// DefaultScan is the scan policy's defaults besides the interval: 10%
+// jitter and 5% of a core at most.
+var DefaultScan = ScanPolicy{Jitter: 0.1, MaxDuty: 0.05}
+
+// ApplyScanSection takes a rule file's scan: section into p, for every
+// key (interval, jitter, max_cpu, max_bytes, max_duty, busy_load) that
+// fixed does not say was set otherwise (a command-line flag wins).
+func (p *ScanPolicy) ApplyScanSection(sec *rules.ScanSection, fixed func(key string) bool) {
+	if sec == nil {
+		return
+	}
+	use := func(key string) bool { return fixed == nil || !fixed(key) }
+	if sec.Interval != nil && use("interval") {
+		p.Interval = *sec.Interval
+	}
+	if sec.Jitter != nil && use("jitter") {
+		p.Jitter = *sec.Jitter
+	}
+	if sec.MaxCPU != nil && use("max_cpu") {
+		p.MaxCPU = *sec.MaxCPU
+	}
+	if sec.MaxBytes != nil && use("max_bytes") {
+		p.MaxBytes = *sec.MaxBytes
+	}
+	if sec.MaxDuty != nil && use("max_duty") {
+		p.MaxDuty = *sec.MaxDuty
+	}
+	if sec.BusyLoad != nil && use("busy_load") {
+		p.BusyLoad = *sec.BusyLoad
+	}
 }
 
 // Check reports a policy that cannot work.

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/internal/launch"
+	"github.com/kvmscope/kvmscope/rules"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
 	"golang.org/x/term"
@@ -64,17 +66,39 @@ func run(args []string) int {
 		// An invalid policy refuses to start the VM.
 		return fail(2, err)
 	}
+	// The rule base: the VM's own file, or the config's; an invalid one
+	// refuses to start the VM, as an invalid policy does.
+	rulesPath := cfg.RulesFile(launch.ParseQEMUArgs(args).Name)
+	var set *rules.Set
+	scan := session.DefaultScan
+	scan.Interval = cfg.ScanInterval
+	if rulesPath != "" {
+		if set, err = rules.Load(rulesPath); err != nil {
+			return fail(2, err)
+		}
+		// The config's scan_interval wins over the rule file's.
+		scan.ApplyScanSection(set.Scan, func(key string) bool { return key == "interval" && cfg.ScanInterval != 0 })
+	}
+	if scan.Interval > 0 {
+		if err := scan.Check(); err != nil {
+			return fail(2, fmt.Errorf("%s: scan: %w", rulesPath, err))
+		}
+	}
 	code, err := launch.Run(launch.Options{
-		Argv:       append([]string{qemu}, args...),
-		Path:       qemu,
-		SocketDir:  cfg.SocketDir,
-		AllowWrite: cfg.AllowWrite,
-		Guard:      cfg.Guard,
-		Groups:     groups,
-		EventLog:   *cfg.EventLog,
-		FailMode:   cfg.FailMode,
-		Policy:     pol,
-		Log:        log,
+		Argv:         append([]string{qemu}, args...),
+		Path:         qemu,
+		SocketDir:    cfg.SocketDir,
+		AllowWrite:   cfg.AllowWrite,
+		Guard:        cfg.Guard,
+		Groups:       groups,
+		EventLog:     *cfg.EventLog,
+		FailMode:     cfg.FailMode,
+		Policy:       pol,
+		Rules:        set,
+		RulesPath:    rulesPath,
+		ScanInterval: scan.Interval,
+		Scan:         scan,
+		Log:          log,
 	})
 	var ee *launch.ExitError
 	if errors.As(err, &ee) {

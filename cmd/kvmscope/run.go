@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"strings"
 
 	"github.com/kvmscope/kvmscope/internal/launch"
 	"github.com/kvmscope/kvmscope/rules"
@@ -24,10 +25,10 @@ func runCommand() *cli.Command {
 			&cli.StringFlag{Name: "policy", Usage: "enforce the ioctl policy in this YAML file (docs/policy.md); \"default\" is the shipped one", EnvVars: []string{"KVMSCOPE_POLICY"}},
 			&cli.StringFlag{Name: "rules", Usage: "judge the guest by the rule base in this YAML file (docs/rules.md), reloaded when it changes and on SIGHUP; default: the built-in rules"},
 			&cli.DurationFlag{Name: "scan-interval", Usage: "scan the guest's processes on this interval (e.g. 5s), keeping the latest table for the API; 0 scans only on demand"},
-			&cli.Float64Flag{Name: "scan-jitter", Value: 0.1, Usage: "spread each wait between scans over interval*(1±J), 0 to below 1"},
+			&cli.Float64Flag{Name: "scan-jitter", Value: session.DefaultScan.Jitter, Usage: "spread each wait between scans over interval*(1±J), 0 to below 1"},
 			&cli.DurationFlag{Name: "scan-max-cpu", Usage: "stop a scheduled scan that used this much CPU time (reported as partial); 0: no bound"},
 			&cli.Int64Flag{Name: "scan-max-bytes", Usage: "stop a scheduled scan that read this much guest memory (reported as partial); 0: no bound"},
-			&cli.Float64Flag{Name: "scan-max-duty", Value: 0.05, Usage: "the share of one core scheduled scans may take over time (0 to 1; 0: no bound)"},
+			&cli.Float64Flag{Name: "scan-max-duty", Value: session.DefaultScan.MaxDuty, Usage: "the share of one core scheduled scans may take over time (0 to 1; 0: no bound)"},
 			&cli.Float64Flag{Name: "scan-busy-load", Usage: "back off (double the wait, up to 16 intervals) while the host's load average per CPU is above this; 0: never"},
 			&cli.Float64Flag{Name: "scan-busy-vm", Usage: "back off the same way while the VM's vCPUs ran more than this share of the time (0 to 1); 0: never"},
 		},
@@ -54,7 +55,8 @@ func runAction(c *cli.Context) error {
 		if set, err = loadRules(path); err != nil {
 			return err
 		}
-		applyScanSection(c, &scan, set.Scan)
+		// A flag given on the command line wins over the file.
+		scan.ApplyScanSection(set.Scan, func(key string) bool { return c.IsSet("scan-" + strings.ReplaceAll(key, "_", "-")) })
 	}
 	if scan.Interval > 0 {
 		if err := scan.Check(); err != nil {
@@ -88,31 +90,4 @@ func runQEMU(o launch.Options) error {
 		return cli.Exit("", code)
 	}
 	return nil
-}
-
-// applyScanSection takes the rule file's scan: section into the scan
-// policy, for every value the command line did not set (flags win).
-func applyScanSection(c *cli.Context, p *session.ScanPolicy, sec *rules.ScanSection) {
-	if sec == nil {
-		return
-	}
-	unset := func(flag string) bool { return !c.IsSet(flag) }
-	if sec.Interval != nil && unset("scan-interval") {
-		p.Interval = *sec.Interval
-	}
-	if sec.Jitter != nil && unset("scan-jitter") {
-		p.Jitter = *sec.Jitter
-	}
-	if sec.MaxCPU != nil && unset("scan-max-cpu") {
-		p.MaxCPU = *sec.MaxCPU
-	}
-	if sec.MaxBytes != nil && unset("scan-max-bytes") {
-		p.MaxBytes = *sec.MaxBytes
-	}
-	if sec.MaxDuty != nil && unset("scan-max-duty") {
-		p.MaxDuty = *sec.MaxDuty
-	}
-	if sec.BusyLoad != nil && unset("scan-busy-load") {
-		p.BusyLoad = *sec.BusyLoad
-	}
 }

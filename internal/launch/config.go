@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/kvmscope/kvmscope/api"
 	"gopkg.in/yaml.v3"
@@ -73,6 +74,14 @@ type Config struct {
 	// environment variable KVMSCOPE_POLICY overrides it; "none" in either
 	// runs without a policy.
 	Policy string `yaml:"policy"`
+	// Rules is the rule file every VM is judged by (docs/rules.md; a
+	// relative path is relative to this file); a VM's own
+	// rules/NAME.yaml next to this file wins over it. Default: the
+	// built-in rules.
+	Rules string `yaml:"rules"`
+	// ScanInterval scans and judges every VM on this interval (0: on
+	// demand only), as `kvmscope run --scan-interval` does.
+	ScanInterval time.Duration `yaml:"scan_interval"`
 
 	// Path is the file this config was read from ("" when none).
 	Path string `yaml:"-"`
@@ -123,6 +132,27 @@ func (c Config) PolicyFile() string {
 		return policyName(env, "")
 	}
 	return policyName(p, filepath.Dir(c.Path))
+}
+
+// RulesFile is the rule file of the VM called name: rules/NAME.yaml
+// beside the config file when it exists, else the config's rules: (a
+// relative path taken relative to the config file); "" for the built-in
+// rules.
+func (c Config) RulesFile(name string) string {
+	dir := filepath.Dir(DefaultConfigPath)
+	if c.Path != "" {
+		dir = filepath.Dir(c.Path)
+	}
+	if name != "" {
+		own := filepath.Join(dir, "rules", FileName(name)+".yaml")
+		if _, err := os.Stat(own); err == nil {
+			return own
+		}
+	}
+	if c.Rules == "" || filepath.IsAbs(c.Rules) {
+		return c.Rules
+	}
+	return filepath.Join(dir, c.Rules)
 }
 
 func policyName(p, base string) string {

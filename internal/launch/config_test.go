@@ -116,3 +116,36 @@ func TestFileName(t *testing.T) {
 		}
 	}
 }
+
+// TestRulesFile: a VM's own rules/NAME.yaml beside the config wins over
+// the config's rules:, which is relative to the config file.
+func TestRulesFile(t *testing.T) {
+	path := writeFile(t, "rules: site.rules.yaml\nscan_interval: 30s\n")
+	dir := filepath.Dir(path)
+	c, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ScanInterval.String() != "30s" {
+		t.Errorf("scan_interval: %v", c.ScanInterval)
+	}
+	if got := c.RulesFile("web1"); got != filepath.Join(dir, "site.rules.yaml") {
+		t.Errorf("rules of web1: %q, want the config's", got)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "rules"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	own := filepath.Join(dir, "rules", "web1.yaml")
+	if err := os.WriteFile(own, []byte("rules: []\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.RulesFile("web1"); got != own {
+		t.Errorf("rules of web1: %q, want its own %q", got, own)
+	}
+	if got := c.RulesFile("db1"); got != filepath.Join(dir, "site.rules.yaml") {
+		t.Errorf("rules of db1: %q", got)
+	}
+	if got := (Config{Path: path}).RulesFile("db1"); got != "" {
+		t.Errorf("no rules configured: %q, want the built-in (\"\")", got)
+	}
+}
