@@ -59,3 +59,23 @@ func TestWrapperRefusesBadPolicy(t *testing.T) {
 		t.Errorf("the VM started under an invalid policy: %v", ents)
 	}
 }
+
+// TestWrapperRefusesBadRules: the config's rules: names a file with a bad
+// severity on line 3: the domain does not start, exit 2, and the error
+// names the line.
+func TestWrapperRefusesBadRules(t *testing.T) {
+	qemu := needQEMU(t)
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.rules.yaml")
+	if err := os.WriteFile(bad, []byte("rules:\n  - name: x\n    severity: urgent\n    process: {name: a}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	config, sockDir := writeConfig(t, "qemu: "+qemu+"\nrules: "+bad+"\n")
+	r := runCmd(t, wrapperCmd(config, tcgArgs("badrules")...), 30*time.Second)
+	if r.code != 2 || !strings.Contains(r.stderr, bad+":3:") {
+		t.Errorf("wrapper: code %d, stderr %q; want 2 and line 3", r.code, r.stderr)
+	}
+	if ents := dirEntries(t, sockDir); len(ents) != 0 {
+		t.Errorf("the VM started under an invalid rule file: %v", ents)
+	}
+}
