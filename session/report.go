@@ -61,6 +61,7 @@ type judging struct {
 	// control registers).
 	fullAt   time.Time
 	fullRegs []introspect.Deviation
+	fullSeen map[string]bool // the deviations of the last full check
 }
 
 // fullIntegrityEvery is how often scheduled judgements make a full
@@ -81,7 +82,7 @@ func (s *Session) judgeIntegrity(ctx context.Context, quick bool) ([]introspect.
 	j := &s.judging
 	full := !quick || time.Since(j.fullAt) >= fullIntegrityEvery
 	in, err := s.integrity(ctx, base, !full)
-	if err == nil && !full && len(in.Deviations) > 0 {
+	if err == nil && !full && j.unconfirmed(in.Deviations) {
 		full = true
 		in, err = s.integrity(ctx, base, false)
 	}
@@ -90,8 +91,9 @@ func (s *Session) judgeIntegrity(ctx context.Context, quick bool) ([]introspect.
 	}
 	devs := append([]introspect.Deviation{}, in.Deviations...)
 	if full {
-		j.fullAt, j.fullRegs = time.Now(), nil
+		j.fullAt, j.fullRegs, j.fullSeen = time.Now(), nil, map[string]bool{}
 		for _, d := range in.Deviations {
+			j.fullSeen[deviationKey(d)] = true
 			if d.Kind == "idt" || d.Kind == "cpu" || d.Kind == "msr" {
 				j.fullRegs = append(j.fullRegs, d)
 			}
@@ -99,6 +101,22 @@ func (s *Session) judgeIntegrity(ctx context.Context, quick bool) ([]introspect.
 		return devs, nil
 	}
 	return append(devs, j.fullRegs...), nil
+}
+
+// unconfirmed reports whether a quick check found a deviation the last
+// full check did not (the kernel's own text patching, runtime_patch,
+// needs no confirming: it is not tampering).
+func (j *judging) unconfirmed(devs []introspect.Deviation) bool {
+	for _, d := range devs {
+		if d.Kind != "runtime_patch" && !j.fullSeen[deviationKey(d)] {
+			return true
+		}
+	}
+	return false
+}
+
+func deviationKey(d introspect.Deviation) string {
+	return d.Kind + "\x00" + d.What + "\x00" + d.Current
 }
 
 type eventsBox struct{ Events }
