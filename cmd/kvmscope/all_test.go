@@ -24,7 +24,7 @@ type allPS struct {
 // DIR/debian.sock`) and a tiny guest (KVM, no Linux kernel) and a stale
 // socket: ps --all --json has Debian's processes, as the guest itself
 // lists them, and the tiny guest's error; exit status 0. The table has
-// the VM column first; lsmod --all and list see the same; with only the
+// the VM column first; lsmod --all, report --all and list see the same; with only the
 // tiny guest left, every VM failed and the exit status is 1.
 func TestPsAll(t *testing.T) {
 	p := testlinux.Require(t)
@@ -95,6 +95,19 @@ func TestPsAll(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &mods); code != 0 || err != nil || len(mods) != 2 ||
 		mods[0].Modules == nil || mods[0].Error != "" || mods[1].Error == "" {
 		t.Errorf("lsmod --all --json: code %d, %v: %s%s", code, err, out, errOut)
+	}
+
+	out, errOut, code = kvmscope(t, "report", "--all", "--json", "--dir", dir)
+	var reps []struct {
+		VM     string `json:"vm"`
+		Report *struct {
+			Judged []string `json:"judged"`
+		} `json:"report"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &reps); code != 0 || err != nil || len(reps) != 2 ||
+		reps[0].Report == nil || len(reps[0].Report.Judged) == 0 || reps[1].Error == "" {
+		t.Errorf("report --all --json: code %d, %v: %s%s", code, err, out, errOut)
 	}
 
 	// The kernel is discovered now: list names Debian's release.

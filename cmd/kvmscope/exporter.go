@@ -130,10 +130,13 @@ func (x *exporter) Gather() ([]*dto.MetricFamily, error) {
 		v := 1.0
 		if r.err != nil {
 			v = 0
-			if !r.stale {
+			if r.stale {
+				// A VM that is down is not news at every scrape.
+				log.Debug().Str("vm", r.name).Err(r.err).Msg("scrape VM")
+			} else {
 				x.scrapeErrors.WithLabelValues(r.name).Inc()
+				log.Warn().Str("vm", r.name).Err(r.err).Msg("scrape VM")
 			}
-			log.Warn().Str("vm", r.name).Err(r.err).Msg("scrape VM")
 		} else {
 			fams := r.fams
 			gs = append(gs, prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) { return fams, nil }))
