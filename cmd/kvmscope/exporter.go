@@ -52,7 +52,9 @@ func exporterCommand() *cli.Command {
 				return cli.Exit(fmt.Sprintf("listen on %s: %v", addr, err), 1)
 			}
 			mux := http.NewServeMux()
-			mux.Handle("GET /metrics", promhttp.HandlerFor(x, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, ErrorLog: errorLogger{}}))
+			mux.Handle("GET /metrics", promhttp.HandlerFor(x, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, ErrorLog: errorLogger{},
+				// Each scrape scrapes every VM: a burst of scrapers must not multiply that.
+				MaxRequestsInFlight: 4}))
 			mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 				fmt.Fprintln(w, "kvmscope exporter: every VM's metrics at /metrics")
 			})
