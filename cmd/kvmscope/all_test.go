@@ -3,8 +3,12 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -131,5 +135,71 @@ func TestPsAll(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &res); code != 1 || err != nil || len(res) != 1 || res[0].Error == "" ||
 		!strings.Contains(errOut, "every VM failed") {
 		t.Errorf("ps --all with the tiny guest only: code %d, %v: %s%s", code, err, out, errOut)
+	}
+}
+
+// TestFanOut: results come back in the sockets' order, and no more than
+// jobs run at once.
+func TestFanOut(t *testing.T) {
+	var socks []api.FleetSocket
+	for i := range 20 {
+		socks = append(socks, api.FleetSocket{Name: fmt.Sprint(i)})
+	}
+	var mu sync.Mutex
+	running, most := 0, 0
+	got := fanOut(socks, 3, func(s api.FleetSocket) string {
+		mu.Lock()
+		running++
+		most = max(most, running)
+		mu.Unlock()
+		time.Sleep(5 * time.Millisecond)
+		mu.Lock()
+		running--
+		mu.Unlock()
+		return "vm" + s.Name
+	})
+	for i, g := range got {
+		if g != fmt.Sprintf("vm%d", i) {
+			t.Fatalf("result %d = %q", i, g)
+		}
+	}
+	if most != 3 {
+		t.Errorf("at most %d ran at once; want 3 (--jobs)", most)
+	}
+}
+
+// TestScanSockets: only sockets named NAME.sock count; a name in an
+// earlier directory hides a later one; a missing directory holds none.
+func TestScanSockets(t *testing.T) {
+	d1, d2 := t.TempDir(), t.TempDir()
+	for _, p := range []string{d1 + "/b.sock", d1 + "/a.sock", d2 + "/a.sock", d2 + "/c.sock", d2 + "/c.other"} {
+		staleSocket(t, p)
+	}
+	os.WriteFile(d1+"/file.sock", nil, 0o600)
+	os.WriteFile(d1+"/a.events.jsonl", nil, 0o600)
+	socks, errs := api.ScanSockets(d1, d2, filepath.Join(d1, "missing"))
+	want := []api.FleetSocket{{Name: "a", Path: d1 + "/a.sock"}, {Name: "b", Path: d1 + "/b.sock"}, {Name: "c", Path: d2 + "/c.sock"}}
+	if len(errs) != 0 || fmt.Sprint(socks) != fmt.Sprint(want) {
+		t.Errorf("ScanSockets = %v, %v; want %v", socks, errs, want)
+	}
+	if err := api.ProbeSocket(d1+"/a.sock", time.Second); !errors.Is(err, api.ErrStale) {
+		t.Errorf("ProbeSocket of a stale socket: %v", err)
+	}
+}
+
+func TestProcessAgeAndRelease(t *testing.T) {
+	age, err := processAge(os.Getpid())
+	if err != nil || age < 0 || age > time.Hour {
+		t.Errorf("processAge(self) = %v, %v", age, err)
+	}
+	if _, err := processAge(-1); err == nil {
+		t.Error("processAge(-1): no error")
+	}
+	k := api.Kernel{Banner: "Linux version 6.1.0-31-cloud-amd64 (debian-kernel@lists.debian.org) (gcc-12) #1 SMP", Version: "6.1.128"}
+	if r := kernelRelease(k); r != "6.1.0-31-cloud-amd64" {
+		t.Errorf("kernelRelease = %q", r)
+	}
+	if r := kernelRelease(api.Kernel{Version: "5.10.0"}); r != "5.10.0" {
+		t.Errorf("kernelRelease without a banner = %q", r)
 	}
 }
