@@ -22,7 +22,7 @@ import (
 // exporter find the VMs by the API sockets in the socket directories.
 
 var dirFlag = &cli.StringSliceFlag{Name: "dir", Usage: "socket directory to look for VMs in (repeatable); default: socket_dir of /etc/kvmscope/config.yaml, then kvmscope run's default directory"}
-var jobsFlag = &cli.IntFlag{Name: "jobs", Value: 4, Usage: "with --all: how many VMs are read at once"}
+var jobsFlag = &cli.IntFlag{Name: "jobs", Value: 4, Usage: "how many VMs are read at once (with --all, and list)"}
 var allFlag = &cli.BoolFlag{Name: "all", Usage: "every VM in the socket directories (--dir), read concurrently (--jobs); one table with a VM column"}
 
 // fleetDirs are the directories --dir names, else where --vm NAME looks.
