@@ -128,6 +128,20 @@ func (x *exporter) Gather() ([]*dto.MetricFamily, error) {
 	res := fanOut(socks, x.jobs, x.scrape)
 	up := &dto.MetricFamily{Name: proto.String("kvmscope_vm_up"), Help: proto.String("1 if the VM's kvmscope answered the exporter's scrape, else 0."), Type: dto.MetricType_GAUGE.Enum()}
 	gs := prometheus.Gatherers{}
+	// VMs served by different kvmscope versions may word a family's help
+	// differently; the first VM's wording is used for all, so that the
+	// family still merges (one whose type differs cannot: Gatherers leaves
+	// the later VM's out, and says so).
+	help := map[string]*string{}
+	for _, r := range res {
+		for _, f := range r.fams {
+			if h, ok := help[f.GetName()]; ok {
+				f.Help = h
+			} else {
+				help[f.GetName()] = f.Help
+			}
+		}
+	}
 	for _, r := range res {
 		v := 1.0
 		if r.err != nil {

@@ -391,3 +391,47 @@ scrape_configs:
 	}
 	t.Logf("Prometheus: kvmscope_vcpus %+v", got)
 }
+
+// fakeVM serves body as its /metrics on path, as a VM's socket would.
+func fakeVM(t *testing.T, path, body string) {
+	t.Helper()
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) })}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+}
+
+// TestExporterMerge, in-process on two sockets serving expositions of
+// two kvmscope versions: one family across VMs though the help texts
+// differ; a label vm of a VM's own kept as exported_vm; a family whose
+// type differs is kept for the first VM only.
+func TestExporterMerge(t *testing.T) {
+	dir := t.TempDir()
+	fakeVM(t, dir+"/a.sock", "# HELP kvmscope_vcpus vCPUs of the VM.\n# TYPE kvmscope_vcpus gauge\nkvmscope_vcpus 2\n"+
+		"# TYPE odd counter\nodd{vm=\"inner\"} 3\n")
+	fakeVM(t, dir+"/b.sock", "# HELP kvmscope_vcpus Number of vCPUs.\n# TYPE kvmscope_vcpus gauge\nkvmscope_vcpus 4\n"+
+		"# TYPE odd gauge\nodd 5\n")
+	fams, err := newExporter([]string{dir}, 2, time.Second).Gather()
+	if err == nil || !strings.Contains(err.Error(), "odd") {
+		t.Errorf("Gather: %v; want the type conflict of odd", err)
+	}
+	got := map[string]*dto.MetricFamily{}
+	for _, f := range fams {
+		got[f.GetName()] = f
+	}
+	vc := got["kvmscope_vcpus"]
+	if vc.GetHelp() != "vCPUs of the VM." || len(vc.GetMetric()) != 2 ||
+		sampleValue(byVM(vc, "a")[""]) != 2 || sampleValue(byVM(vc, "b")[""]) != 4 {
+		t.Errorf("kvmscope_vcpus: %v", vc)
+	}
+	odd := got["odd"]
+	if odd.GetType() != dto.MetricType_COUNTER || len(odd.GetMetric()) != 1 || labelOf(odd.Metric[0], "exported_vm") != "inner" || labelOf(odd.Metric[0], vmLabel) != "a" {
+		t.Errorf("odd: %v; want a's counter only, its own vm label as exported_vm", odd)
+	}
+	if up := got["kvmscope_vm_up"]; len(up.GetMetric()) != 2 || sampleValue(byVM(up, "a")[""]) != 1 || sampleValue(byVM(up, "b")[""]) != 1 {
+		t.Errorf("kvmscope_vm_up: %v", up)
+	}
+}
