@@ -245,12 +245,12 @@ func psCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "ps",
 		Usage: "list the guest's processes, read from its kernel's memory",
-		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag,
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag, allFlag, jobsFlag, dirFlag,
 			&cli.BoolFlag{Name: "threads", Usage: "list every thread, not one line per process"},
 			&cli.BoolFlag{Name: "tree", Usage: "show the process tree"},
 			&cli.BoolFlag{Name: "consistent", Usage: "pause the VM during the scan (live VMs)"},
 		},
-		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+		Action: orAll(psAll, guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
 			// A partial list (a damaged tasks list) is printed, with
 			// the warning on stderr and exit status 0.
 			warn := func(ws []string) { warnPartial("process list", ws) }
@@ -286,7 +286,7 @@ func psCommand() *cli.Command {
 				}
 			}
 			return tw.Flush()
-		}),
+		})),
 	}
 }
 
@@ -354,8 +354,8 @@ func lsmodCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "lsmod",
 		Usage: "list the guest kernel's loaded modules",
-		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag},
-		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag, allFlag, jobsFlag, dirFlag},
+		Action: orAll(lsmodAll, guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
 			ms, err := g.modules(ctx)
 			if err != nil {
 				return err
@@ -372,7 +372,7 @@ func lsmodCommand() *cli.Command {
 				fmt.Fprintln(os.Stderr, "(no modules loaded)")
 			}
 			return tw.Flush()
-		}),
+		})),
 	}
 }
 

@@ -72,6 +72,8 @@ func newApp() *cli.App {
 			kernelCommand(),
 			offsetsCommand(),
 			dumpCommand(),
+			listCommand(),
+			exporterCommand(),
 		},
 	}
 }

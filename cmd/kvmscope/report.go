@@ -18,11 +18,11 @@ func reportCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "report",
 		Usage: "judge the guest by its rule base (processes, modules, hidden objects, dispatch integrity) and list the findings",
-		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag,
+		Flags: []cli.Flag{apiFlag, vmFlag, coreFlag, jsonFlag, allFlag, jobsFlag, dirFlag,
 			&cli.StringFlag{Name: "rules", Usage: "judge a dump (--core) by this rule file (default: the built-in rules)"},
 			&cli.BoolFlag{Name: "cached", Usage: "the newest judgement of the VM's scheduled scans (run --scan-interval), without scanning now"},
 		},
-		Action: guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
+		Action: orAll(reportAll, guestAction(func(c *cli.Context, g guest, ctx context.Context) error {
 			var set *rules.Set
 			if path := c.String("rules"); path != "" {
 				var err error
@@ -59,6 +59,6 @@ func reportCommand() *cli.Command {
 					f.FirstSeen.Local().Format(time.DateTime), f.LastSeen.Local().Format(time.DateTime), f.Active)
 			}
 			return tw.Flush()
-		}),
+		})),
 	}
 }
