@@ -13,6 +13,8 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v lz4 >/dev/null || need+=(lz4)
 command -v ld >/dev/null || need+=(binutils)
 command -v strace >/dev/null || need+=(strace)
+# The exporter test has a real Prometheus scrape it.
+command -v prometheus >/dev/null || need+=(prometheus)
 # The ioctl catalogue test regenerates its numbers from the kernel headers.
 [ -r /usr/include/linux/kvm.h ] || need+=(linux-libc-dev)
 
