@@ -69,6 +69,7 @@ func newApp() *cli.App {
 			lsmodCommand(),
 			integrityCommand(),
 			reportCommand(),
+			attachCommand(),
 			kernelCommand(),
 			offsetsCommand(),
 			dumpCommand(),

@@ -281,6 +281,16 @@ func unlinkTask(t *testing.T, sock, comm string) (int, func()) {
 // tracerOf is the pid tracing pid (its TracerPid): kvmscope's tracer.
 func tracerOf(t *testing.T, pid int) int {
 	t.Helper()
+	n := tracerPid(t, pid)
+	if n == 0 {
+		t.Fatalf("process %d is not traced", pid)
+	}
+	return n
+}
+
+// tracerPid is pid's TracerPid (0: not traced).
+func tracerPid(t *testing.T, pid int) int {
+	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
@@ -288,7 +298,7 @@ func tracerOf(t *testing.T, pid int) int {
 	for _, l := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(l, "TracerPid:"); ok {
 			n, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil || n == 0 {
+			if err != nil {
 				t.Fatalf("TracerPid of %d: %q", pid, v)
 			}
 			return n

@@ -1,0 +1,138 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+)
+
+// startAttach runs `kvmscope attach` on QEMU pid through qmp, serving
+// sock, and waits until it serves.
+func startAttach(t *testing.T, pid int, qmp, sock string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(kvmscopeBin, "--log-level", "info", "attach", "--pid", strconv.Itoa(pid), "--qmp", qmp, "--api", sock)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitFor(t, 30*time.Second, "attach to serve "+sock+" (stderr: "+stderr.String()+")", func() bool {
+		var vm api.VM
+		return api.NewClient(sock).Get(ctxT(t), "/v1/vm", &vm) == nil
+	})
+	return cmd
+}
+
+// TestAttach: a Debian guest QEMU started plainly (TCG, with a QMP
+// socket) is attached to, read-only and without ptrace: its vCPUs, its
+// memory map and its processes are right; detaching (SIGTERM) leaves QEMU
+// running and untraced; a second attach works; an attach to a QMP socket
+// of another process's memory is refused.
+func TestAttach(t *testing.T) {
+	p := testlinux.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{Kernel: p.DebianKernel, Accel: "tcg"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	dir := t.TempDir()
+	for round := 1; round <= 2; round++ {
+		sock := filepath.Join(dir, "vm.sock")
+		cmd := startAttach(t, g.Pid(), g.SpareQMP(), sock)
+		var vm api.VM
+		if err := api.NewClient(sock).Get(ctxT(t), "/v1/vm", &vm); err != nil {
+			t.Fatal(err)
+		}
+		if vm.Pid != g.Pid() || vm.Accel != "tcg" || len(vm.VCPUs) != 2 || len(vm.Regions) == 0 {
+			t.Errorf("round %d: /v1/vm %+v", round, vm)
+		}
+		if tracer := tracerPid(t, g.Pid()); tracer != 0 {
+			t.Errorf("round %d: QEMU is traced by %d while attached read-only", round, tracer)
+		}
+		checkPS(t, "ps through attach", psJSON(t, "--api", sock), g.PS())
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("round %d: attach after SIGTERM: %v", round, err)
+		}
+		raw, err := g.QMP("query-status", nil)
+		var st struct{ Running bool }
+		if err != nil || json.Unmarshal(raw, &st) != nil || !st.Running {
+			t.Fatalf("round %d: QEMU after detach: %s, %v", round, raw, err)
+		}
+		if _, err := os.Stat(sock); err == nil {
+			t.Errorf("round %d: the socket is left behind after detach", round)
+		}
+	}
+	// Our own pid with that QEMU's QMP socket: the map is not ours.
+	out, errOut, code := kvmscope(t, "attach", "--pid", strconv.Itoa(os.Getpid()), "--qmp", g.SpareQMP(), "--api", filepath.Join(dir, "x.sock"))
+	if code != 1 || !strings.Contains(errOut, "no mapping of process") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+		t.Errorf("attach with a foreign map: code %d: %s%s", code, out, errOut)
+	}
+}
+
+// TestAttachKVM: the tiny guest under KVM, started plainly with a QMP
+// socket, attached to: two vCPUs, its RAM, its spinning counter read
+// through the API; after the detach its counter keeps advancing, and
+// QEMU's exit status is its own.
+func TestAttachKVM(t *testing.T) {
+	args := tinyGuest(t, 2, "")
+	dir := t.TempDir()
+	qmp := filepath.Join(dir, "qmp.sock")
+	qemu := exec.Command(needQEMU(t), append(args, "-qmp", "unix:"+qmp+",server=on,wait=off")...)
+	if err := qemu.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { qemu.Process.Kill(); qemu.Wait() }()
+	waitFor(t, 20*time.Second, "QEMU's QMP socket", func() bool { _, err := os.Stat(qmp); return err == nil })
+	sock := filepath.Join(dir, "vm.sock")
+	cmd := startAttach(t, qemu.Process.Pid, qmp, sock)
+	c := api.NewClient(sock)
+	var vm api.VM
+	if err := c.Get(ctxT(t), "/v1/vm", &vm); err != nil || vm.Accel != "kvm" || len(vm.VCPUs) != 2 || vm.Pid != qemu.Process.Pid {
+		t.Fatalf("/v1/vm %+v (%v)", vm, err)
+	}
+	waitFor(t, 20*time.Second, "the counter to advance", func() bool { return readU64(t, c, testguest.CounterGPA) > 0 })
+	var cpus []api.VCPU
+	if err := c.Get(ctxT(t), "/v1/vcpus", &cpus); err != nil || len(cpus) != 2 {
+		t.Fatalf("/v1/vcpus %+v (%v)", cpus, err)
+	}
+	before := readU64(t, c, testguest.CounterGPA)
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("attach after SIGTERM: %v", err)
+	}
+	// Read the counter again from a second attach: it went on.
+	cmd = startAttach(t, qemu.Process.Pid, qmp, sock)
+	waitFor(t, 10*time.Second, "the counter to go on after a detach", func() bool { return readU64(t, c, testguest.CounterGPA) > before })
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
+	if tracerPid(t, qemu.Process.Pid) != 0 {
+		t.Error("QEMU is traced after detach")
+	}
+	qemu.Process.Signal(syscall.SIGTERM)
+	err := qemu.Wait()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		t.Fatal(err)
+	}
+	if ws, ok := qemu.ProcessState.Sys().(syscall.WaitStatus); !ok || !(ws.Signaled() && ws.Signal() == syscall.SIGTERM) && ws.ExitStatus() != 0 {
+		t.Errorf("QEMU's exit: %v", qemu.ProcessState)
+	}
+}

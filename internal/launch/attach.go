@@ -1,0 +1,231 @@
+package launch
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/internal/eventlog"
+	"github.com/kvmscope/kvmscope/rules"
+	"github.com/kvmscope/kvmscope/session"
+	"github.com/rs/zerolog"
+)
+
+// AttachOptions are kvmscope attach's: a QEMU that is already running,
+// reached through a QMP socket, with no ptrace at all (the read-only
+// mode of docs/attach.md).
+type AttachOptions struct {
+	// PID is QEMU's process; QMP its monitor socket (one kvmscope may
+	// use: QEMU serves each QMP socket to one client at a time).
+	PID int
+	QMP string
+	// Socket is the API socket ("" means SocketDir/NAME.sock); Name the
+	// VM's name ("" means qemu-PID).
+	Socket, SocketDir, Name string
+	Groups                  []int
+	// Rules, RulesPath, ScanInterval and Scan are as for Run.
+	Rules        *rules.Set
+	RulesPath    string
+	ScanInterval time.Duration
+	Scan         session.ScanPolicy
+	Log          zerolog.Logger
+	// Ready, when set, is closed once the API serves (tests).
+	Ready chan struct{}
+}
+
+// attachTarget is an attached QEMU: memory and registers through QMP
+// and QEMU's own address space (guestmem.TCG reads any QEMU so, KVM or
+// TCG), pause through QMP stop and cont.
+type attachTarget struct {
+	pid  int
+	name string
+	qmp  *guestmem.QMP
+	src  *guestmem.TCG
+	kvm  bool
+}
+
+func (a *attachTarget) Source() (guestmem.Source, error) { return a.src, nil }
+
+// Pause stops the VM with QMP, and resume lets it go on, unless it was
+// already stopped (by its owner) before: attaching changes nothing.
+func (a *attachTarget) Pause(ctx context.Context) (func(), error) {
+	running, err := qmpRunning(ctx, a.qmp)
+	if err != nil {
+		return nil, err
+	}
+	if !running {
+		return func() {}, nil
+	}
+	if _, err := a.qmp.Execute(ctx, "stop", nil); err != nil {
+		return nil, fmt.Errorf("QMP stop: %w", err)
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		a.qmp.Execute(ctx, "cont", nil)
+	}, nil
+}
+
+func (a *attachTarget) Describe() api.VM {
+	out := api.VM{Name: a.name, Pid: a.pid, TracerPid: 0, Accel: "tcg", VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
+	if a.kvm {
+		out.Accel = "kvm"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if cpus, err := a.src.CPUs(ctx); err == nil {
+		for _, c := range cpus {
+			out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: c.ID})
+		}
+	}
+	for _, rg := range a.src.Regions() {
+		out.Regions = append(out.Regions, api.RegionOut{GPA: api.Hex64(rg.GPA), Size: api.Hex64(rg.Size), ReadOnly: rg.ReadOnly, Name: rg.Name})
+	}
+	return out
+}
+
+func qmpRunning(ctx context.Context, q *guestmem.QMP) (bool, error) {
+	raw, err := q.Execute(ctx, "query-status", nil)
+	if err != nil {
+		return false, fmt.Errorf("QMP query-status: %w", err)
+	}
+	var st struct {
+		Running bool `json:"running"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return false, fmt.Errorf("QMP query-status: %w", err)
+	}
+	return st.Running, nil
+}
+
+// Attach serves the API of the running QEMU o.PID until it exits or
+// kvmscope is told to stop (SIGINT, SIGTERM): the same session and API as
+// Run, read-only. It never traces QEMU and changes nothing in it, so
+// stopping (or killing) kvmscope leaves QEMU exactly as it was.
+func Attach(o AttachOptions) error {
+	log := o.Log
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	q, err := guestmem.DialQMP(ctx, o.QMP)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("QMP socket %s: %w", o.QMP, err)
+	}
+	defer q.Close()
+	src := guestmem.NewTCG(q, func() int { return o.PID }, false)
+	// The map QMP gives must be QEMU o.PID's: every RAM region's host
+	// address is one of its mappings. A QMP socket of another QEMU (or a
+	// map that cannot be checked) is an error, never a guess.
+	if err := src.VerifyMap(); err != nil {
+		return fmt.Errorf("attach to QEMU %d through %s: %w", o.PID, o.QMP, err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	kvm, err := qmpKVM(ctx, q)
+	cancel()
+	if err != nil {
+		return err
+	}
+	name := o.Name
+	if name == "" {
+		name = "qemu-" + strconv.Itoa(o.PID)
+	}
+	dir := o.SocketDir
+	if dir == "" {
+		dir = api.DefaultDir()
+	}
+	sock := o.Socket
+	if sock == "" {
+		if err := prepareDir(dir, o.Groups); err != nil {
+			return fmt.Errorf("socket directory: %w", err)
+		}
+		sock = SocketPath(dir, name)
+	}
+	target := &attachTarget{pid: o.PID, name: name, qmp: q, src: src, kvm: kvm}
+	sess := session.New(target, nil)
+	sess.SetBaseline(BaselinePath(sock))
+	events, err := eventlog.Open(EventsPath(sock), 0o640)
+	if err != nil {
+		return fmt.Errorf("event log: %w", err)
+	}
+	defer events.Close()
+	sess.SetEvents(events)
+	if o.Rules != nil {
+		sess.SetRules(o.Rules)
+	}
+	server := &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, BaselinePath: BaselinePath(sock)}
+	done := make(chan struct{})
+	go watchPID(o.PID, done)
+	runCtx, stop := context.WithCancel(context.Background())
+	defer stop()
+	go func() { <-done; stop() }()
+	var watch *rulesWatch
+	if o.RulesPath != "" {
+		watch = &rulesWatch{path: o.RulesPath, sess: sess, events: events, log: log}
+		watch.seen, _ = stampOf(o.RulesPath)
+		server.ReloadRules = func() error { return watch.reload("API request") }
+		go watch.run(runCtx, time.Second)
+	}
+	if o.ScanInterval > 0 {
+		pol := o.Scan
+		pol.Interval = o.ScanInterval
+		pol.VMLoad = session.VMLoad(o.PID)
+		go sess.Run(runCtx, pol, func(err error) { log.Debug().Err(err).Msg("scheduled scan") })
+	}
+	if err := server.Listen(sock); err != nil {
+		return fmt.Errorf("API socket: %w", err)
+	}
+	defer server.Close()
+	log.Info().Str("socket", sock).Int("pid", o.PID).Bool("kvm", kvm).Msg("attached (read-only, no ptrace); serving the VM's API")
+	if o.Ready != nil {
+		close(o.Ready)
+	}
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	for {
+		select {
+		case s := <-sigs:
+			if s == syscall.SIGHUP {
+				if watch != nil {
+					watch.reload("SIGHUP")
+				}
+				continue
+			}
+			log.Info().Str("signal", s.String()).Msg("detached; QEMU runs on")
+			return nil
+		case <-done:
+			log.Info().Msg("QEMU exited")
+			return nil
+		}
+	}
+}
+
+// qmpKVM says whether QEMU runs its guest on KVM.
+func qmpKVM(ctx context.Context, q *guestmem.QMP) (bool, error) {
+	raw, err := q.Execute(ctx, "query-kvm", nil)
+	if err != nil {
+		return false, fmt.Errorf("QMP query-kvm: %w", err)
+	}
+	var st struct {
+		Enabled bool `json:"enabled"`
+		Present bool `json:"present"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return false, fmt.Errorf("QMP query-kvm: %w", err)
+	}
+	return st.Enabled, nil
+}
+
+// watchPID closes done when process pid is gone.
+func watchPID(pid int, done chan<- struct{}) {
+	for syscall.Kill(pid, 0) == nil {
+		time.Sleep(500 * time.Millisecond)
+	}
+	close(done)
+}
