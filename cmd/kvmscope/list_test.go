@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -20,33 +18,7 @@ import (
 // ARGS...`: one VM of a host's socket directory.
 func startVM(t *testing.T, dir, name string, qemuArgs ...string) *running {
 	t.Helper()
-	qemu := needQEMU(t)
-	sock := filepath.Join(dir, name+".sock")
-	args := append([]string{"--log-level", "debug", "run", "--api", sock, "--", qemu, "-name", name}, qemuArgs...)
-	r := &running{t: t, sock: sock, stderr: &bytes.Buffer{}, done: make(chan struct{})}
-	r.cmd = exec.Command(kvmscopeBin, args...)
-	r.cmd.Stderr = r.stderr
-	if err := r.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { r.err = r.cmd.Wait(); close(r.done) }()
-	t.Cleanup(func() {
-		select {
-		case <-r.done:
-		default:
-			r.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-r.done:
-			case <-time.After(10 * time.Second):
-				r.cmd.Process.Kill()
-				<-r.done
-			}
-		}
-		if t.Failed() {
-			t.Logf("kvmscope (%s) stderr:\n%s", name, tail(r.stderr.String(), 3000))
-		}
-	})
-	return r
+	return startRunAt(t, filepath.Join(dir, name+".sock"), nil, append([]string{"-name", name}, qemuArgs...)...)
 }
 
 // staleSocket leaves a socket file nothing listens on, as a kvmscope

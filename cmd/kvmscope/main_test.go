@@ -60,8 +60,13 @@ type running struct {
 // startRun starts `kvmscope run --api SOCK -- qemu ARGS...`.
 func startRun(t *testing.T, runFlags []string, qemuArgs ...string) *running {
 	t.Helper()
+	return startRunAt(t, filepath.Join(t.TempDir(), "api.sock"), runFlags, qemuArgs...)
+}
+
+// startRunAt is startRun serving the socket sock.
+func startRunAt(t *testing.T, sock string, runFlags []string, qemuArgs ...string) *running {
+	t.Helper()
 	qemu := needQEMU(t)
-	sock := filepath.Join(t.TempDir(), "api.sock")
 	args := append([]string{"--log-level", "debug", "run", "--api", sock}, runFlags...)
 	args = append(args, "--", qemu)
 	args = append(args, qemuArgs...)

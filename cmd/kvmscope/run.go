@@ -17,21 +17,13 @@ func runCommand() *cli.Command {
 		ArgsUsage: "-- QEMU_BINARY [QEMU ARGS...]",
 		Description: "QEMU runs exactly as it would without kvmscope: same argv, environment,\n" +
 			"cwd, stdio and inherited fds; its exit status becomes kvmscope's.",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "api", Usage: "API socket path (default: $XDG_RUNTIME_DIR/kvmscope/NAME.sock or /run/kvmscope/NAME.sock, NAME from QEMU's -name, else qemu-PID)"},
 			&cli.BoolFlag{Name: "no-api", Usage: "do not serve the API"},
 			&cli.BoolFlag{Name: "allow-write", Usage: "allow writes to guest memory through the API"},
 			&cli.BoolFlag{Name: "guard", Usage: "once the guest kernel has booted, block guest writes to its system-call dispatch (KVM only; docs/dispatch-guard.md)"},
 			&cli.StringFlag{Name: "policy", Usage: "enforce the ioctl policy in this YAML file (docs/policy.md); \"default\" is the shipped one", EnvVars: []string{"KVMSCOPE_POLICY"}},
-			&cli.StringFlag{Name: "rules", Usage: "judge the guest by the rule base in this YAML file (docs/rules.md), reloaded when it changes and on SIGHUP; default: the built-in rules"},
-			&cli.DurationFlag{Name: "scan-interval", Usage: "scan the guest's processes on this interval (e.g. 5s), keeping the latest table for the API; 0 scans only on demand"},
-			&cli.Float64Flag{Name: "scan-jitter", Value: session.DefaultScan.Jitter, Usage: "spread each wait between scans over interval*(1±J), 0 to below 1"},
-			&cli.DurationFlag{Name: "scan-max-cpu", Usage: "stop a scheduled scan that used this much CPU time (reported as partial); 0: no bound"},
-			&cli.Int64Flag{Name: "scan-max-bytes", Usage: "stop a scheduled scan that read this much guest memory (reported as partial); 0: no bound"},
-			&cli.Float64Flag{Name: "scan-max-duty", Value: session.DefaultScan.MaxDuty, Usage: "the share of one core scheduled scans may take over time (0 to 1; 0: no bound)"},
-			&cli.Float64Flag{Name: "scan-busy-load", Usage: "back off (double the wait, up to 16 intervals) while the host's load average per CPU is above this; 0: never"},
-			&cli.Float64Flag{Name: "scan-busy-vm", Usage: "back off the same way while the VM's vCPUs ran more than this share of the time (0 to 1); 0: never"},
-		},
+		}, scanFlags()...),
 		Action: runAction,
 	}
 }
@@ -48,20 +40,9 @@ func runAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	scan := session.ScanPolicy{Interval: c.Duration("scan-interval"), Jitter: c.Float64("scan-jitter"), MaxCPU: c.Duration("scan-max-cpu"),
-		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load"), BusyVM: c.Float64("scan-busy-vm")}
-	var set *rules.Set
-	if path := c.String("rules"); path != "" {
-		if set, err = loadRules(path); err != nil {
-			return err
-		}
-		// A flag given on the command line wins over the file.
-		scan.ApplyScanSection(set.Scan, func(key string) bool { return c.IsSet("scan-" + strings.ReplaceAll(key, "_", "-")) })
-	}
-	if scan.Interval > 0 {
-		if err := scan.Check(); err != nil {
-			return cli.Exit(err.Error(), 2)
-		}
+	set, scan, err := scanPolicy(c)
+	if err != nil {
+		return err
 	}
 	return runQEMU(launch.Options{
 		Argv:         args,
@@ -90,4 +71,40 @@ func runQEMU(o launch.Options) error {
 		return cli.Exit("", code)
 	}
 	return nil
+}
+
+// scanFlags are the flags of the rule base and the scan policy, for run
+// and attach.
+func scanFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "rules", Usage: "judge the guest by the rule base in this YAML file (docs/rules.md), reloaded when it changes and on SIGHUP; default: the built-in rules"},
+		&cli.DurationFlag{Name: "scan-interval", Usage: "scan the guest's processes on this interval (e.g. 5s), keeping the latest table for the API; 0 scans only on demand"},
+		&cli.Float64Flag{Name: "scan-jitter", Value: session.DefaultScan.Jitter, Usage: "spread each wait between scans over interval*(1±J), 0 to below 1"},
+		&cli.DurationFlag{Name: "scan-max-cpu", Usage: "stop a scheduled scan that used this much CPU time (reported as partial); 0: no bound"},
+		&cli.Int64Flag{Name: "scan-max-bytes", Usage: "stop a scheduled scan that read this much guest memory (reported as partial); 0: no bound"},
+		&cli.Float64Flag{Name: "scan-max-duty", Value: session.DefaultScan.MaxDuty, Usage: "the share of one core scheduled scans may take over time (0 to 1; 0: no bound)"},
+		&cli.Float64Flag{Name: "scan-busy-load", Usage: "back off (double the wait, up to 16 intervals) while the host's load average per CPU is above this; 0: never"},
+		&cli.Float64Flag{Name: "scan-busy-vm", Usage: "back off the same way while the VM's vCPUs ran more than this share of the time (0 to 1); 0: never"},
+	}
+}
+
+// scanPolicy reads the rule file and the scan policy from scanFlags: a
+// flag given on the command line wins over the rule file's scan: section.
+func scanPolicy(c *cli.Context) (*rules.Set, session.ScanPolicy, error) {
+	scan := session.ScanPolicy{Interval: c.Duration("scan-interval"), Jitter: c.Float64("scan-jitter"), MaxCPU: c.Duration("scan-max-cpu"),
+		MaxBytes: c.Int64("scan-max-bytes"), MaxDuty: c.Float64("scan-max-duty"), BusyLoad: c.Float64("scan-busy-load"), BusyVM: c.Float64("scan-busy-vm")}
+	var set *rules.Set
+	if path := c.String("rules"); path != "" {
+		var err error
+		if set, err = loadRules(path); err != nil {
+			return nil, scan, err
+		}
+		scan.ApplyScanSection(set.Scan, func(key string) bool { return c.IsSet("scan-" + strings.ReplaceAll(key, "_", "-")) })
+	}
+	if scan.Interval > 0 {
+		if err := scan.Check(); err != nil {
+			return nil, scan, cli.Exit(err.Error(), 2)
+		}
+	}
+	return set, scan, nil
 }
