@@ -298,12 +298,9 @@ func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	src, ok := s.memory(w)
-	if !ok {
+	if src, ok := s.memory(w); !ok {
 		return
-	}
-	wr, ok := src.(guestmem.Writer)
-	if !ok || !guestmem.CapabilitiesOf(src).Write {
+	} else if !guestmem.CapabilitiesOf(src).Write {
 		httpError(w, http.StatusForbidden, guestmem.ErrReadOnly.Error())
 		return
 	}
@@ -312,12 +309,21 @@ func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusRequestEntityTooLarge, err.Error())
 		return
 	}
-	if _, err := wr.WriteAt(body, int64(gpa)); err != nil {
-		httpError(w, http.StatusBadRequest, err.Error())
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	// Paused, all or nothing, read back, and an event with the old and
+	// new bytes (session.WriteMemory).
+	mw, err := s.Session.WriteMemory(ctx, gpa, body, "api")
+	if err != nil {
+		status := http.StatusBadRequest
+		if errors.Is(err, guestmem.ErrReadOnly) {
+			status = http.StatusForbidden
+		}
+		httpError(w, status, err.Error())
 		return
 	}
 	s.Log.Info().Uint64("gpa", gpa).Int("len", len(body)).Msg("guest memory written through the API")
-	writeJSON(w, map[string]any{"written": len(body)})
+	writeJSON(w, map[string]any{"written": len(body), "old": mw.Old})
 }
 
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
