@@ -146,6 +146,10 @@ type guard struct {
 	opts     GuardOptions
 	maxSlots uint32
 	report   func(BlockedWrite)
+	// replaying is set from guardReplay's undoing of the carves to
+	// guardRearm's carving again: the pages are unprotected then, for
+	// QEMU's memslot call.
+	replaying bool
 }
 
 // pageRanges rounds each range out to whole pages, merges them and drops
@@ -484,6 +488,11 @@ func (g *guard) status() GuardStatus {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	st := GuardStatus{Ranges: slices.Clone(g.want), Unprotected: slices.Clone(g.skipped), Blocked: g.blocked, Allowed: g.allowed}
+	if g.replaying {
+		for _, w := range g.want {
+			st.Unprotected = append(st.Unprotected, UnprotectedRange{w, "QEMU is changing the memslot; the guard protects it again after"})
+		}
+	}
 	for _, c := range g.carves {
 		for _, p := range c.pieces {
 			if p.ReadOnly {
@@ -556,6 +565,7 @@ func (t *Tracer) guardReplay(c *call) (ret int64, failed bool) {
 		}
 		delete(g.carves, id)
 	}
+	g.replaying = len(g.want) > 0
 	g.mu.Unlock()
 	ret, err := t.runOn(c.tid)(Syscall{NR: unix.SYS_IOCTL, Args: [6]uint64{uint64(c.fd), uint64(c.cmd), c.arg}})
 	if err != nil {
@@ -580,6 +590,7 @@ func (t *Tracer) guardRearm(c *call) {
 	g := &t.guard
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.replaying = false
 	if len(g.want) == 0 {
 		return
 	}
