@@ -123,6 +123,11 @@ func TestGuardNeedsPermission(t *testing.T) {
 // (system calls dispatched by x64_sys_call, whose pages are guarded); it
 // must show up. A clean kernel's run blocks nothing (its own text
 // patching of the pages, if any, is let through), and integrity stays [].
+// labBoot bounds a Linux boot under KVM: in the nested-KVM lab, where L1
+// is emulated, gokrazy's /init (which reads all of /proc/kallsyms) takes
+// about a minute, and more while the host is busy.
+const labBoot = 4 * time.Minute
+
 func TestGuardLinux(t *testing.T) {
 	p := testlinux.Require(t)
 	for _, tc := range []struct{ name, kernel string }{
@@ -132,13 +137,14 @@ func TestGuardLinux(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			testenv.Require(t, testenv.FastKVM)
 			sock := filepath.Join(t.TempDir(), "api.sock")
-			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), labBoot+2*time.Minute)
 			defer cancel()
 			g, err := testlinux.Boot(ctx, testlinux.Options{
 				Kernel:  tc.kernel,
 				Accel:   "kvm",
 				Append:  "kvmscope.late=25",
 				Wrapper: []string{kvmscopeBin, "--log-level", "info", "run", "--guard", "--api", sock, "--"},
+				Timeout: labBoot,
 			})
 			if err != nil {
 				t.Fatalf("boot under kvmscope run --guard: %v", err)

@@ -49,17 +49,20 @@ func TestGuestLinux(t *testing.T) {
 				testenv.Require(t, testenv.FastKVM)
 			}
 			sock := filepath.Join(t.TempDir(), "api.sock")
-			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), labBoot+2*time.Minute)
 			defer cancel()
 			run := []string{kvmscopeBin, "--log-level", "warn", "run", "--api", sock}
 			if tc.policy {
 				run = append(run, "--policy", "default")
 			}
+			opts := testlinux.Options{Kernel: tc.kernel, Accel: tc.accel}
 			if tc.accel == "kvm" {
 				// The guard protects the dispatch once the guest is up.
 				run = append(run, "--guard")
+				// In the nested-KVM lab (L1 emulated) gokrazy's /init
+				// takes a minute, more on a loaded host.
+				opts.Timeout = labBoot
 			}
-			opts := testlinux.Options{Kernel: tc.kernel, Accel: tc.accel}
 			if tc.memfd {
 				run = append(run, "--allow-write")
 				opts.ExtraArgs = []string{"-object", "memory-backend-memfd,id=ram,size=512M", "-machine", "memory-backend=ram"}
