@@ -67,3 +67,7 @@ echo; echo "== kvmscope ps --tree (read from the guest kernel's task list) =="
 "$bin" ps --api "$sock" --tree
 echo; echo "== kvmscope ps =="
 "$bin" ps --api "$sock"
+echo; echo "== kvmscope integrity (the system-call dispatch, checked) =="
+"$bin" integrity --api "$sock"
+echo; echo "== kvmscope report (the built-in rules: hidden processes and modules, tampered dispatch) =="
+"$bin" report --api "$sock"
