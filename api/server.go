@@ -53,6 +53,10 @@ type Server struct {
 	// GuardAllowed lets clients change what the guard protects (POST
 	// /v1/integrity/guard): kvmscope run --guard or --allow-write.
 	GuardAllowed bool
+	// Detach ends an attached kvmscope (POST /v1/detach), leaving QEMU as
+	// it was; nil for a VM launched under kvmscope, which cannot be
+	// left untraced.
+	Detach func()
 	// ReloadRules reads the VM's rule file again (POST /v1/rules/reload);
 	// nil when the VM has none.
 	ReloadRules func() error
@@ -122,6 +126,7 @@ func (s *Server) Listen(path string) error {
 	s.introspectRoutes(mux)
 	s.guardRoutes(mux)
 	s.reportRoutes(mux)
+	mux.HandleFunc("POST /v1/detach", s.postDetach)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))
@@ -345,4 +350,18 @@ func httpError(w http.ResponseWriter, status int, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(Error{Error: msg})
+}
+
+// postDetach ends an attached kvmscope: the reply comes first, then the
+// API closes.
+func (s *Server) postDetach(w http.ResponseWriter, r *http.Request) {
+	if s.Detach == nil {
+		httpError(w, http.StatusBadRequest, "this VM runs under kvmscope run: it cannot be detached (stopping kvmscope stops the VM, the fail-closed choice; docs/attach.md)")
+		return
+	}
+	writeJSON(w, map[string]bool{"detached": true})
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
+	}
+	s.Detach()
 }

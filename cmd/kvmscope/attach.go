@@ -1,6 +1,10 @@
 package main
 
 import (
+	"context"
+	"fmt"
+	"time"
+
 	"github.com/kvmscope/kvmscope/internal/launch"
 	"github.com/urfave/cli/v2"
 )
@@ -30,6 +34,29 @@ func attachCommand() *cli.Command {
 			if err != nil {
 				return cli.Exit("kvmscope attach: "+err.Error(), 1)
 			}
+			return nil
+		},
+	}
+}
+
+// detachCommand ends a `kvmscope attach`: QEMU runs on as it was.
+func detachCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "detach",
+		Usage: "end a kvmscope attach, leaving QEMU as it was (a VM launched under kvmscope run cannot be detached)",
+		Flags: []cli.Flag{apiFlag, vmFlag},
+		Action: func(c *cli.Context) error {
+			cl, err := client(c)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			var out map[string]bool
+			if err := cl.Post(ctx, "/v1/detach", &out); err != nil {
+				return cli.Exit(err.Error(), 1)
+			}
+			fmt.Println("detached")
 			return nil
 		},
 	}

@@ -65,11 +65,16 @@ func TestAttach(t *testing.T) {
 			t.Errorf("round %d: QEMU is traced by %d while attached read-only", round, tracer)
 		}
 		checkPS(t, "ps through attach", psJSON(t, "--api", sock), g.PS())
-		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
+		// Detach: a signal the first time, `kvmscope detach` the second.
+		if round == 1 {
+			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+		} else if out, errOut, code := kvmscope(t, "detach", "--api", sock); code != 0 {
+			t.Errorf("detach: code %d: %s%s", code, out, errOut)
 		}
 		if err := cmd.Wait(); err != nil {
-			t.Errorf("round %d: attach after SIGTERM: %v", round, err)
+			t.Errorf("round %d: attach after the detach: %v", round, err)
 		}
 		raw, err := g.QMP("query-status", nil)
 		var st struct{ Running bool }
@@ -126,6 +131,13 @@ func TestAttachKVM(t *testing.T) {
 	if tracerPid(t, qemu.Process.Pid) != 0 {
 		t.Error("QEMU is traced after detach")
 	}
+	// A VM launched under kvmscope run cannot be detached.
+	r := startRun(t, nil, tinyGuest(t, 1, "")...)
+	waitReady(t, r.client())
+	if _, errOut, code := kvmscope(t, "detach", "--api", r.sock); code != 1 || !strings.Contains(errOut, "cannot be detached") {
+		t.Errorf("detach of a run VM: code %d: %s", code, errOut)
+	}
+
 	qemu.Process.Signal(syscall.SIGTERM)
 	err := qemu.Wait()
 	var ee *exec.ExitError

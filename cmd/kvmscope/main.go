@@ -70,6 +70,7 @@ func newApp() *cli.App {
 			integrityCommand(),
 			reportCommand(),
 			attachCommand(),
+			detachCommand(),
 			kernelCommand(),
 			offsetsCommand(),
 			dumpCommand(),

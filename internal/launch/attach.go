@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -158,7 +159,10 @@ func Attach(o AttachOptions) error {
 	if o.Rules != nil {
 		sess.SetRules(o.Rules)
 	}
-	server := &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, BaselinePath: BaselinePath(sock)}
+	detach := make(chan struct{})
+	var once sync.Once
+	server := &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, BaselinePath: BaselinePath(sock),
+		Detach: func() { once.Do(func() { close(detach) }) }}
 	done := make(chan struct{})
 	go watchPID(o.PID, done)
 	runCtx, stop := context.WithCancel(context.Background())
@@ -198,6 +202,9 @@ func Attach(o AttachOptions) error {
 				continue
 			}
 			log.Info().Str("signal", s.String()).Msg("detached; QEMU runs on")
+			return nil
+		case <-detach:
+			log.Info().Msg("detached (kvmscope detach); QEMU runs on")
 			return nil
 		case <-done:
 			log.Info().Msg("QEMU exited")
