@@ -249,12 +249,16 @@ func (s *Server) getVCPUs(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, out)
 }
 
-// memoryRange parses ?gpa=ADDR&len=N.
+// memoryRange parses ?gpa=ADDR&len=N (or va=ADDR: virtual is set).
 func memoryRange(r *http.Request, needLen bool) (gpa uint64, n int, err error) {
 	q := r.URL.Query()
-	gpa, err = strconv.ParseUint(q.Get("gpa"), 0, 64)
+	key := "gpa"
+	if q.Has("va") {
+		key = "va"
+	}
+	gpa, err = strconv.ParseUint(q.Get(key), 0, 64)
 	if err != nil {
-		return 0, 0, fmt.Errorf("bad or missing gpa %q: want a number such as 0x1000", q.Get("gpa"))
+		return 0, 0, fmt.Errorf("bad or missing %s %q: want a number such as 0x1000", key, q.Get(key))
 	}
 	if !needLen {
 		return gpa, 0, nil
@@ -267,7 +271,7 @@ func memoryRange(r *http.Request, needLen bool) (gpa uint64, n int, err error) {
 		return 0, 0, fmt.Errorf("len %d is over the limit of %d bytes per request", l, MaxMemoryRead)
 	}
 	if gpa+l < gpa {
-		return 0, 0, fmt.Errorf("range gpa %#x len %#x wraps around", gpa, l)
+		return 0, 0, fmt.Errorf("range %s %#x len %#x wraps around", key, gpa, l)
 	}
 	return gpa, int(l), nil
 }
@@ -276,6 +280,20 @@ func (s *Server) getMemory(w http.ResponseWriter, r *http.Request) {
 	gpa, n, err := memoryRange(r, true)
 	if err != nil {
 		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if r.URL.Query().Has("va") {
+		// A kernel virtual address, through the guest kernel's page
+		// tables.
+		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		buf, err := s.Session.ReadKernelMemory(ctx, gpa, n)
+		if err != nil {
+			httpError(w, http.StatusNotFound, err.Error())
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(buf)
 		return
 	}
 	src, ok := s.memory(w)
@@ -318,7 +336,11 @@ func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	// Paused, all or nothing, read back, and an event with the old and
 	// new bytes (session.WriteMemory).
-	mw, err := s.Session.WriteMemory(ctx, gpa, body, "api")
+	write := s.Session.WriteMemory
+	if r.URL.Query().Has("va") {
+		write = s.Session.WriteKernelMemory
+	}
+	mw, err := write(ctx, gpa, body, "api")
 	if err != nil {
 		status := http.StatusBadRequest
 		if errors.Is(err, guestmem.ErrReadOnly) {

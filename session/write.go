@@ -14,7 +14,10 @@ import (
 // (kind "memory_write") records it: where, and the bytes before and
 // after (hex; at most eventBytes of each, with the whole length).
 type MemoryWrite struct {
-	GPA    string `json:"gpa"`
+	GPA string `json:"gpa"`
+	// VA is the kernel virtual address written, for a write made at one
+	// (GPA is then where its first page is).
+	VA     string `json:"va,omitempty"`
 	Len    int    `json:"len"`
 	Old    string `json:"old"`
 	New    string `json:"new"`
@@ -32,8 +35,58 @@ var ErrVerify = errors.New("the write did not read back as written")
 // all or nothing: a range that is not all guest memory (a hole) fails
 // before anything is written, with the first address that is not; the
 // old bytes are read first, the new ones read back after, and a write
-// that does not read back is undone. Each write is an event (with SetEvents).
+// that does not read back is undone. Each write is an event (with
+// SetEvents).
 func (s *Session) WriteMemory(ctx context.Context, gpa uint64, data []byte, source string) (*MemoryWrite, error) {
+	mw, err := s.writeChunks(ctx, []chunk{{gpa, data}}, source)
+	if mw != nil {
+		mw.GPA = fmt.Sprintf("%#x", gpa)
+	}
+	return s.recorded(mw, err)
+}
+
+// WriteKernelMemory is WriteMemory at a kernel virtual address, through
+// the guest kernel's own page tables: every page of the range must be
+// mapped (else nothing is written, and the error names the first that is
+// not), and the pages, which need not be contiguous in guest-physical
+// memory, are written in one pause.
+func (s *Session) WriteKernelMemory(ctx context.Context, va uint64, data []byte, source string) (*MemoryWrite, error) {
+	if len(data) == 0 || va+uint64(len(data)) < va {
+		return nil, fmt.Errorf("bad range %#x+%d", va, len(data))
+	}
+	k, _, _, err := s.Kernel(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var chunks []chunk
+	for off := 0; off < len(data); {
+		at := va + uint64(off)
+		n := min(len(data)-off, int(4096-at&0xfff))
+		pa, err := k.VirtToPhys(at)
+		if err != nil {
+			return nil, fmt.Errorf("kernel virtual address %#x: %w", at, err)
+		}
+		chunks = append(chunks, chunk{pa, data[off : off+n]})
+		off += n
+	}
+	mw, err := s.writeChunks(ctx, chunks, source)
+	if mw != nil {
+		mw.VA = fmt.Sprintf("%#x", va)
+		mw.GPA = fmt.Sprintf("%#x", chunks[0].gpa)
+	}
+	return s.recorded(mw, err)
+}
+
+// chunk is a piece of a write: data at guest-physical gpa.
+type chunk struct {
+	gpa  uint64
+	data []byte
+}
+
+// writeChunks writes every chunk, with the guest paused, or none: each is
+// checked to be guest memory first, read before, read back after; a
+// failure puts back what was written.
+func (s *Session) writeChunks(ctx context.Context, chunks []chunk, source string) (*MemoryWrite, error) {
 	src, err := s.Memory()
 	if err != nil {
 		return nil, err
@@ -42,38 +95,61 @@ func (s *Session) WriteMemory(ctx context.Context, gpa uint64, data []byte, sour
 	if !ok || !guestmem.CapabilitiesOf(src).Write {
 		return nil, guestmem.ErrReadOnly
 	}
-	if len(data) == 0 {
-		return nil, errors.New("nothing to write")
-	}
-	if err := backed(src.Regions(), gpa, uint64(len(data))); err != nil {
-		return nil, err
+	total := 0
+	for _, c := range chunks {
+		if len(c.data) == 0 {
+			return nil, errors.New("nothing to write")
+		}
+		if err := backed(src.Regions(), c.gpa, uint64(len(c.data))); err != nil {
+			return nil, err
+		}
+		total += len(c.data)
 	}
 	resume, err := s.machine.Pause(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("pause the VM for the write: %w", err)
 	}
 	defer resume()
-	old := make([]byte, len(data))
-	if _, err := src.ReadAt(old, int64(gpa)); err != nil {
-		return nil, fmt.Errorf("read the bytes before the write: %w", err)
-	}
-	if _, err := w.WriteAt(data, int64(gpa)); err != nil {
-		w.WriteAt(old, int64(gpa))
-		return nil, err
-	}
-	back := make([]byte, len(data))
-	if _, err := src.ReadAt(back, int64(gpa)); err != nil || !bytes.Equal(back, data) {
-		w.WriteAt(old, int64(gpa))
-		if err != nil {
-			return nil, fmt.Errorf("%w: read back: %v", ErrVerify, err)
+	olds := make([][]byte, len(chunks))
+	for i, c := range chunks {
+		olds[i] = make([]byte, len(c.data))
+		if _, err := src.ReadAt(olds[i], int64(c.gpa)); err != nil {
+			return nil, fmt.Errorf("read the bytes before the write: %w", err)
 		}
-		return nil, fmt.Errorf("%w at %#x", ErrVerify, gpa+uint64(firstDiff(back, data)))
 	}
-	mw := &MemoryWrite{GPA: fmt.Sprintf("%#x", gpa), Len: len(data), Old: hex.EncodeToString(old[:min(len(old), eventBytes)]), New: hex.EncodeToString(data[:min(len(data), eventBytes)]), Source: source}
-	if ev := s.eventSink(); ev != nil {
+	undo := func(upTo int) {
+		for i := 0; i <= upTo && i < len(chunks); i++ {
+			w.WriteAt(olds[i], int64(chunks[i].gpa))
+		}
+	}
+	for i, c := range chunks {
+		if _, err := w.WriteAt(c.data, int64(c.gpa)); err != nil {
+			undo(i)
+			return nil, err
+		}
+		back := make([]byte, len(c.data))
+		if _, err := src.ReadAt(back, int64(c.gpa)); err != nil || !bytes.Equal(back, c.data) {
+			undo(i)
+			if err != nil {
+				return nil, fmt.Errorf("%w: read back: %v", ErrVerify, err)
+			}
+			return nil, fmt.Errorf("%w at %#x", ErrVerify, c.gpa+uint64(firstDiff(back, c.data)))
+		}
+	}
+	old, data := bytes.Join(olds, nil), make([]byte, 0, total)
+	for _, c := range chunks {
+		data = append(data, c.data...)
+	}
+	mw := &MemoryWrite{Len: total, Old: hex.EncodeToString(old[:min(len(old), eventBytes)]), New: hex.EncodeToString(data[:min(len(data), eventBytes)]), Source: source}
+	return mw, nil
+}
+
+// recorded makes mw an event, once its caller has said where it was.
+func (s *Session) recorded(mw *MemoryWrite, err error) (*MemoryWrite, error) {
+	if ev := s.eventSink(); ev != nil && err == nil {
 		ev.Append("memory_write", mw)
 	}
-	return mw, nil
+	return mw, err
 }
 
 // backed checks that [gpa, gpa+n) is all guest memory: the first address
@@ -106,4 +182,18 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return 0
+}
+
+// ReadKernelMemory reads n bytes at a kernel virtual address, through the
+// guest kernel's own page tables.
+func (s *Session) ReadKernelMemory(ctx context.Context, va uint64, n int) ([]byte, error) {
+	k, _, _, err := s.Kernel(ctx)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, n)
+	if err := k.ReadVirt(b, va); err != nil {
+		return nil, fmt.Errorf("kernel virtual address %#x+%d: %w", va, n, err)
+	}
+	return b, nil
 }

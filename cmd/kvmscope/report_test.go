@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -24,6 +25,9 @@ import (
 const docsRules = docRules + `  - name: hidden process
     severity: critical
     hidden: {processes: true}
+  - name: hidden module
+    severity: critical
+    hidden: {modules: true}
 `
 
 // replaceFile writes text to path the way editors do: a new file renamed
@@ -78,7 +82,8 @@ func TestRules(t *testing.T) {
 	g, err := testlinux.Boot(ctx, testlinux.Options{
 		Kernel: p.DebianKernel,
 		Accel:  "tcg",
-		Append: "kvmscope.late=3",
+		Initrd: modulesInitrd(t, p),
+		Append: "kvmscope.late=3 kvmscope.modules=1",
 		Wrapper: []string{kvmscopeBin, "--log-level", "info", "run", "--api", sock, "--allow-write",
 			"--rules", rulesPath, "--scan-interval", "1s", "--"},
 	})
@@ -137,7 +142,7 @@ func TestRules(t *testing.T) {
 		return findingOf(reportJSON(t, "--api", sock, "--cached"), "no sleepers") != nil
 	})
 
-	// A broken edit: the rules in force stay, the error names line 3.
+	// A broken edit: the rules in force (5) stay, the error names line 3.
 	replaceFile(t, rulesPath, "rules:\n  - name: broken\n    severity: urgent\n    process: {name: a}\n")
 	var rulesErr string
 	waitFor(t, 30*time.Second, "a rules_error event", func() bool {
@@ -154,7 +159,7 @@ func TestRules(t *testing.T) {
 		t.Errorf("rules error %q: want one line starting %s:3:", rulesErr, rulesPath)
 	}
 	var info api.RulesInfo
-	if err := api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info); err != nil || len(info.Rules) != 4 || info.Rules[3].Name != "no sleepers" {
+	if err := api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info); err != nil || len(info.Rules) != 5 || info.Rules[4].Name != "no sleepers" {
 		t.Errorf("rules in force after a broken edit: %+v (%v)", info, err)
 	}
 	if out, errOut, code := kvmscope(t, "rules", "reload", "--api", sock); code != 1 || !strings.Contains(errOut, rulesPath+":3:") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
@@ -164,7 +169,7 @@ func TestRules(t *testing.T) {
 	waitFor(t, 30*time.Second, "the good rules back", func() bool {
 		time.Sleep(200 * time.Millisecond)
 		var info api.RulesInfo
-		return api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info) == nil && len(info.Rules) == 3
+		return api.NewClient(sock).Get(ctxT(t), "/v1/rules", &info) == nil && len(info.Rules) == 4
 	})
 
 	// SIGHUP to the tracer reloads the file, and QEMU does not see it.
@@ -207,12 +212,31 @@ func TestRules(t *testing.T) {
 	}
 	t.Logf("hidden: %s; views %+v", hidden.Findings[0].Summary, rep.Views)
 
+	// DKOM on the modules list: one module unlinked from it; module_kset
+	// (and the carve) still see it.
+	mod, restoreMod := unlinkModule(t, sock, "dummy")
+	defer restoreMod()
+	rep = reportJSON(t, "--api", sock)
+	foundMod := false
+	for _, f := range rep.Findings {
+		if f.Kind == "hidden_module" && f.Evidence.Module == mod && f.Active {
+			foundMod = true
+			if len(f.Evidence.SeenBy) == 0 || !slices.Contains(f.Evidence.MissingFrom, "modules") {
+				t.Errorf("hidden module finding: %+v", f)
+			}
+		}
+	}
+	if !foundMod {
+		t.Errorf("report does not name module %s as hidden: %+v", mod, rep.Findings)
+	}
+
 	// The same judgement on a dump of the guest, by the same rules.
 	core := filepath.Join(dir, "vm.core")
 	if _, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code != 0 {
 		t.Fatalf("dump: %s", errOut)
 	}
 	restore()
+	restoreMod()
 	rep = reportJSON(t, "--core", core, "--rules", rulesPath)
 	found := false
 	for _, f := range rep.Findings {
@@ -306,4 +330,102 @@ func tracerPid(t *testing.T, pid int) int {
 	}
 	t.Fatalf("no TracerPid in /proc/%d/status", pid)
 	return 0
+}
+
+// modulesInitrd is the test initramfs with Debian 6.1's test modules
+// appended under /modules, which /init loads with kvmscope.modules=1 (the
+// kernel unpacks concatenated archives in order).
+func modulesInitrd(t *testing.T, p testlinux.Paths) string {
+	t.Helper()
+	dir := t.TempDir()
+	kos, _ := filepath.Glob(filepath.Join(p.Dir, "debian", "modules", "*.ko"))
+	if len(kos) == 0 {
+		t.Fatalf("no test modules in %s/debian/modules (just guests)", p.Dir)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "tree", "modules"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, ko := range kos {
+		b, err := os.ReadFile(ko)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "tree", "modules", filepath.Base(ko)), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command("sh", "-c", "find modules | cpio -o -H newc --quiet | gzip -n")
+	cmd.Dir = filepath.Join(dir, "tree")
+	extra, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("cpio of the modules: %v", err)
+	}
+	base, err := os.ReadFile(p.Initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "initrd.gz")
+	if err := os.WriteFile(out, append(base, extra...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// unlinkModule takes the module called name off the guest's modules list
+// by pointing its neighbours at each other through kernel virtual
+// addresses (PUT /v1/memory?va=; the VM runs with --allow-write), as a
+// rootkit hides itself. It returns the name and a function that links it
+// back in.
+func unlinkModule(t *testing.T, sock, name string) (string, func()) {
+	t.Helper()
+	var k api.Kernel
+	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
+	if err := json.Unmarshal([]byte(out), &k); err != nil {
+		t.Fatal(err)
+	}
+	listOff := int64(-1)
+	for _, m := range k.Offsets {
+		if m.Name == "module.list" && m.Source != "" {
+			listOff = m.Value
+		}
+	}
+	if listOff < 0 {
+		t.Fatalf("module.list unknown: %+v", k.Offsets)
+	}
+	c := api.NewClient(sock)
+	read := func(va uint64) uint64 {
+		b, err := c.GetRaw(ctxT(t), fmt.Sprintf("/v1/memory?va=%#x&len=8", va))
+		if err != nil || len(b) != 8 {
+			t.Fatalf("read %#x: %v", va, err)
+		}
+		return binary.LittleEndian.Uint64(b)
+	}
+	write := func(va, v uint64) {
+		if err := c.Put(ctxT(t), fmt.Sprintf("/v1/memory?va=%#x", va), binary.LittleEndian.AppendUint64(nil, v)); err != nil {
+			t.Fatalf("write %#x: %v", va, err)
+		}
+	}
+	var ms []api.Module
+	if err := c.Get(ctxT(t), "/v1/modules", &ms); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		if m.Name != name {
+			continue
+		}
+		node := uint64(m.Addr) + uint64(listOff)
+		next, prev := read(node), read(node+8)
+		write(prev, next)
+		write(next+8, prev)
+		done := false
+		return name, func() {
+			if !done {
+				done = true
+				write(prev, node)
+				write(next+8, node)
+			}
+		}
+	}
+	t.Fatalf("no module %s loaded: %+v", name, ms)
+	return "", nil
 }
