@@ -248,8 +248,8 @@ func TestRules(t *testing.T) {
 }
 
 // unlinkTask takes the first process named comm off the guest's tasks
-// list by pointing its neighbours at each other (PUT /v1/memory; the VM
-// runs with --allow-write), as a rootkit hides a process. It returns the
+// list by pointing its neighbours at each other (PUT /v1/memory?va=; the
+// VM runs with --allow-write), as a rootkit hides a process. It returns the
 // pid and a function that links the task back in.
 func unlinkTask(t *testing.T, sock, comm string) (int, func()) {
 	t.Helper()
@@ -267,24 +267,7 @@ func unlinkTask(t *testing.T, sock, comm string) (int, func()) {
 	if tasksOff < 0 {
 		t.Fatalf("task_struct.tasks unknown: %+v", k.Offsets)
 	}
-	c := api.NewClient(sock)
-	// task_structs come from a slab: the direct map, PA = VA -
-	// page_offset_base.
-	pa := func(va uint64) uint64 { return va - uint64(k.PageOffsetBase) }
-	read := func(va uint64) uint64 {
-		b, err := c.GetRaw(ctxT(t), fmt.Sprintf("/v1/memory?gpa=%#x&len=8", pa(va)))
-		if err != nil || len(b) != 8 {
-			t.Fatalf("read %#x: %v", va, err)
-		}
-		return binary.LittleEndian.Uint64(b)
-	}
-	write := func(va, v uint64) {
-		var w [8]byte
-		binary.LittleEndian.PutUint64(w[:], v)
-		if err := c.Put(ctxT(t), fmt.Sprintf("/v1/memory?gpa=%#x", pa(va)), w[:]); err != nil {
-			t.Fatalf("write %#x: %v", va, err)
-		}
-	}
+	read, write := kernelWord(t, sock)
 	for _, p := range psJSON(t, "--api", sock) {
 		if p.Comm != comm {
 			continue
@@ -393,18 +376,7 @@ func unlinkModule(t *testing.T, sock, name string) (string, func()) {
 		t.Fatalf("module.list unknown: %+v", k.Offsets)
 	}
 	c := api.NewClient(sock)
-	read := func(va uint64) uint64 {
-		b, err := c.GetRaw(ctxT(t), fmt.Sprintf("/v1/memory?va=%#x&len=8", va))
-		if err != nil || len(b) != 8 {
-			t.Fatalf("read %#x: %v", va, err)
-		}
-		return binary.LittleEndian.Uint64(b)
-	}
-	write := func(va, v uint64) {
-		if err := c.Put(ctxT(t), fmt.Sprintf("/v1/memory?va=%#x", va), binary.LittleEndian.AppendUint64(nil, v)); err != nil {
-			t.Fatalf("write %#x: %v", va, err)
-		}
-	}
+	read, write := kernelWord(t, sock)
 	var ms []api.Module
 	if err := c.Get(ctxT(t), "/v1/modules", &ms); err != nil {
 		t.Fatal(err)
@@ -428,4 +400,23 @@ func unlinkModule(t *testing.T, sock, name string) (string, func()) {
 	}
 	t.Fatalf("no module %s loaded: %+v", name, ms)
 	return "", nil
+}
+
+// kernelWord reads and writes 8-byte words of the guest at kernel virtual
+// addresses, through the API (GET and PUT /v1/memory?va=).
+func kernelWord(t *testing.T, sock string) (read func(va uint64) uint64, write func(va, v uint64)) {
+	c := api.NewClient(sock)
+	read = func(va uint64) uint64 {
+		b, err := c.GetRaw(ctxT(t), fmt.Sprintf("/v1/memory?va=%#x&len=8", va))
+		if err != nil || len(b) != 8 {
+			t.Fatalf("read %#x: %v", va, err)
+		}
+		return binary.LittleEndian.Uint64(b)
+	}
+	write = func(va, v uint64) {
+		if err := c.Put(ctxT(t), fmt.Sprintf("/v1/memory?va=%#x", va), binary.LittleEndian.AppendUint64(nil, v)); err != nil {
+			t.Fatalf("write %#x: %v", va, err)
+		}
+	}
+	return read, write
 }
