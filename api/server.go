@@ -321,10 +321,7 @@ func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if src, ok := s.memory(w); !ok {
-		return
-	} else if !guestmem.CapabilitiesOf(src).Write {
-		httpError(w, http.StatusForbidden, guestmem.ErrReadOnly.Error())
+	if _, ok := s.memory(w); !ok {
 		return
 	}
 	body, err := readBody(w, r)

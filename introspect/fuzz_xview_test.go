@@ -2,6 +2,7 @@ package introspect
 
 import (
 	"encoding/binary"
+	"slices"
 	"testing"
 )
 
@@ -113,10 +114,10 @@ func TestCrossViewForged(t *testing.T) {
 	if len(tv.Hidden) != 2 {
 		t.Fatalf("hidden %+v, want pids 2 and 3; views %+v", tv.Hidden, tv.Views)
 	}
-	if h := tv.Hidden[0]; h.PID != 2 || !hasString(h.MissingFrom, ViewPidIDR) || !hasString(h.SeenBy, ViewTasks) {
+	if h := tv.Hidden[0]; h.PID != 2 || !slices.Contains(h.MissingFrom, ViewPidIDR) || !slices.Contains(h.SeenBy, ViewTasks) {
 		t.Errorf("finding %+v: want pid 2 listed, missing from pid_idr", h)
 	}
-	if h := tv.Hidden[1]; h.PID != 3 || !hasString(h.SeenBy, ViewPidIDR) || !hasString(h.MissingFrom, ViewTasks) {
+	if h := tv.Hidden[1]; h.PID != 3 || !slices.Contains(h.SeenBy, ViewPidIDR) || !slices.Contains(h.MissingFrom, ViewTasks) {
 		t.Errorf("finding %+v: want pid 3 seen by pid_idr, missing from tasks", h)
 	}
 }
@@ -223,7 +224,7 @@ func TestModuleViewsForged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(mv.Hidden) != 1 || mv.Hidden[0].Name != "dummy" || !hasString(mv.Hidden[0].SeenBy, ViewModuleKset) {
+	if len(mv.Hidden) != 1 || mv.Hidden[0].Name != "dummy" || !slices.Contains(mv.Hidden[0].SeenBy, ViewModuleKset) {
 		t.Fatalf("hidden %+v; views %+v", mv.Hidden, mv.Views)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -105,13 +106,20 @@ func viewByName(vs []ViewResult, name string) ViewResult {
 	return ViewResult{Name: name, Reason: "absent"}
 }
 
-func hasString(ss []string, s string) bool {
-	for _, x := range ss {
-		if x == s {
-			return true
+// process is the last listed process named comm, and the list.
+func (x *xviewGuest) process(t *testing.T, comm string) (*Process, []Process) {
+	t.Helper()
+	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := len(ps) - 1; i >= 0; i-- {
+		if ps[i].Comm == comm {
+			return &ps[i], ps
 		}
 	}
-	return false
+	t.Fatalf("no process %q", comm)
+	return nil, nil
 }
 
 // checkCleanTasks checks the cross-views of an untouched guest: every
@@ -181,19 +189,7 @@ func checkCleanTasks(t *testing.T, k *Kernel, off *Offsets) {
 // hideProcess unlinks a user process from the tasks list and checks that
 // Processes no longer lists it and CrossViewTasks names it.
 func hideProcess(t *testing.T, x *xviewGuest, comm string) {
-	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var victim *Process
-	for i := range ps {
-		if ps[i].Comm == comm {
-			victim = &ps[i]
-		}
-	}
-	if victim == nil {
-		t.Fatalf("no process %q", comm)
-	}
+	victim, ps := x.process(t, comm)
 	undo := x.unlink(t, victim.Task+uint64(x.off.TaskTasks.Value))
 	defer undo()
 	after, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
@@ -224,7 +220,7 @@ func hideProcess(t *testing.T, x *xviewGuest, comm string) {
 		t.Fatalf("hidden pid %d %q not found; views %+v, warnings %q", victim.PID, comm, tv.Views, tv.Warnings)
 	}
 	for _, h := range found {
-		if !hasString(h.SeenBy, ViewPidIDR) || !hasString(h.MissingFrom, ViewTasks) {
+		if !slices.Contains(h.SeenBy, ViewPidIDR) || !slices.Contains(h.MissingFrom, ViewTasks) {
 			t.Errorf("finding %+v: want seen by pid_idr, missing from tasks", h)
 		}
 	}
@@ -448,7 +444,7 @@ func hideModule(t *testing.T, x *xviewGuest) {
 	}
 	h := mv.Hidden[0]
 	if h.Name != victim.Name || h.Addr != victim.Addr || h.Base != victim.Base || h.Size != victim.Size ||
-		!hasString(h.SeenBy, ViewModuleKset) || !hasString(h.SeenBy, ViewModuleCarve) || !hasString(h.MissingFrom, ViewModules) {
+		!slices.Contains(h.SeenBy, ViewModuleKset) || !slices.Contains(h.SeenBy, ViewModuleCarve) || !slices.Contains(h.MissingFrom, ViewModules) {
 		t.Errorf("finding %+v, want %+v seen by module_kset and module_carve", h, victim)
 	}
 	t.Logf("hidden module found: %+v", h)
@@ -458,19 +454,7 @@ func hideModule(t *testing.T, x *xviewGuest) {
 // rootkit hides it from /proc, whose readdir walks the allocator) and
 // checks that CrossViewTasks names it as listed but missing from pid_idr.
 func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
-	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var victim *Process
-	for i := range ps {
-		if ps[i].Comm == comm {
-			victim = &ps[i]
-		}
-	}
-	if victim == nil {
-		t.Fatalf("no process %q", comm)
-	}
+	victim, _ := x.process(t, comm)
 	slot := x.pidSlot(t, victim.PID)
 	undo := x.write64(t, slot, 0)
 	defer undo()
@@ -482,7 +466,7 @@ func hideFromIDR(t *testing.T, x *xviewGuest, comm string) {
 		t.Fatalf("hidden %+v, want pid %d only; views %+v", tv.Hidden, victim.PID, tv.Views)
 	}
 	h := tv.Hidden[0]
-	if h.PID != victim.PID || !hasString(h.SeenBy, ViewTasks) || !hasString(h.MissingFrom, ViewPidIDR) {
+	if h.PID != victim.PID || !slices.Contains(h.SeenBy, ViewTasks) || !slices.Contains(h.MissingFrom, ViewPidIDR) {
 		t.Errorf("finding %+v: want pid %d seen by tasks, missing from pid_idr", h, victim.PID)
 	}
 	t.Logf("pid taken out of the allocator found: %+v", h)
@@ -518,19 +502,7 @@ func (x *xviewGuest) pidSlot(t *testing.T, pid int) uint64 {
 // and makes it CPU 1's current task (rq->curr, written in the stopped
 // guest): the runqueue view sees it, and through it its thread group.
 func hideButRunning(t *testing.T, x *xviewGuest, comm string) {
-	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var victim *Process
-	for i := range ps {
-		if ps[i].Comm == comm {
-			victim = &ps[i]
-		}
-	}
-	if victim == nil {
-		t.Fatalf("no process %q", comm)
-	}
+	victim, _ := x.process(t, comm)
 	tv, err := x.k.CrossViewTasks(x.off)
 	if err != nil {
 		t.Fatal(err)
@@ -562,8 +534,8 @@ func hideButRunning(t *testing.T, x *xviewGuest, comm string) {
 		t.Fatalf("hidden %+v, want pid %d only; views %+v", tv.Hidden, victim.PID, tv.Views)
 	}
 	h := tv.Hidden[0]
-	if h.PID != victim.PID || !hasString(h.SeenBy, ViewRunqueue) || !hasString(h.SeenBy, ViewThreadGroup) ||
-		!hasString(h.MissingFrom, ViewTasks) || !hasString(h.MissingFrom, ViewPidIDR) {
+	if h.PID != victim.PID || !slices.Contains(h.SeenBy, ViewRunqueue) || !slices.Contains(h.SeenBy, ViewThreadGroup) ||
+		!slices.Contains(h.MissingFrom, ViewTasks) || !slices.Contains(h.MissingFrom, ViewPidIDR) {
 		t.Errorf("finding %+v: want pid %d seen by runqueue and thread_group, missing from tasks and pid_idr", h, victim.PID)
 	}
 	t.Logf("process off the tasks list and the allocator, running on CPU 1, found: %+v", h)
@@ -646,7 +618,7 @@ func hideModuleDeep(t *testing.T, x *xviewGuest) {
 	}
 	h := mv.Hidden[0]
 	if h.Name != victim.Name || h.Addr != victim.Addr || len(h.SeenBy) != 1 || h.SeenBy[0] != ViewModuleCarve ||
-		!hasString(h.MissingFrom, ViewModules) || !hasString(h.MissingFrom, ViewModuleKset) {
+		!slices.Contains(h.MissingFrom, ViewModules) || !slices.Contains(h.MissingFrom, ViewModuleKset) {
 		t.Errorf("finding %+v, want %s seen by module_carve only", h, victim.Name)
 	}
 	if v := viewByName(mv.Views, ViewModuleKset); v.Count != len(ms)-1 {
@@ -659,19 +631,7 @@ func hideModuleDeep(t *testing.T, x *xviewGuest) {
 // be missing from a view while it exits, so it is a warning, not a
 // finding.
 func hideExiting(t *testing.T, x *xviewGuest, comm string) {
-	ps, err := x.k.Processes(x.off, ProcessOptions{NoCmdline: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var victim *Process
-	for i := range ps {
-		if ps[i].Comm == comm {
-			victim = &ps[i]
-		}
-	}
-	if victim == nil {
-		t.Fatalf("no process %q", comm)
-	}
+	victim, _ := x.process(t, comm)
 	fa := victim.Task + uint64(x.off.TaskFlags.Value)
 	old, err := x.k.ReadU64(fa)
 	if err != nil {
@@ -729,8 +689,8 @@ func hideThread(t *testing.T, x *xviewGuest, comm string) {
 		t.Fatalf("hidden %+v, want thread %d only", tv.Hidden, victim.PID)
 	}
 	h := tv.Hidden[0]
-	if h.PID != victim.PID || h.TGID != victim.TGID || !hasString(h.SeenBy, ViewPidIDR) ||
-		!hasString(h.MissingFrom, ViewTasks) || !hasString(h.MissingFrom, ViewThreadGroup) {
+	if h.PID != victim.PID || h.TGID != victim.TGID || !slices.Contains(h.SeenBy, ViewPidIDR) ||
+		!slices.Contains(h.MissingFrom, ViewTasks) || !slices.Contains(h.MissingFrom, ViewThreadGroup) {
 		t.Errorf("finding %+v: want thread %d seen by pid_idr, missing from tasks and thread_group", h, victim.PID)
 	}
 	t.Logf("thread off its group's list found: %+v", h)

@@ -155,25 +155,49 @@ func (s *Session) eventSink() Events {
 // Judge scans the guest now (processes, modules, and what the rules ask
 // for beyond them) and judges it by the rule base.
 func (s *Session) Judge(ctx context.Context) (*Report, error) {
-	scan, err := s.Processes(ctx, introspect.ProcessOptions{}, false)
-	var pe *introspect.PartialError
-	if err != nil && !errors.As(err, &pe) {
+	l, err := s.look(ctx)
+	if err != nil {
 		return nil, err
 	}
-	var procs []introspect.Process
-	var warnings []string
-	if scan != nil {
-		procs = scan.Processes
-		warnings = append(warnings, scan.Warnings...)
-	}
-	mods, err := s.Modules(ctx)
-	if err != nil && !errors.As(err, &pe) {
-		warnings = append(warnings, fmt.Sprintf("modules not judged: %v", err))
+	mods, warnings := l.mods, l.warnings()
+	if l.modErr != nil {
+		warnings = append(warnings, fmt.Sprintf("modules not judged: %v", l.modErr))
 		mods = nil
-	} else if pe != nil && err != nil {
-		warnings = append(warnings, pe.Warnings...)
 	}
-	return s.judgeSeen(ctx, procs, mods, warnings, false), nil
+	return s.judgeSeen(ctx, l.scan.Processes, mods, warnings, false), nil
+}
+
+// seen is what one look at the guest read: its processes (of a damaged
+// list, what was read before the damage) and its modules (modDamage: a
+// damaged list, read up to the damage; modErr: not read).
+type seen struct {
+	scan      *Scan
+	mods      []introspect.Module
+	modDamage *introspect.PartialError
+	modErr    error
+}
+
+// look scans the processes and then the modules, as a judgement does.
+func (s *Session) look(ctx context.Context) (*seen, error) {
+	scan, err := s.Processes(ctx, introspect.ProcessOptions{}, false)
+	if err != nil {
+		return nil, err
+	}
+	l := &seen{scan: scan}
+	l.mods, l.modErr = s.Modules(ctx)
+	if errors.As(l.modErr, &l.modDamage) {
+		l.modErr = nil
+	}
+	return l, nil
+}
+
+// warnings are the damage the look met.
+func (l *seen) warnings() []string {
+	w := append([]string(nil), l.scan.Warnings...)
+	if l.modDamage != nil {
+		w = append(w, l.modDamage.Warnings...)
+	}
+	return w
 }
 
 // judgeSeen judges what a scan saw (procs and mods; nil when not read),

@@ -6,7 +6,6 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/kvmscope/kvmscope/introspect"
 )
 
 // Run scans the guest's processes and modules on policy's schedule
@@ -32,28 +31,22 @@ func (s *Session) Run(ctx context.Context, p ScanPolicy, logf func(err error)) {
 		b := &budget{maxBytes: p.MaxBytes, maxCPU: p.MaxCPU}
 		sctx, cancel := context.WithTimeout(context.WithValue(ctx, budgetKey{}, b), p.Interval)
 		cpu0 := threadCPU()
-		scan, err := s.Processes(sctx, introspect.ProcessOptions{}, false)
-		var ms []introspect.Module
-		var warnings []string
-		if err == nil {
-			var damage *introspect.PartialError
-			ms, err = s.Modules(sctx)
-			if errors.As(err, &damage) {
-				warnings, err = damage.Warnings, nil
-			}
-			if err == nil && ev != nil {
-				if !scan.Partial {
-					ch.sawProcesses(ev, scan.Processes)
-				}
-				if damage == nil {
-					ch.sawModules(ev, ms)
-				}
-			}
+		l, err := s.look(sctx)
+		if err == nil && l.modErr != nil {
+			err = l.modErr
 		}
 		if err == nil {
+			if ev != nil {
+				if !l.scan.Partial {
+					ch.sawProcesses(ev, l.scan.Processes)
+				}
+				if l.modDamage == nil {
+					ch.sawModules(ev, l.mods)
+				}
+			}
 			// The judgement's own reads (integrity, cross-views) are
 			// the scan's too.
-			s.judgeSeen(sctx, scan.Processes, ms, append(scan.Warnings, warnings...), true)
+			s.judgeSeen(sctx, l.scan.Processes, l.mods, l.warnings(), true)
 			if b.hit != "" {
 				err = ErrBudget
 			}

@@ -85,20 +85,17 @@ func run(args []string) int {
 		}
 	}
 	code, err := launch.Run(launch.Options{
-		Argv:         append([]string{qemu}, args...),
-		Path:         qemu,
-		SocketDir:    cfg.SocketDir,
-		AllowWrite:   cfg.AllowWrite,
-		Guard:        cfg.Guard,
-		Groups:       groups,
-		EventLog:     *cfg.EventLog,
-		FailMode:     cfg.FailMode,
-		Policy:       pol,
-		Rules:        set,
-		RulesPath:    rulesPath,
-		ScanInterval: scan.Interval,
-		Scan:         scan,
-		Log:          log,
+		Argv:       append([]string{qemu}, args...),
+		Path:       qemu,
+		SocketDir:  cfg.SocketDir,
+		AllowWrite: cfg.AllowWrite,
+		Guard:      cfg.Guard,
+		Groups:     groups,
+		EventLog:   *cfg.EventLog,
+		FailMode:   cfg.FailMode,
+		Policy:     pol,
+		Judging:    launch.Judging{Rules: set, RulesPath: rulesPath, Scan: scan},
+		Log:        log,
 	})
 	var ee *launch.ExitError
 	if errors.As(err, &ee) {

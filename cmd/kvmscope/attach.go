@@ -29,7 +29,7 @@ func attachCommand() *cli.Command {
 			}
 			err = launch.Attach(launch.AttachOptions{
 				PID: c.Int("pid"), QMP: c.String("qmp"), Socket: c.String("api"), Name: c.String("name"),
-				Rules: set, RulesPath: c.String("rules"), ScanInterval: scan.Interval, Scan: scan, Log: log,
+				Judging: launch.Judging{Rules: set, RulesPath: c.String("rules"), Scan: scan}, Log: log,
 			})
 			if err != nil {
 				return cli.Exit("kvmscope attach: "+err.Error(), 1)

@@ -253,20 +253,7 @@ func TestRules(t *testing.T) {
 // pid and a function that links the task back in.
 func unlinkTask(t *testing.T, sock, comm string) (int, func()) {
 	t.Helper()
-	var k api.Kernel
-	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
-	if err := json.Unmarshal([]byte(out), &k); err != nil {
-		t.Fatal(err)
-	}
-	tasksOff := int64(-1)
-	for _, m := range k.Offsets {
-		if m.Name == "task_struct.tasks" && m.Source != "" {
-			tasksOff = m.Value
-		}
-	}
-	if tasksOff < 0 {
-		t.Fatalf("task_struct.tasks unknown: %+v", k.Offsets)
-	}
+	tasksOff := kernelOffset(t, sock, "task_struct.tasks")
 	read, write := kernelWord(t, sock)
 	for _, p := range psJSON(t, "--api", sock) {
 		if p.Comm != comm {
@@ -361,20 +348,7 @@ func modulesInitrd(t *testing.T, p testlinux.Paths) string {
 // back in.
 func unlinkModule(t *testing.T, sock, name string) (string, func()) {
 	t.Helper()
-	var k api.Kernel
-	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
-	if err := json.Unmarshal([]byte(out), &k); err != nil {
-		t.Fatal(err)
-	}
-	listOff := int64(-1)
-	for _, m := range k.Offsets {
-		if m.Name == "module.list" && m.Source != "" {
-			listOff = m.Value
-		}
-	}
-	if listOff < 0 {
-		t.Fatalf("module.list unknown: %+v", k.Offsets)
-	}
+	listOff := kernelOffset(t, sock, "module.list")
 	c := api.NewClient(sock)
 	read, write := kernelWord(t, sock)
 	var ms []api.Module
@@ -419,4 +393,22 @@ func kernelWord(t *testing.T, sock string) (read func(va uint64) uint64, write f
 		}
 	}
 	return read, write
+}
+
+// kernelOffset is the struct member offset the VM's kernel discovery
+// found (GET /v1/kernel), such as "task_struct.tasks".
+func kernelOffset(t *testing.T, sock, name string) int64 {
+	t.Helper()
+	var k api.Kernel
+	out, _, _ := kvmscope(t, "kernel", "--api", sock, "--json")
+	if err := json.Unmarshal([]byte(out), &k); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range k.Offsets {
+		if m.Name == name && m.Source != "" {
+			return m.Value
+		}
+	}
+	t.Fatalf("%s unknown: %+v", name, k.Offsets)
+	return 0
 }

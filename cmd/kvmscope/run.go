@@ -45,18 +45,15 @@ func runAction(c *cli.Context) error {
 		return err
 	}
 	return runQEMU(launch.Options{
-		Argv:         args,
-		Socket:       c.String("api"),
-		NoAPI:        c.Bool("no-api"),
-		AllowWrite:   c.Bool("allow-write"),
-		Guard:        c.Bool("guard"),
-		ScanInterval: scan.Interval,
-		Rules:        set,
-		RulesPath:    c.String("rules"),
-		Scan:         scan,
-		FailMode:     launch.FailClosed,
-		Policy:       pol,
-		Log:          log,
+		Argv:       args,
+		Socket:     c.String("api"),
+		NoAPI:      c.Bool("no-api"),
+		AllowWrite: c.Bool("allow-write"),
+		Guard:      c.Bool("guard"),
+		Judging:    launch.Judging{Rules: set, RulesPath: c.String("rules"), Scan: scan},
+		FailMode:   launch.FailClosed,
+		Policy:     pol,
+		Log:        log,
 	})
 }
 

@@ -14,7 +14,6 @@ import (
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
-	"github.com/kvmscope/kvmscope/rules"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/rs/zerolog"
 )
@@ -31,12 +30,9 @@ type AttachOptions struct {
 	// VM's name ("" means qemu-PID).
 	Socket, SocketDir, Name string
 	Groups                  []int
-	// Rules, RulesPath, ScanInterval and Scan are as for Run.
-	Rules        *rules.Set
-	RulesPath    string
-	ScanInterval time.Duration
-	Scan         session.ScanPolicy
-	Log          zerolog.Logger
+	// Judging is as for Run.
+	Judging
+	Log zerolog.Logger
 	// Ready, when set, is closed once the API serves (tests).
 	Ready chan struct{}
 }
@@ -149,16 +145,11 @@ func Attach(o AttachOptions) error {
 	}
 	target := &attachTarget{pid: o.PID, name: name, qmp: q, src: src, kvm: kvm}
 	sess := session.New(target, nil)
-	sess.SetBaseline(BaselinePath(sock))
 	events, err := eventlog.Open(EventsPath(sock), 0o640)
 	if err != nil {
 		return fmt.Errorf("event log: %w", err)
 	}
 	defer events.Close()
-	sess.SetEvents(events)
-	if o.Rules != nil {
-		sess.SetRules(o.Rules)
-	}
 	detach := make(chan struct{})
 	var once sync.Once
 	server := &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, BaselinePath: BaselinePath(sock),
@@ -168,19 +159,7 @@ func Attach(o AttachOptions) error {
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
 	go func() { <-done; stop() }()
-	var watch *rulesWatch
-	if o.RulesPath != "" {
-		watch = &rulesWatch{path: o.RulesPath, sess: sess, events: events, log: log}
-		watch.seen, _ = stampOf(o.RulesPath)
-		server.ReloadRules = func() error { return watch.reload("API request") }
-		go watch.run(runCtx, time.Second)
-	}
-	if o.ScanInterval > 0 {
-		pol := o.Scan
-		pol.Interval = o.ScanInterval
-		pol.VMLoad = session.VMLoad(o.PID)
-		go sess.Run(runCtx, pol, func(err error) { log.Debug().Err(err).Msg("scheduled scan") })
-	}
+	watch := o.Judging.start(runCtx, server, o.PID, log)
 	if err := server.Listen(sock); err != nil {
 		return fmt.Errorf("API socket: %w", err)
 	}

@@ -10,10 +10,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
-	"time"
 
 	"github.com/kvmscope/kvmscope/api"
-	"github.com/kvmscope/kvmscope/rules"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
@@ -50,17 +48,8 @@ type Options struct {
 	EventLog bool
 	// FailMode says what to do when the tracer cannot start.
 	FailMode FailMode
-	// ScanInterval, when positive, scans the guest's processes on that
-	// interval, keeping the latest table for the API.
-	ScanInterval time.Duration
-	// Scan is the rest of the scan policy: jitter, budgets, duty cycle,
-	// back-off (its Interval is ScanInterval).
-	Scan session.ScanPolicy
-	// Rules is the rule base the VM is judged by (nil: the built-in
-	// one), loaded from RulesPath, which is watched: reloaded when it
-	// changes, on SIGHUP to the tracer, and on POST /v1/rules/reload.
-	Rules     *rules.Set
-	RulesPath string
+	// Judging is the rule base and the schedule of the scans.
+	Judging
 	// Policy is the ioctl policy the tracer enforces (nil: none). The
 	// caller loads it in both processes (the front checks it before
 	// anything starts; the tracer enforces its own copy and hands the
@@ -226,13 +215,6 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			}
 		}
 		sess := session.New(target, nil)
-		sess.SetBaseline(BaselinePath(sock))
-		if events != nil {
-			sess.SetEvents(events)
-		}
-		if o.Rules != nil {
-			sess.SetRules(o.Rules)
-		}
 		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, Blocked: logs.blocked, BaselinePath: BaselinePath(sock),
 			GuardAllowed: o.Guard || o.AllowWrite}
 		if logs.queue != nil {
@@ -243,28 +225,10 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 				go armGuard(ctx, t.Done(), sess, BaselinePath(sock), events, log)
 			}
 		}
-		if o.RulesPath != "" {
+		{
 			ctx, cancel := context.WithCancel(context.Background())
 			go func() { <-t.Done(); cancel() }()
-			watch = &rulesWatch{path: o.RulesPath, sess: sess, events: events, log: log}
-			watch.seen, _ = stampOf(o.RulesPath)
-			server.ReloadRules = func() error { return watch.reload("API request") }
-			go watch.run(ctx, time.Second)
-		}
-		if o.ScanInterval > 0 {
-			ctx, cancel := context.WithCancel(context.Background())
-			go func() { <-t.Done(); cancel() }()
-			pol := o.Scan
-			pol.Interval = o.ScanInterval
-			pol.VMLoad = session.VMLoad(ts.pid)
-			go sess.Run(ctx, pol, func(err error) {
-				var partial *session.PartialScanError
-				if errors.As(err, &partial) {
-					log.Info().Err(err).Msg("scheduled scan")
-					return
-				}
-				log.Debug().Err(err).Msg("scheduled scan")
-			})
+			watch = o.Judging.start(ctx, server, ts.pid, log)
 		}
 		if err := server.Listen(sock); err != nil {
 			log.Error().Err(err).Msg("API disabled")

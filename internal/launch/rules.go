@@ -2,11 +2,13 @@ package launch
 
 import (
 	"context"
+	"errors"
 	"os"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/rules"
 	"github.com/kvmscope/kvmscope/session"
@@ -86,4 +88,51 @@ func (w *rulesWatch) run(ctx context.Context, interval time.Duration) {
 			w.reload("file changed")
 		}
 	}
+}
+
+// Judging is what the guest is judged by, and when: run's and attach's.
+type Judging struct {
+	// Rules is the rule base (nil: the built-in one), loaded from
+	// RulesPath, which is watched: reloaded when it changes, on SIGHUP to
+	// kvmscope, and on POST /v1/rules/reload.
+	Rules     *rules.Set
+	RulesPath string
+	// Scan is the scan policy; with a positive Scan.Interval the guest
+	// is scanned and judged on it, keeping the latest table for the API.
+	Scan session.ScanPolicy
+}
+
+// start sets up the judging of the VM server serves (QEMU qemuPID): its
+// session's rule base, dispatch baseline and event log, the watch of the
+// rule file and the scheduled scans, until ctx ends. It returns the watch
+// (nil without a rule file), for SIGHUP.
+func (j Judging) start(ctx context.Context, server *api.Server, qemuPID int, log zerolog.Logger) *rulesWatch {
+	sess := server.Session
+	sess.SetBaseline(server.BaselinePath)
+	if server.Events != nil {
+		sess.SetEvents(server.Events)
+	}
+	if j.Rules != nil {
+		sess.SetRules(j.Rules)
+	}
+	var watch *rulesWatch
+	if j.RulesPath != "" {
+		watch = &rulesWatch{path: j.RulesPath, sess: sess, events: server.Events, log: log}
+		watch.seen, _ = stampOf(j.RulesPath)
+		server.ReloadRules = func() error { return watch.reload("API request") }
+		go watch.run(ctx, time.Second)
+	}
+	if j.Scan.Interval > 0 {
+		pol := j.Scan
+		pol.VMLoad = session.VMLoad(qemuPID)
+		go sess.Run(ctx, pol, func(err error) {
+			var partial *session.PartialScanError
+			if errors.As(err, &partial) {
+				log.Info().Err(err).Msg("scheduled scan")
+				return
+			}
+			log.Debug().Err(err).Msg("scheduled scan")
+		})
+	}
+	return watch
 }
