@@ -5,7 +5,6 @@ import (
 	"errors"
 	"runtime"
 	"time"
-
 )
 
 // Run scans the guest's processes and modules on policy's schedule
