@@ -66,8 +66,9 @@ type Server struct {
 
 	metrics *Metrics
 
-	srv *http.Server
-	ln  net.Listener
+	srv       *http.Server
+	ln        net.Listener
+	ownSocket bool // Listen made it: Close removes it
 }
 
 type ctxKey int
@@ -75,37 +76,60 @@ type ctxKey int
 const credKey ctxKey = 0
 
 // Listen creates the socket at path (0600, parent dirs 0700 when created)
-// and serves until Close.
+// and serves until Close, which removes it.
 func (s *Server) Listen(path string) error {
 	if s.Session == nil {
 		return errors.New("api: a Server needs a Session")
 	}
+	ln, err := ListenSocket(path, s.Groups, s.Log)
+	if err != nil {
+		return err
+	}
+	s.ownSocket = true
+	return s.Serve(ln)
+}
+
+// ListenSocket creates the API socket at path: 0600, or 0660 owned by the
+// first of groups (parent dirs 0700 when created). A socket left by a dead
+// kvmscope is replaced; one that still answers is refused.
+func ListenSocket(path string, groups []int, log zerolog.Logger) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("create socket directory: %w", err)
+		return nil, fmt.Errorf("create socket directory: %w", err)
 	}
 	if err := removeStaleSocket(path); err != nil {
-		return err
+		return nil, err
 	}
 	// umask-independent 0600 (0660 with groups): create under a
 	// restrictive umask.
 	mode := os.FileMode(0o600)
-	if len(s.Groups) > 0 {
+	if len(groups) > 0 {
 		mode = 0o660
 	}
 	old := unix.Umask(0o177)
 	ln, err := net.Listen("unix", path)
 	unix.Umask(old)
 	if err != nil {
-		return fmt.Errorf("listen on %s: %w", path, err)
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
-	if len(s.Groups) > 0 {
-		if err := giveGroup(path, s.Groups); err != nil {
-			s.Log.Warn().Err(err).Msg("API socket group")
+	if len(groups) > 0 {
+		if err := giveGroup(path, groups); err != nil {
+			log.Warn().Err(err).Msg("API socket group")
 		}
 	}
 	if err := os.Chmod(path, mode); err != nil {
 		ln.Close()
-		return fmt.Errorf("chmod %s: %w", path, err)
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Serve serves on ln, a socket someone else created (ListenSocket), until
+// Close, which leaves the socket file to its creator: the tracer's process
+// keeps the API socket of a VM under run, so clients of a restarting
+// analysis process wait in its backlog instead of failing.
+func (s *Server) Serve(ln net.Listener) error {
+	if s.Session == nil {
+		return errors.New("api: a Server needs a Session")
 	}
 	s.ln = ln
 	if s.Owner == 0 {
@@ -143,7 +167,7 @@ func (s *Server) Listen(path string) error {
 	return nil
 }
 
-// Close stops serving and removes the socket.
+// Close stops serving and removes the socket Listen made.
 func (s *Server) Close() error {
 	if s.srv == nil {
 		return nil
@@ -151,7 +175,9 @@ func (s *Server) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	err := s.srv.Shutdown(ctx)
-	os.Remove(s.ln.Addr().String())
+	if s.ownSocket {
+		os.Remove(s.ln.Addr().String())
+	}
 	return err
 }
 

@@ -34,12 +34,16 @@ type VM struct {
 	Name string `json:"name,omitempty"`
 	Pid  int    `json:"pid"`
 	// TracerPid is the kvmscope process that traces QEMU and serves this API.
-	TracerPid int         `json:"tracer_pid"`
-	Accel     string      `json:"accel"` // "kvm" or "tcg"
-	Writable  bool        `json:"writable"`
-	VCPUs     []VCPUInfo  `json:"vcpus"`
-	Memslots  []Memslot   `json:"memslots,omitempty"` // KVM only
-	Regions   []RegionOut `json:"regions"`
+	TracerPid int `json:"tracer_pid"`
+	// AnalysisPid is the kvmscope process that serves this API when it is
+	// not the tracer's (under run: the tracer keeps QEMU, this one parses
+	// guest memory, docs/how-it-works.md).
+	AnalysisPid int         `json:"analysis_pid,omitempty"`
+	Accel       string      `json:"accel"` // "kvm" or "tcg"
+	Writable    bool        `json:"writable"`
+	VCPUs       []VCPUInfo  `json:"vcpus"`
+	Memslots    []Memslot   `json:"memslots,omitempty"` // KVM only
+	Regions     []RegionOut `json:"regions"`
 	// Source is what the memory source that scans read can do, as the
 	// scans see it (batched reads, writes, RAM read in place).
 	Source *Capabilities `json:"source,omitempty"`

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sort"
 	"sync/atomic"
+	"time"
 
 	"github.com/kvmscope/kvmscope/tracer"
 )
@@ -16,7 +17,7 @@ import (
 // registers come from the vCPUs' kvm_run pages. Like the tracer it is
 // built for linux/amd64 only; the other sources build for any Linux.
 type Live struct {
-	vm    *tracer.VM
+	vm    VM
 	write bool
 	memfd memfdRAM // read-only mappings of memfd-backed guest RAM (memfd.go)
 
@@ -30,9 +31,26 @@ type liveRanges struct {
 	ranges []procRange
 }
 
+// VM is the tracer's hold on a KVM guest, as Live reads it: *tracer.VM in
+// the tracer's own process, or a handoff.Client in the analysis process,
+// which asks the tracer's process (tracer/handoff).
+type VM interface {
+	// Pid is the QEMU process, 0 before it created its KVM VM.
+	Pid() int
+	Memslots() []tracer.Memslot
+	// MemslotGen changes at least whenever Memslots does.
+	MemslotGen() uint64
+	VCPUs() []tracer.VCPUInfo
+	Registers(ctx context.Context, id int) (tracer.Sample, error)
+	MSRs(id int) (map[uint32]uint64, time.Time)
+	ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error)
+	Guarded(gpa, size uint64) bool
+	WriteGuarded(ctx context.Context, gpa uint64, b []byte) error
+}
+
 // NewLive returns the live source for vm. Writes are refused unless
 // allowWrite is set.
-func NewLive(vm *tracer.VM, allowWrite bool) *Live { return &Live{vm: vm, write: allowWrite} }
+func NewLive(vm VM, allowWrite bool) *Live { return &Live{vm: vm, write: allowWrite} }
 
 // slots returns the memslots of address space 0 (address space 1 is SMM
 // memory, which the guest OS does not see) as QEMU process ranges.

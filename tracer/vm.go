@@ -32,6 +32,7 @@ type VM struct {
 	vcpus     map[int]*VCPU // by vCPU id
 	byTID     map[int]*VCPU
 	changed   chan struct{} // closed and replaced at every change
+	changes   atomic.Uint64 // counts changes (Changes)
 
 	// inject runs a system call as QEMU on a thread (Tracer.inject).
 	inject func(ctx context.Context, pid, tid int, sc Syscall) (int64, error)
@@ -132,8 +133,14 @@ func (v *VM) Wait(ctx context.Context, cond func(*VM) bool) error {
 	}
 }
 
+// Changes counts the changes Wait wakes for (VM created, vCPU captured,
+// memslot set, MSRs read): a reader that remembers it knows whether
+// anything it copied may be stale.
+func (v *VM) Changes() uint64 { return v.changes.Load() }
+
 // notify wakes Wait callers. Precondition: v.mu held.
 func (v *VM) notify() {
+	v.changes.Add(1)
 	close(v.changed)
 	v.changed = make(chan struct{})
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -169,14 +170,14 @@ func reply(fd int, s string) {
 // process's caller (libvirt's monitor and tap fds): the tracer must not
 // keep them open, or QEMU's peers would not see them close with QEMU. Our
 // own fds are close-on-exec; inherited ones are not. keep is spared.
-func closeInheritedFDs(keep int) {
+func closeInheritedFDs(keep ...int) {
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
 		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd <= 2 || fd == keep {
+		if err != nil || fd <= 2 || slices.Contains(keep, fd) {
 			continue
 		}
 		flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)

@@ -1,7 +1,6 @@
 package launch
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -12,8 +11,8 @@ import (
 	"syscall"
 
 	"github.com/kvmscope/kvmscope/api"
-	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
+	"github.com/kvmscope/kvmscope/tracer/handoff"
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
 	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
@@ -107,6 +106,9 @@ func Run(o Options) (int, error) {
 	if qa.Name != "" {
 		o.Log = o.Log.With().Str("vm", qa.Name).Logger()
 	}
+	if isTracer && ts.stage == analysisStage {
+		return runAnalysis(o, qa, ts)
+	}
 	if isTracer {
 		return runTracer(o, qa, ts)
 	}
@@ -147,47 +149,40 @@ func Run(o Options) (int, error) {
 	return 127, exitErr(127, "%v", err)
 }
 
-// runTracer is the tracer process: it attaches to the front process before
-// that becomes QEMU, then traces QEMU and serves its API until every QEMU
-// process is gone.
+// runTracer is the tracer process, the keeper: it attaches to the front
+// process before that becomes QEMU, then traces QEMU until every QEMU
+// process is gone. With an API it holds the API socket and runs the
+// analysis process (analysis.go), which serves it; nothing here parses
+// guest memory, so a crash there never takes QEMU down with the tracer.
 func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	closeInheritedFDs(ts.fd)
 	if ts.qmpPath != "" {
 		defer os.RemoveAll(filepath.Dir(ts.qmpPath))
 	}
-	log := o.Log
 	serve := !o.NoAPI
-	dir := o.SocketDir
-	if dir == "" {
-		dir = api.DefaultDir()
-	}
-	if serve && o.EventLog && qa.Name != "" {
-		if f, err := openEventLog(dir, qa.Name, o.Groups); err != nil {
-			log.Warn().Err(err).Msg("event log disabled")
-		} else {
-			defer f.Close()
-			log = log.Output(zerolog.MultiLevelWriter(f,
-				&zerolog.FilteredLevelWriter{Writer: zerolog.LevelWriterAdapter{Writer: os.Stderr}, Level: zerolog.WarnLevel}))
-		}
-	}
+	dir := socketDir(o)
+	log, closeLog := processLog(o, qa, dir, serve)
+	defer closeLog()
 
 	// Forward the signals someone sends the tracer to QEMU.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	signal.Ignore(syscall.SIGPIPE)
 
-	name := qa.Name
-	if name == "" {
-		name = "qemu-" + strconv.Itoa(ts.pid)
+	name := vmName(qa, ts)
+	if qa.Name == "" {
 		log = log.With().Str("vm", name).Logger()
 	}
-	topts, logs, err := tracerOptions(o, dir, name)
+	var queues *handoff.Queues
+	if serve {
+		queues = handoff.NewQueues()
+	}
+	topts, logs, err := tracerOptions(o, dir, name, queues)
 	if err != nil {
 		reply(ts.fd, "error: "+err.Error())
 		return 1, nil
 	}
 	defer logs.Close()
-	events := logs.events
 	prog, err := tracer.Filter(topts.Policy)
 	if err != nil {
 		reply(ts.fd, "error: "+err.Error())
@@ -201,49 +196,28 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	reply(ts.fd, "ok "+tracer.EncodeFilter(prog))
 	log.Debug().Int("pid", ts.pid).Msg("attached; QEMU starts")
 
-	var server *api.Server
-	var watch *rulesWatch // the rule file, when there is one
-	var target *runTarget
+	var an *analysis // the analysis process, serving the API
 	if serve {
-		target = newRunTarget(t, qa, o.AllowWrite, ts.qmpPath, log)
-		target.name = qa.Name
-		sock := o.Socket
-		if sock == "" {
-			sock = SocketPath(dir, name)
-			if err := prepareDir(dir, o.Groups); err != nil {
-				log.Warn().Err(err).Msg("socket directory")
-			}
-		}
-		sess := session.New(target, nil)
-		server = &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: events, Blocked: logs.blocked, BaselinePath: BaselinePath(sock),
-			GuardAllowed: o.Guard || o.AllowWrite}
-		if logs.queue != nil {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			go logs.queue.record(ctx, sess, logs.blocked, events, log)
-			if o.Guard {
-				go armGuard(ctx, t.Done(), sess, BaselinePath(sock), events, log)
-			}
-		}
-		{
-			ctx, cancel := context.WithCancel(context.Background())
-			go func() { <-t.Done(); cancel() }()
-			watch = o.Judging.start(ctx, server, ts.pid, log)
-		}
-		if err := server.Listen(sock); err != nil {
+		if sock, err := socketOf(o, dir, name); err != nil {
 			log.Error().Err(err).Msg("API disabled")
-			server = nil
+		} else if ln, err := api.ListenSocket(sock, o.Groups, log); err != nil {
+			log.Error().Err(err).Msg("API disabled")
 		} else {
-			log.Info().Str("socket", sock).Int("pid", t.Pid()).Msg("serving the VM's API")
+			defer ln.Close() // removes the socket
+			an, err = startAnalysis(queues.Keeper(t), ln, ts, log)
+			if err != nil {
+				log.Error().Err(err).Msg("API disabled")
+			} else {
+				log.Info().Str("socket", sock).Int("pid", t.Pid()).Msg("serving the VM's API")
+			}
 		}
-		go target.connectQMP(t.Done())
 	}
 
 	forward := func(s os.Signal) {
 		// SIGHUP reloads the rule file, as for a daemon (QEMU gets a
 		// terminal's hangup itself, from its process group).
-		if s == syscall.SIGHUP && watch != nil {
-			watch.reload("SIGHUP")
+		if s == syscall.SIGHUP && an != nil && o.RulesPath != "" {
+			an.signal(syscall.SIGHUP)
 			return
 		}
 		log.Info().Str("signal", s.String()).Msg("forwarding signal to QEMU")
@@ -267,7 +241,8 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	log.Debug().Dict("trapped_ioctls", stops).Msg("QEMU's process exited")
 	// After -daemonize QEMU's first process has exited and the daemon runs
 	// on: let go of the caller's stdio as the daemon does, so a caller
-	// that reads until EOF does not wait for us.
+	// that reads until EOF does not wait for us (the analysis process
+	// writes through us: analysis.go).
 	if err := releaseStdio(); err != nil {
 		log.Warn().Err(err).Msg("detach from the caller's stdio")
 	}
@@ -279,16 +254,10 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			waiting = false
 		}
 	}
-	if server != nil {
-		server.Close()
-		// Drop our mappings of guest RAM (memfd), which would keep the
-		// guest's memory alive after QEMU.
-		target.live.Close()
-		select {
-		case <-target.tcgReady:
-			target.tcg.Close()
-		default:
-		}
+	if an != nil {
+		// It sees QEMU gone, closes its API and drops its mappings of
+		// guest RAM (memfd), which would keep the guest's memory alive.
+		an.stop()
 	}
 	if err := t.Err(); err != nil {
 		log.Error().Err(err).Msg("tracer")
@@ -303,6 +272,39 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	}
 	log.Info().Int("status", code).Msg("QEMU exited")
 	return 0, nil
+}
+
+// socketDir is where sockets and logs go.
+func socketDir(o Options) string {
+	if o.SocketDir != "" {
+		return o.SocketDir
+	}
+	return api.DefaultDir()
+}
+
+// vmName is QEMU's -name, else qemu-PID.
+func vmName(qa QEMUArgs, ts tracerStage) string {
+	if qa.Name != "" {
+		return qa.Name
+	}
+	return "qemu-" + strconv.Itoa(ts.pid)
+}
+
+// processLog is where a tracer or analysis process logs: with an event
+// log (Options.EventLog), every record as JSON to DIR/NAME.log and only
+// warnings and errors to stderr.
+func processLog(o Options, qa QEMUArgs, dir string, serve bool) (zerolog.Logger, func()) {
+	log := o.Log
+	if !serve || !o.EventLog || qa.Name == "" {
+		return log, func() {}
+	}
+	f, err := openEventLog(dir, qa.Name, o.Groups)
+	if err != nil {
+		log.Warn().Err(err).Msg("event log disabled")
+		return log, func() {}
+	}
+	return log.Output(zerolog.MultiLevelWriter(f,
+		&zerolog.FilteredLevelWriter{Writer: zerolog.LevelWriterAdapter{Writer: os.Stderr}, Level: zerolog.WarnLevel})), func() { f.Close() }
 }
 
 // execQEMU replaces this process with QEMU, untraced. It returns only on

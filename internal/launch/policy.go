@@ -9,6 +9,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/tracer"
+	"github.com/kvmscope/kvmscope/tracer/handoff"
 	"github.com/kvmscope/kvmscope/tracer/policy"
 )
 
@@ -41,9 +42,11 @@ func (l *vmLogs) Close() {
 	}
 }
 
-// tracerOptions sets up what the tracer enforces and reports, and the
-// VM's logs.
-func tracerOptions(o Options, dir, name string) (tracer.Options, *vmLogs, error) {
+// tracerOptions sets up what the tracer enforces and where it reports:
+// with an API, to q, the keeper's queues, which the analysis process
+// empties into the VM's logs (openVMLogs); without one, to the event log
+// itself, when there is a policy to log.
+func tracerOptions(o Options, dir, name string, q *handoff.Queues) (tracer.Options, *vmLogs, error) {
 	topts := tracer.Options{Policy: o.Policy}
 	if o.LearnTo != "" {
 		// Learn in log mode: every request stops, none is refused.
@@ -56,30 +59,52 @@ func tracerOptions(o Options, dir, name string) (tracer.Options, *vmLogs, error)
 		}
 	}
 	logs := &vmLogs{}
+	if q != nil {
+		topts.Events, topts.Blocked = q, q.Blocked
+		return topts, logs, nil
+	}
 	if o.NoAPI && topts.Policy == nil {
 		return topts, logs, nil
 	}
-	sock := o.Socket
-	if sock == "" {
-		if err := prepareDir(dir, o.Groups); err != nil {
-			return topts, nil, fmt.Errorf("event log: %w", err)
-		}
-		sock = SocketPath(dir, name)
+	sock, err := socketOf(o, dir, name)
+	if err != nil {
+		return topts, nil, fmt.Errorf("event log: %w", err)
 	}
-	var err error
 	if logs.events, err = eventlog.Open(EventsPath(sock), 0o640); err != nil {
 		return topts, nil, fmt.Errorf("event log: %w", err)
 	}
 	topts.Events = logs.events
-	if !o.NoAPI {
-		if logs.blocked, err = eventlog.Open(BlockedPath(sock), 0o640); err != nil {
-			logs.Close()
-			return topts, nil, fmt.Errorf("blocked-write log: %w", err)
-		}
-		logs.queue = newBlockedQueue()
-		topts.Blocked = logs.queue.push
-	}
 	return topts, logs, nil
+}
+
+// openVMLogs opens the event and blocked-write logs the API serves.
+func openVMLogs(o Options, dir, name string) (*vmLogs, error) {
+	sock, err := socketOf(o, dir, name)
+	if err != nil {
+		return nil, fmt.Errorf("event log: %w", err)
+	}
+	logs := &vmLogs{}
+	if logs.events, err = eventlog.Open(EventsPath(sock), 0o640); err != nil {
+		return nil, fmt.Errorf("event log: %w", err)
+	}
+	if logs.blocked, err = eventlog.Open(BlockedPath(sock), 0o640); err != nil {
+		logs.Close()
+		return nil, fmt.Errorf("blocked-write log: %w", err)
+	}
+	logs.queue = newBlockedQueue()
+	return logs, nil
+}
+
+// socketOf is the VM's API socket: --api, else DIR/NAME.sock (DIR made
+// when missing).
+func socketOf(o Options, dir, name string) (string, error) {
+	if o.Socket != "" {
+		return o.Socket, nil
+	}
+	if err := prepareDir(dir, o.Groups); err != nil {
+		return "", err
+	}
+	return SocketPath(dir, name), nil
 }
 
 // writeLearned writes the learned policy to path through a temporary file

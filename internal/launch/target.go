@@ -9,14 +9,16 @@ import (
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/tracer"
+	"github.com/kvmscope/kvmscope/tracer/handoff"
 	"github.com/rs/zerolog"
 )
 
-// runTarget is the tracer side of a VM launched under the tracer: the
-// session.Machine its Session reads through (the current memory source,
-// pause) and the api.Target that describes it.
+// runTarget is the tracer side of a VM launched under the tracer, as the
+// analysis process holds it: the session.Machine its Session reads through
+// (the current memory source, pause) and the api.Target that describes
+// it. Whatever only the tracer can do goes to the keeper through t.
 type runTarget struct {
-	t        *tracer.Tracer
+	t        *handoff.Client
 	qa       QEMUArgs
 	log      zerolog.Logger
 	name     string
@@ -27,8 +29,8 @@ type runTarget struct {
 	tcgReady chan struct{}
 }
 
-func newRunTarget(t *tracer.Tracer, qa QEMUArgs, writable bool, qmpPath string, log zerolog.Logger) *runTarget {
-	return &runTarget{t: t, qa: qa, log: log, writable: writable, live: guestmem.NewLive(t.VM(), writable), qmpPath: qmpPath, tcgReady: make(chan struct{})}
+func newRunTarget(t *handoff.Client, qa QEMUArgs, writable bool, qmpPath string, log zerolog.Logger) *runTarget {
+	return &runTarget{t: t, qa: qa, log: log, writable: writable, live: guestmem.NewLive(t, writable), qmpPath: qmpPath, tcgReady: make(chan struct{})}
 }
 
 // connectQMP connects to the private QMP socket when QEMU has one.
@@ -55,7 +57,7 @@ func (r *runTarget) connectQMP(done <-chan struct{}) {
 }
 
 // kvm reports whether QEMU runs the guest on KVM.
-func (r *runTarget) kvm() bool { return r.t.VM().Pid() != 0 }
+func (r *runTarget) kvm() bool { return r.t.Pid() != 0 }
 
 // Source is KVM's source once QEMU has created its VM, else TCG's once
 // QEMU answers on the private QMP socket.
@@ -71,12 +73,12 @@ func (r *runTarget) Source() (guestmem.Source, error) {
 	}
 }
 
-// Pause stops QEMU (tracer.Tracer.Pause).
+// Pause stops QEMU (tracer.Tracer.Pause, in the keeper).
 func (r *runTarget) Pause(ctx context.Context) (func(), error) { return r.t.Pause(ctx) }
 
 func (r *runTarget) Describe() api.VM {
-	out := api.VM{Name: r.name, TracerPid: os.Getpid(), Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
-	vm := r.t.VM()
+	out := api.VM{Name: r.name, TracerPid: r.t.KeeperPid(), AnalysisPid: os.Getpid(), Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
+	vm := r.t
 	if r.kvm() {
 		out.Accel = "kvm"
 		out.Pid = vm.Pid()

@@ -1,0 +1,197 @@
+//go:build linux && amd64
+
+package launch
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/kvmscope/kvmscope/tracer/handoff"
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+)
+
+// analysisStage is the tracer stage of the analysis process (tracerEnv).
+const analysisStage = 3
+
+// The fds an analysis process is started with.
+const (
+	analysisConnFD = 3 // its end of the socket to the keeper
+	analysisAPIFD  = 4 // the API socket's listener, which the keeper keeps
+)
+
+// analysis runs the analysis process for the keeper, and a new one each
+// time one dies while QEMU runs.
+type analysis struct {
+	k   *handoff.Keeper
+	ln  *os.File
+	ts  tracerStage
+	log zerolog.Logger
+
+	mu       sync.Mutex
+	pidfd    int // the running one's, -1 between two
+	stopping bool
+	done     chan struct{} // closed when the last one has exited
+}
+
+// startAnalysis starts the analysis process, which serves the API on ln.
+func startAnalysis(k *handoff.Keeper, ln net.Listener, ts tracerStage, log zerolog.Logger) (*analysis, error) {
+	ul, ok := ln.(*net.UnixListener)
+	if !ok {
+		return nil, fmt.Errorf("API socket: %T is not a unix listener", ln)
+	}
+	f, err := ul.File()
+	if err != nil {
+		return nil, fmt.Errorf("API socket: %w", err)
+	}
+	a := &analysis{k: k, ln: f, ts: ts, log: log, pidfd: -1, done: make(chan struct{})}
+	started := make(chan error, 1)
+	go a.supervise(started)
+	return a, <-started
+}
+
+// supervise starts analysis processes until stop.
+func (a *analysis) supervise(started chan<- error) {
+	defer close(a.done)
+	backoff := 100 * time.Millisecond
+	for first := true; ; first = false {
+		at := time.Now()
+		pidfd, err := a.start()
+		if first {
+			started <- err
+		}
+		if err != nil {
+			if !first {
+				a.log.Error().Err(err).Msg("cannot start a new analysis process; the API stays down")
+			}
+			return
+		}
+		waitExit(pidfd)
+		a.mu.Lock()
+		unix.Close(pidfd)
+		a.pidfd = -1
+		stopping := a.stopping
+		a.mu.Unlock()
+		if stopping {
+			return
+		}
+		// Died while QEMU runs: a bug, a guest that broke a parser, the
+		// OOM killer. QEMU and its trace do not notice; start another.
+		if time.Since(at) > time.Minute {
+			backoff = 100 * time.Millisecond
+		}
+		a.log.Error().Dur("restart_in", backoff).Msg("the analysis process died; QEMU runs on, starting a new one")
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 5*time.Second)
+		a.mu.Lock()
+		stopping = a.stopping
+		a.mu.Unlock()
+		if stopping {
+			return
+		}
+	}
+}
+
+// waitExit waits until the process of pidfd has exited (its pidfd polls
+// readable).
+func waitExit(pidfd int) {
+	for {
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, -1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || n > 0 {
+			return
+		}
+	}
+}
+
+// start starts one analysis process, serves it, and returns its pidfd.
+//
+// It is our sibling, not our child (CLONE_PARENT): the tracer waits for
+// every child of this process (wait4(-1, __WALL)) and takes their exits
+// for QEMU's; like the tracer itself it must be nobody's child here.
+func (a *analysis) start() (int, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("analysis socket: %w", err)
+	}
+	ours := os.NewFile(uintptr(fds[0]), "keeper")
+	theirs := os.NewFile(uintptr(fds[1]), "analysis")
+	defer theirs.Close()
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return -1, fmt.Errorf("analysis socket: %w", err)
+	}
+	// Its output goes through us, not to our stderr's file: when QEMU
+	// daemonizes we let go of the caller's stdio (releaseStdio), and so
+	// must what the analysis process writes.
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		conn.Close()
+		return -1, fmt.Errorf("analysis output: %w", err)
+	}
+	defer pw.Close()
+	go func() {
+		io.Copy(os.Stderr, pr)
+		pr.Close()
+	}()
+	st := a.ts
+	st.fd = analysisConnFD
+	pid, err := syscall.ForkExec(self(), os.Args, &syscall.ProcAttr{
+		Env:   append(os.Environ(), st.env(analysisStage)),
+		Files: []uintptr{devNull(), pw.Fd(), pw.Fd(), theirs.Fd(), a.ln.Fd()}, // fds 0-4
+		Sys:   &syscall.SysProcAttr{Cloneflags: unix.CLONE_PARENT},
+	})
+	if err != nil {
+		conn.Close()
+		return -1, fmt.Errorf("start the analysis process: %w", err)
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		syscall.Kill(pid, syscall.SIGKILL)
+		conn.Close()
+		return -1, fmt.Errorf("analysis process: pidfd_open: %w", err)
+	}
+	a.mu.Lock()
+	a.pidfd = pidfd
+	a.mu.Unlock()
+	a.log.Debug().Int("pid", pid).Msg("analysis process started")
+	go func() {
+		a.k.Serve(conn)
+		conn.Close()
+	}()
+	return pidfd, nil
+}
+
+// signal sends sig to the running analysis process.
+func (a *analysis) signal(sig syscall.Signal) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.pidfd >= 0 {
+		unix.PidfdSendSignal(a.pidfd, sig, nil, 0)
+	}
+}
+
+// stop ends the analysis once QEMU is gone: the process sees it and exits
+// (within seconds, or it is killed).
+func (a *analysis) stop() {
+	a.mu.Lock()
+	a.stopping = true
+	a.mu.Unlock()
+	select {
+	case <-a.done:
+	case <-time.After(5 * time.Second):
+		a.log.Warn().Msg("the analysis process did not exit with QEMU; killing it")
+		a.signal(syscall.SIGKILL)
+		<-a.done
+	}
+	a.ln.Close()
+}

@@ -1,0 +1,247 @@
+//go:build linux && amd64
+
+package handoff
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/rpc"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kvmscope/kvmscope/tracer"
+)
+
+// Client is the analysis process's side: the VM as the keeper's tracer
+// sees it, kept current by a long poll, and the tracer's operations as
+// calls. It serves guestmem.Live as the tracer's VM does in one process.
+type Client struct {
+	rpc   *rpc.Client
+	hello Hello
+
+	state   atomic.Pointer[State]
+	done    chan struct{} // closed when QEMU is gone or the keeper hung up
+	doneErr error
+	once    sync.Once
+}
+
+// Dial starts talking to the keeper on conn and fetches the VM's state.
+func Dial(ctx context.Context, conn net.Conn) (*Client, error) {
+	c := &Client{rpc: rpc.NewClient(conn), done: make(chan struct{})}
+	if err := c.call(ctx, "Hello", struct{}{}, &c.hello); err != nil {
+		c.rpc.Close()
+		return nil, fmt.Errorf("keeper: %w", err)
+	}
+	var st State
+	if err := c.call(ctx, "Watch", ^uint64(0), &st); err != nil {
+		c.rpc.Close()
+		return nil, fmt.Errorf("keeper: %w", err)
+	}
+	c.state.Store(&st)
+	go c.watch()
+	return c, nil
+}
+
+// watch follows the keeper's state until QEMU is gone or the keeper hangs
+// up.
+func (c *Client) watch() {
+	for {
+		cur := c.state.Load()
+		if cur.Done {
+			c.end(nil)
+			return
+		}
+		var st State
+		if err := c.rpc.Call("Keeper.Watch", cur.Changes, &st); err != nil {
+			c.end(err)
+			return
+		}
+		c.state.Store(&st)
+	}
+}
+
+func (c *Client) end(err error) {
+	c.once.Do(func() {
+		c.doneErr = err
+		close(c.done)
+	})
+}
+
+// Done is closed when QEMU is gone or the keeper hung up; Err then says
+// which (nil: QEMU is gone).
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err is why Done closed (valid after it has).
+func (c *Client) Err() error { return c.doneErr }
+
+// Close hangs up.
+func (c *Client) Close() error { return c.rpc.Close() }
+
+// KeeperPid is the keeper's (the tracer's) process.
+func (c *Client) KeeperPid() int { return c.hello.KeeperPid }
+
+// call runs one call, given up on (not cancelled: the keeper bounds its
+// own work) when ctx ends.
+func (c *Client) call(ctx context.Context, method string, args, reply any) error {
+	call := c.rpc.Go("Keeper."+method, args, reply, make(chan *rpc.Call, 1))
+	select {
+	case <-call.Done:
+		return remoteErr(call.Error)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// sentinels are the tracer's errors callers test with errors.Is; net/rpc
+// carries only their text.
+var sentinels = []error{tracer.ErrNoVCPU}
+
+func remoteErr(err error) error {
+	var se rpc.ServerError
+	if !errors.As(err, &se) {
+		if errors.Is(err, rpc.ErrShutdown) {
+			return errors.New("the tracer's process is gone")
+		}
+		return err
+	}
+	for _, s := range sentinels {
+		if strings.Contains(string(se), s.Error()) {
+			return &wrapped{msg: string(se), is: s}
+		}
+	}
+	return errors.New(string(se))
+}
+
+type wrapped struct {
+	msg string
+	is  error
+}
+
+func (w *wrapped) Error() string { return w.msg }
+func (w *wrapped) Unwrap() error { return w.is }
+
+// Pid is the QEMU process that owns the KVM VM, or 0 before KVM_CREATE_VM.
+func (c *Client) Pid() int { return c.state.Load().Pid }
+
+// QEMUPid is QEMU's process, KVM VM or not (tracer.Tracer.QEMUPid).
+func (c *Client) QEMUPid() int { return c.state.Load().QEMUPid }
+
+// Memslots is the memslot table.
+func (c *Client) Memslots() []tracer.Memslot { return c.state.Load().Memslots }
+
+// MemslotGen changes whenever the state does.
+func (c *Client) MemslotGen() uint64 { return c.state.Load().Changes }
+
+// VCPUs lists the captured vCPUs.
+func (c *Client) VCPUs() []tracer.VCPUInfo { return c.state.Load().VCPUs }
+
+// MSRs are vCPU id's MSRs as KVM last reported them.
+func (c *Client) MSRs(id int) (map[uint32]uint64, time.Time) {
+	m := c.state.Load().MSRs[id]
+	return m.Vals, m.At
+}
+
+// Registers are fresh registers of vCPU id (tracer.VM.Registers).
+func (c *Client) Registers(ctx context.Context, id int) (tracer.Sample, error) {
+	var s tracer.Sample
+	err := c.call(ctx, "Registers", id, &s)
+	return s, err
+}
+
+// ReadMSRs has KVM read MSRs of vCPU id (tracer.VM.ReadMSRs).
+func (c *Client) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error) {
+	var m map[uint32]uint64
+	err := c.call(ctx, "ReadMSRs", MSRArgs{ID: id, Indices: indices}, &m)
+	if err == nil {
+		c.refresh(ctx)
+	}
+	return m, err
+}
+
+// refresh waits briefly for the state that includes a change the keeper
+// has just made (the MSRs ReadMSRs recorded), so MSRs sees it.
+func (c *Client) refresh(ctx context.Context) {
+	var st State
+	if c.call(ctx, "Watch", ^uint64(0), &st) == nil && st.Changes >= c.state.Load().Changes {
+		c.state.Store(&st)
+	}
+}
+
+// Guarded reports whether the guard protects any of gpa..gpa+size. A keeper
+// that does not answer is taken to guard it, so the write goes the
+// keeper's way and fails there rather than landing on a read-only mapping.
+func (c *Client) Guarded(gpa, size uint64) bool {
+	var r bool
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.call(ctx, "Guarded", Range{GPA: gpa, Size: size}, &r); err != nil {
+		return true
+	}
+	return r
+}
+
+// WriteGuarded writes past the guard (tracer.VM.WriteGuarded).
+func (c *Client) WriteGuarded(ctx context.Context, gpa uint64, b []byte) error {
+	return c.call(ctx, "WriteGuarded", Write{GPA: gpa, Data: b}, &struct{}{})
+}
+
+// Pause stops QEMU (tracer.Tracer.Pause). If the keeper or this process
+// dies while paused, the keeper resumes QEMU.
+func (c *Client) Pause(ctx context.Context) (func(), error) {
+	var id uint64
+	call := c.rpc.Go("Keeper.Pause", struct{}{}, &id, make(chan *rpc.Call, 1))
+	select {
+	case <-call.Done:
+		if call.Error != nil {
+			return nil, remoteErr(call.Error)
+		}
+	case <-ctx.Done():
+		// The pause may still succeed: undo it then.
+		go func() {
+			if <-call.Done; call.Error == nil {
+				c.rpc.Call("Keeper.Resume", id, &struct{}{})
+			}
+		}()
+		return nil, ctx.Err()
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() { c.rpc.Call("Keeper.Resume", id, &struct{}{}) })
+	}, nil
+}
+
+// Protect asks the guard to protect ranges (tracer.Tracer.Protect).
+func (c *Client) Protect(ctx context.Context, ranges []tracer.GuardRange, opts tracer.GuardOptions) (tracer.GuardStatus, error) {
+	var st tracer.GuardStatus
+	err := c.call(ctx, "Protect", Protect{Ranges: ranges, Opts: opts}, &st)
+	return st, err
+}
+
+// GuardStatus is what the guard protects (zero when the keeper does not
+// answer).
+func (c *Client) GuardStatus() tracer.GuardStatus {
+	var st tracer.GuardStatus
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c.call(ctx, "GuardStatus", struct{}{}, &st)
+	return st
+}
+
+// TakeEvents waits (up to seconds) for the tracer's events and takes them.
+func (c *Client) TakeEvents(ctx context.Context) (Events, error) {
+	var r Events
+	err := c.call(ctx, "TakeEvents", struct{}{}, &r)
+	return r, err
+}
+
+// TakeBlocked waits (up to seconds) for the guard's reports and takes
+// them.
+func (c *Client) TakeBlocked(ctx context.Context) (Blocked, error) {
+	var r Blocked
+	err := c.call(ctx, "TakeBlocked", struct{}{}, &r)
+	return r, err
+}

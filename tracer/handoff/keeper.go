@@ -1,0 +1,306 @@
+//go:build linux && amd64
+
+package handoff
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/rpc"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/kvmscope/kvmscope/tracer"
+)
+
+// Keeper is the keeper's side: the tracer and the queues of what it
+// reports while no analysis process may be listening.
+type Keeper struct {
+	t       *tracer.Tracer
+	events  *queue[Event]
+	blocked *queue[tracer.BlockedWrite]
+}
+
+// Queues are the tracer's event sinks, made before the tracer exists
+// (tracer.Options needs them at Attach); Keeper then joins them to it.
+type Queues struct {
+	events  *queue[Event]
+	blocked *queue[tracer.BlockedWrite]
+}
+
+// NewQueues makes the queues; Events and Blocked go into tracer.Options.
+func NewQueues() *Queues {
+	return &Queues{events: newQueue[Event](4096), blocked: newQueue[tracer.BlockedWrite](4096)}
+}
+
+// Append is tracer.Events: the event waits, marshalled, for the analysis
+// process, which appends it to the VM's event log.
+func (q *Queues) Append(kind string, fields any) (uint64, error) {
+	b, err := json.Marshal(fields)
+	if err != nil {
+		return 0, err
+	}
+	q.events.push(Event{Kind: kind, Fields: b})
+	return 0, nil
+}
+
+// Blocked is tracer.Options.Blocked.
+func (q *Queues) Blocked(w tracer.BlockedWrite) { q.blocked.push(w) }
+
+// Keeper returns the keeper of t with these queues.
+func (q *Queues) Keeper(t *tracer.Tracer) *Keeper {
+	return &Keeper{t: t, events: q.events, blocked: q.blocked}
+}
+
+// Event is one event of the tracer's (tracer.Events).
+type Event struct {
+	Kind   string
+	Fields json.RawMessage
+}
+
+// Serve answers one analysis process on conn until it hangs up or QEMU is
+// gone. Pauses it holds when it goes are released: a dead analysis process
+// never leaves QEMU stopped.
+func (k *Keeper) Serve(conn net.Conn) {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &session{k: k, ctx: ctx, pauses: map[uint64]func(){}}
+	srv := rpc.NewServer()
+	if err := srv.RegisterName("Keeper", s); err != nil {
+		panic(err) // the method set is fixed: a bug
+	}
+	// net/rpc waits for the calls in flight before ServeConn returns;
+	// the pauses must not wait for a long poll: release them as soon as
+	// the socket reads EOF.
+	srv.ServeConn(&hangup{Conn: conn, f: func() { cancel(); s.releasePauses() }})
+	cancel()
+	s.releasePauses()
+}
+
+// hangup calls f once when a read of the connection fails.
+type hangup struct {
+	net.Conn
+	once sync.Once
+	f    func()
+}
+
+func (h *hangup) Read(p []byte) (int, error) {
+	n, err := h.Conn.Read(p)
+	if err != nil {
+		h.once.Do(h.f)
+	}
+	return n, err
+}
+
+// session is what one analysis process may call (net/rpc's method form:
+// exported, args, *reply, error).
+type session struct {
+	k   *Keeper
+	ctx context.Context
+
+	mu     sync.Mutex
+	pauses map[uint64]func()
+	next   uint64
+}
+
+func (s *session) releasePauses() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, resume := range s.pauses {
+		resume()
+		delete(s.pauses, id)
+	}
+}
+
+// callCtx bounds one call: the analysis process's own deadline is not
+// sent, so the keeper gives up on its own.
+func (s *session) callCtx(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(s.ctx, d)
+}
+
+// Hello is the keeper's identity.
+type Hello struct {
+	KeeperPid int
+	FrontPid  int // the process the tracer seized, which became QEMU
+}
+
+func (s *session) Hello(_ struct{}, r *Hello) error {
+	*r = Hello{KeeperPid: os.Getpid(), FrontPid: s.k.t.Pid()}
+	return nil
+}
+
+// State is the VM as the tracer sees it.
+type State struct {
+	Changes  uint64 // tracer.VM.Changes
+	Pid      int    // tracer.VM.Pid
+	QEMUPid  int
+	Memslots []tracer.Memslot
+	VCPUs    []tracer.VCPUInfo
+	MSRs     map[int]MSRs
+	Done     bool // QEMU is gone
+}
+
+// MSRs are one vCPU's MSRs as KVM last reported them (tracer.VM.MSRs).
+type MSRs struct {
+	Vals map[uint32]uint64
+	At   time.Time
+}
+
+func (s *session) state() State {
+	vm := s.k.t.VM()
+	st := State{Changes: vm.Changes(), Pid: vm.Pid(), QEMUPid: s.k.t.QEMUPid(), Memslots: vm.Memslots(), VCPUs: vm.VCPUs(), MSRs: map[int]MSRs{}}
+	for _, c := range st.VCPUs {
+		if m, at := vm.MSRs(c.ID); !at.IsZero() {
+			st.MSRs[c.ID] = MSRs{Vals: m, At: at}
+		}
+	}
+	select {
+	case <-s.k.t.Done():
+		st.Done = true
+	default:
+	}
+	return st
+}
+
+// Watch returns the state once it differs from the one counted after (or
+// after a while, unchanged), so the analysis process's copy follows
+// memslot and vCPU changes without asking at every read.
+func (s *session) Watch(after uint64, r *State) error {
+	ctx, cancel := s.callCtx(10 * time.Second)
+	defer cancel()
+	vm := s.k.t.VM()
+	go func() {
+		select {
+		case <-s.k.t.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	vm.Wait(ctx, func(vm *tracer.VM) bool { return vm.Changes() != after })
+	*r = s.state()
+	return nil
+}
+
+func (s *session) Registers(id int, r *tracer.Sample) error {
+	ctx, cancel := s.callCtx(5 * time.Second)
+	defer cancel()
+	smp, err := s.k.t.VM().Registers(ctx, id)
+	*r = smp
+	return err
+}
+
+// MSRArgs ask for MSRs of one vCPU.
+type MSRArgs struct {
+	ID      int
+	Indices []uint32
+}
+
+func (s *session) ReadMSRs(a MSRArgs, r *map[uint32]uint64) error {
+	ctx, cancel := s.callCtx(5 * time.Second)
+	defer cancel()
+	m, err := s.k.t.VM().ReadMSRs(ctx, a.ID, a.Indices)
+	*r = m
+	return err
+}
+
+// Range is a guest-physical range.
+type Range struct{ GPA, Size uint64 }
+
+func (s *session) Guarded(a Range, r *bool) error {
+	*r = s.k.t.VM().Guarded(a.GPA, a.Size)
+	return nil
+}
+
+// Write is bytes to write at a guest-physical address.
+type Write struct {
+	GPA  uint64
+	Data []byte
+}
+
+func (s *session) WriteGuarded(a Write, _ *struct{}) error {
+	ctx, cancel := s.callCtx(10 * time.Second)
+	defer cancel()
+	return s.k.t.VM().WriteGuarded(ctx, a.GPA, a.Data)
+}
+
+// Pause stops QEMU (tracer.Tracer.Pause) and returns the pause's id for
+// Resume.
+func (s *session) Pause(_ struct{}, id *uint64) error {
+	ctx, cancel := s.callCtx(5 * time.Second)
+	defer cancel()
+	resume, err := s.k.t.Pause(ctx)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ctx.Err() != nil {
+		// The caller hung up while QEMU stopped: nobody would resume it.
+		resume()
+		return errors.New("the analysis process is gone")
+	}
+	s.next++
+	s.pauses[s.next] = resume
+	*id = s.next
+	return nil
+}
+
+func (s *session) Resume(id uint64, _ *struct{}) error {
+	s.mu.Lock()
+	resume := s.pauses[id]
+	delete(s.pauses, id)
+	s.mu.Unlock()
+	if resume == nil {
+		return errors.New("no such pause")
+	}
+	resume()
+	return nil
+}
+
+// Protect asks the guard to protect ranges.
+type Protect struct {
+	Ranges []tracer.GuardRange
+	Opts   tracer.GuardOptions
+}
+
+func (s *session) Protect(a Protect, r *tracer.GuardStatus) error {
+	ctx, cancel := s.callCtx(60 * time.Second)
+	defer cancel()
+	st, err := s.k.t.Protect(ctx, a.Ranges, a.Opts)
+	*r = st
+	return err
+}
+
+func (s *session) GuardStatus(_ struct{}, r *tracer.GuardStatus) error {
+	*r = s.k.t.GuardStatus()
+	return nil
+}
+
+// Events are what TakeEvents returns.
+type Events struct {
+	Events  []Event
+	Dropped uint64
+}
+
+// TakeEvents waits a while for the tracer's events and hands them over.
+func (s *session) TakeEvents(_ struct{}, r *Events) error {
+	ctx, cancel := s.callCtx(10 * time.Second)
+	defer cancel()
+	r.Events, r.Dropped = s.k.events.take(ctx)
+	return nil
+}
+
+// Blocked are what TakeBlocked returns.
+type Blocked struct {
+	Writes  []tracer.BlockedWrite
+	Dropped uint64
+}
+
+// TakeBlocked waits a while for the guard's reports and hands them over.
+func (s *session) TakeBlocked(_ struct{}, r *Blocked) error {
+	ctx, cancel := s.callCtx(10 * time.Second)
+	defer cancel()
+	r.Writes, r.Dropped = s.k.blocked.take(ctx)
+	return nil
+}
