@@ -230,7 +230,7 @@ func TestSIGTERMEndsQEMU(t *testing.T) {
 
 // TestKill9FailsClosed: if kvmscope's tracer is killed, QEMU must not
 // linger with a seccomp filter whose trapped ioctls now fail: the kernel
-// kills it (PTRACE_O_EXITKILL).
+// kills it (PTRACE_O_EXITKILL). The analysis process goes with them.
 func TestKill9FailsClosed(t *testing.T) {
 	r := startRun(t, nil, tinyGuest(t, 1, "")...)
 	pid := qemuPid(t, r)
@@ -243,6 +243,8 @@ func TestKill9FailsClosed(t *testing.T) {
 		t.Errorf("QEMU exit code %d, want %d (killed with its tracer)", code, 128+int(syscall.SIGKILL))
 	}
 	waitFor(t, 10*time.Second, "QEMU to die with its tracer", func() bool { return !alive(pid) })
+	// The analysis process sees its tracer hang up and goes too.
+	waitFor(t, 10*time.Second, "the analysis process to end with its tracer", func() bool { return !alive(vm.AnalysisPid) })
 }
 
 // TestTransparentLaunch: QEMU gets our argv, environment, cwd and every

@@ -1,0 +1,190 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/guestmem/qmp"
+	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+)
+
+// killAnalysis kill -9s the analysis process of the VM behind c and
+// waits until a new one serves the API; it returns the new one's pid.
+func killAnalysis(t *testing.T, c *api.Client) int {
+	t.Helper()
+	vm := getVM(t, c)
+	if vm.AnalysisPid == 0 || vm.AnalysisPid == vm.TracerPid || vm.AnalysisPid == vm.Pid {
+		t.Fatalf("analysis pid %d (tracer %d, QEMU %d)", vm.AnalysisPid, vm.TracerPid, vm.Pid)
+	}
+	if err := syscall.Kill(vm.AnalysisPid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var now api.VM
+	waitFor(t, 30*time.Second, "a new analysis process to serve the API", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		now = api.VM{}
+		return c.Get(ctx, "/v1/vm", &now) == nil && now.AnalysisPid != 0 && now.AnalysisPid != vm.AnalysisPid
+	})
+	if now.TracerPid != vm.TracerPid || now.Pid != vm.Pid {
+		t.Fatalf("after the analysis process died: tracer %d QEMU %d, were %d %d", now.TracerPid, now.Pid, vm.TracerPid, vm.Pid)
+	}
+	if alive(vm.AnalysisPid) {
+		t.Fatalf("the killed analysis process %d is still there", vm.AnalysisPid)
+	}
+	return now.AnalysisPid
+}
+
+// TestCrashIsolationKVM (issue 12): kill -9 of the analysis process, the
+// part that parses guest memory, while the tiny guest runs under KVM: QEMU
+// and the guest go on (the counter advances), a memslot change QEMU makes
+// afterwards succeeds and is seen, the API comes back, and the tracer's
+// events keep their sequence. kill -9 of the tracer itself fails closed
+// (TestKill9FailsClosed).
+func TestCrashIsolationKVM(t *testing.T) {
+	args := tinyGuest(t, 2, "")
+	dir := t.TempDir()
+	qmpPath := filepath.Join(dir, "qmp.sock")
+	pol := writeFile(t, "p.yaml", docPolicy) // logs every memslot change
+	r := startRun(t, []string{"--policy", pol}, append(args, "-qmp", "unix:"+qmpPath+",server=on,wait=off")...)
+	c := r.client()
+	waitReady(t, c)
+	pid := qemuPid(t, r)
+	before := readU64(t, c, testguest.CounterGPA)
+	seqBefore := lastSeq(t, r.sock)
+
+	for round := 0; round < 2; round++ {
+		killAnalysis(t, c)
+		if !alive(pid) {
+			t.Fatalf("round %d: QEMU died with the analysis process", round)
+		}
+		waitFor(t, 10*time.Second, "the counter to go on", func() bool { return readU64(t, c, testguest.CounterGPA) > before })
+		before = readU64(t, c, testguest.CounterGPA)
+	}
+	var cpus []api.VCPU
+	if err := c.Get(ctxT(t), "/v1/vcpus", &cpus); err != nil || len(cpus) != 2 {
+		t.Fatalf("/v1/vcpus after restarts: %+v (%v)", cpus, err)
+	}
+
+	// A memslot change after the kill: QEMU turns dirty logging on for
+	// every slot and off again (what migration does first). The trapped
+	// KVM_SET_USER_MEMORY_REGION calls go through the tracer, which
+	// never went away; the new analysis process sees the table change.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	q, err := qmp.Dial(ctx, qmpPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	if _, err := q.Execute(ctx, "calc-dirty-rate", map[string]any{"calc-time": 1, "mode": "dirty-bitmap"}); err != nil {
+		t.Fatalf("calc-dirty-rate: %v", err)
+	}
+	sawDirty := false
+	for {
+		if vm := getVM(t, c); len(vm.Memslots) > 0 {
+			for _, m := range vm.Memslots {
+				sawDirty = sawDirty || m.DirtyLog
+			}
+		}
+		reply, err := q.Execute(ctx, "query-dirty-rate", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(reply), `"measured"`) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !sawDirty {
+		t.Error("the API never showed a memslot with dirty logging during calc-dirty-rate")
+	}
+	if !alive(pid) {
+		t.Fatal("QEMU died at the memslot change")
+	}
+	waitFor(t, 10*time.Second, "the counter to go on after the memslot change", func() bool { return readU64(t, c, testguest.CounterGPA) > before })
+
+	// The tracer's events of the memslot change (the policy logs them)
+	// reached the log through the new analysis process, numbered on.
+	seen := map[float64]bool{}
+	logged := false
+	for _, e := range events(t, r.sock) {
+		s, _ := e["seq"].(float64)
+		if seen[s] {
+			t.Errorf("event seq %v twice", s)
+		}
+		seen[s] = true
+		logged = logged || s > float64(seqBefore) && e["ioctl"] == "KVM_SET_USER_MEMORY_REGION"
+	}
+	if !logged {
+		t.Errorf("no KVM_SET_USER_MEMORY_REGION event after the restarts (events up to seq %d, %d before)", lastSeq(t, r.sock), seqBefore)
+	}
+	if !strings.Contains(r.stderr.String(), "the analysis process died; QEMU runs on") {
+		t.Error("the tracer did not log the analysis process's death")
+	}
+
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	if code := r.wait(20 * time.Second); code != 0 {
+		t.Errorf("QEMU's exit code %d after SIGTERM, want 0", code)
+	}
+}
+
+// TestCrashIsolationLinux (issue 12): kill -9 of the analysis process while
+// Debian boots under TCG, and again once it runs: the guest boots and runs
+// on, and the new analysis process's ps is the guest's own table.
+func TestCrashIsolationLinux(t *testing.T) {
+	p := testlinux.Require(t)
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	c := api.NewClient(sock)
+	killed := make(chan error, 1)
+	go func() {
+		// As soon as the API answers: the guest is booting.
+		deadline := time.Now().Add(2 * time.Minute)
+		for time.Now().Before(deadline) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			var vm api.VM
+			err := c.Get(ctx, "/v1/vm", &vm)
+			cancel()
+			if err == nil && vm.AnalysisPid != 0 {
+				killed <- syscall.Kill(vm.AnalysisPid, syscall.SIGKILL)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		killed <- fmt.Errorf("the API never answered")
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{
+		Kernel:  p.DebianKernel,
+		Accel:   "tcg",
+		Wrapper: []string{kvmscopeBin, "--log-level", "info", "run", "--api", sock, "--scan-interval", "1s", "--"},
+	})
+	if err != nil {
+		t.Fatalf("boot under kvmscope run: %v", err)
+	}
+	defer g.Close()
+	if err := <-killed; err != nil {
+		t.Fatalf("kill the analysis process during boot: %v", err)
+	}
+	checkPS(t, "ps after a kill during boot", psJSON(t, "--api", sock), g.PS())
+	killAnalysis(t, c)
+	checkPS(t, "ps after a kill while running", psJSON(t, "--api", sock), g.PS())
+	// The guest still runs: its console answers.
+	out, err := g.HMP("info status")
+	if err != nil || !strings.Contains(out, "running") {
+		t.Fatalf("QEMU after the kills: %q (%v)", out, err)
+	}
+	var rep json.RawMessage
+	if err := c.Get(ctxT(t), "/v1/report", &rep); err != nil {
+		t.Fatalf("report after the kills: %v", err)
+	}
+}
