@@ -98,7 +98,7 @@ func (c *Client) call(ctx context.Context, method string, args, reply any) error
 
 // sentinels are the tracer's errors callers test with errors.Is; net/rpc
 // carries only their text.
-var sentinels = []error{tracer.ErrNoVCPU}
+var sentinels = []error{tracer.ErrNoVCPU, tracer.ErrGuardTCG}
 
 func remoteErr(err error) error {
 	var se rpc.ServerError
