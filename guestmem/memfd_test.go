@@ -12,83 +12,22 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
 	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/internal/tracetest"
 	"github.com/kvmscope/kvmscope/tracer"
 )
 
-// The live tests trace QEMU from the test process the way internal/launch
-// does: a child (the test binary re-executed with execTracedEnv) waits
-// until the test has attached to it with tracer.Attach, then becomes QEMU
-// with tracer.ExecTraced.
-const execTracedEnv = "KVMSCOPE_TEST_EXEC_TRACED"
-
-// init is the child's body: argv[1] is QEMU's path, argv[2:] its argv
-// (argv[0] included), fd 3 the pipe on which the test says it has attached.
-// It runs on the main thread (the thread-group leader the tracer seized),
-// as ExecTraced requires.
-func init() {
-	if os.Getenv(execTracedEnv) == "" {
-		return
-	}
-	runtime.LockOSThread()
-	os.Unsetenv(execTracedEnv)
-	var b [1]byte
-	if n, _ := os.NewFile(3, "attached").Read(b[:]); n != 1 {
-		// The test could not attach and closed the pipe.
-		os.Exit(126)
-	}
-	prog, err := tracer.Filter(nil)
-	if err == nil {
-		err = tracer.ExecTraced(os.Args[1], os.Args[2:], prog)
-	}
-	fmt.Fprintf(os.Stderr, "%v\n", err)
-	os.Exit(127)
-}
-
-// startTraced starts QEMU (path, argv) in a child of the test process and
-// traces it from here.
-func startTraced(path string, argv []string, opts tracer.Options) (*tracer.Tracer, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		return nil, err
-	}
-	defer w.Close()
-	pid, err := syscall.ForkExec(self, append([]string{self, path}, argv...), &syscall.ProcAttr{
-		Env:   append(os.Environ(), execTracedEnv+"=1"),
-		Files: []uintptr{0, 1, 2, r.Fd()},
-	})
-	r.Close()
-	if err != nil {
-		return nil, fmt.Errorf("start %s: %w", self, err)
-	}
-	tr, err := tracer.Attach(pid, zerolog.Nop(), opts)
-	if err != nil {
-		w.Close()
-		unix.Wait4(pid, nil, 0, nil)
-		return nil, err
-	}
-	if _, err := w.Write([]byte{1}); err != nil {
-		tr.Signal(syscall.SIGKILL)
-		<-tr.Done()
-		return nil, fmt.Errorf("resume the traced child: %w", err)
-	}
-	return tr, nil
-}
+// The live tests trace QEMU from the test process (internal/tracetest).
+func init() { tracetest.Child() }
 
 // liveGuest is the tiny test guest under an in-process tracer.
 //
@@ -134,7 +73,7 @@ func startLiveGuest(tb testing.TB, o guestOptions) *liveGuest {
 		args = withMemfdRAM(args)
 	}
 	args = append(args, "-qmp", "unix:"+qmpPath+",server=on,wait=off")
-	tr, err := startTraced(qemu, append([]string{qemu}, args...), o.opts)
+	tr, err := tracetest.Start(qemu, append([]string{qemu}, args...), o.opts)
 	if err != nil {
 		tb.Fatalf("start QEMU under the tracer: %v", err)
 	}

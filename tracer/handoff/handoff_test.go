@@ -1,0 +1,161 @@
+//go:build linux && amd64
+
+package handoff
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/internal/testenv"
+	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/internal/tracetest"
+	"github.com/kvmscope/kvmscope/tracer"
+	"golang.org/x/sys/unix"
+)
+
+func init() { tracetest.Child() }
+
+// keeperOf traces the tiny guest under KVM, serves it as a Keeper on one
+// end of a socketpair and returns a Client on the other.
+func keeperOf(t *testing.T) (*tracer.Tracer, *Client, net.Conn) {
+	testenv.Require(t, testenv.QEMU, testenv.KVM)
+	kernel, err := testguest.Build()
+	if err != nil {
+		t.Fatalf("build tiny guest: %v", err)
+	}
+	qemu, _ := exec.LookPath("qemu-system-x86_64")
+	q := NewQueues()
+	tr, err := tracetest.Start(qemu, append([]string{qemu}, testguest.KernelArgs(kernel, 2, "kvm", "")...), tracer.Options{Events: q, Blocked: q.Blocked})
+	if err != nil {
+		t.Fatalf("start QEMU under the tracer: %v", err)
+	}
+	t.Cleanup(func() {
+		tr.Signal(unix.SIGKILL)
+		<-tr.Done()
+	})
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, err := net.FileConn(os.NewFile(uintptr(fds[0]), "keeper"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs, err := net.FileConn(os.NewFile(uintptr(fds[1]), "analysis"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go q.Keeper(tr).Serve(ours)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, theirs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return tr, c, theirs
+}
+
+// waitFor polls cond until it holds or 20 s pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// stoppedThreads counts the threads of pid in a stopped state.
+func stoppedThreads(pid int) int {
+	n := 0
+	stats, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+	for _, f := range stats {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		if i := strings.LastIndexByte(s, ')'); i > 0 && i+2 < len(s) && (s[i+2] == 't' || s[i+2] == 'T') {
+			n++
+		}
+	}
+	return n
+}
+
+// TestClient: the analysis process's view through the socket follows the
+// tracer's: vCPUs and memslots as the tracer captured them, fresh
+// registers, a pause that stops QEMU and a resume that lets it go.
+func TestClient(t *testing.T) {
+	tr, c, _ := keeperOf(t)
+	waitFor(t, "2 vCPUs and memslots through the socket", func() bool { return len(c.VCPUs()) == 2 && len(c.Memslots()) > 0 })
+	if c.Pid() != tr.VM().Pid() || c.QEMUPid() != tr.QEMUPid() || c.KeeperPid() != os.Getpid() {
+		t.Fatalf("pids: client %d/%d/%d, tracer %d/%d", c.Pid(), c.QEMUPid(), c.KeeperPid(), tr.VM().Pid(), tr.QEMUPid())
+	}
+	waitFor(t, "the memslot table through the socket", func() bool { return len(c.Memslots()) == len(tr.VM().Memslots()) })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The boot vCPU reaches long mode (CR0.PE, EFER.LMA) within moments:
+	// its registers come through the socket as the tracer copied them.
+	var s tracer.Sample
+	waitFor(t, "vCPU 0 in long mode, through the socket", func() bool {
+		var err error
+		s, err = c.Registers(ctx, 0)
+		if err != nil {
+			t.Fatalf("registers of vCPU 0: %v", err)
+		}
+		return s.ID == 0 && s.Regs.Sregs.CR0&1 != 0 && s.Regs.Sregs.EFER&(1<<10) != 0 && s.Regs.Regs.RIP != 0
+	})
+	if _, err := c.Registers(ctx, 7); err == nil || !strings.Contains(err.Error(), tracer.ErrNoVCPU.Error()) {
+		t.Errorf("registers of a vCPU that does not exist: %v", err)
+	}
+	resume, err := c.Pause(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := stoppedThreads(c.QEMUPid()); n == 0 {
+		t.Error("paused, and no QEMU thread is stopped")
+	}
+	resume()
+	waitFor(t, "QEMU to run on after resume", func() bool { return stoppedThreads(c.QEMUPid()) == 0 })
+}
+
+// TestHangUpReleasesPause: an analysis process that dies while it holds a
+// pause does not leave QEMU stopped: the keeper resumes it when the socket
+// closes.
+func TestHangUpReleasesPause(t *testing.T) {
+	_, c, conn := keeperOf(t)
+	waitFor(t, "the vCPUs", func() bool { return len(c.VCPUs()) == 2 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Pause(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pid := c.QEMUPid()
+	time.Sleep(200 * time.Millisecond)
+	if stoppedThreads(pid) == 0 {
+		t.Fatal("paused, and no QEMU thread is stopped")
+	}
+	// What the kernel does when the analysis process dies. Its Watch long
+	// poll (10 s) is still in flight: the keeper must not wait for it.
+	conn.Close()
+	closed := time.Now()
+	for stoppedThreads(pid) != 0 {
+		if time.Since(closed) > 3*time.Second {
+			t.Fatal("QEMU still stopped 3 s after the analysis side hung up")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Error("the client did not see the hang-up")
+	}
+}
