@@ -77,6 +77,9 @@ func (r *runTarget) Source() (guestmem.Source, error) {
 func (r *runTarget) Pause(ctx context.Context) (func(), error) { return r.t.Pause(ctx) }
 
 func (r *runTarget) Describe() api.VM {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	r.t.Refresh(ctx)
 	out := api.VM{Name: r.name, TracerPid: r.t.KeeperPid(), AnalysisPid: os.Getpid(), Accel: "tcg", Writable: r.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
 	vm := r.t
 	if r.kvm() {
@@ -99,8 +102,6 @@ func (r *runTarget) Describe() api.VM {
 		}
 	} else {
 		out.Pid = r.t.QEMUPid()
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
 		if cpus, err := r.tcgCPUs(ctx); err == nil {
 			for _, c := range cpus {
 				out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: c.ID})

@@ -37,7 +37,7 @@ func Dial(ctx context.Context, conn net.Conn) (*Client, error) {
 		return nil, fmt.Errorf("keeper: %w", err)
 	}
 	var st State
-	if err := c.call(ctx, "Watch", ^uint64(0), &st); err != nil {
+	if err := c.call(ctx, "Watch", Seen{Changes: ^uint64(0)}, &st); err != nil {
 		c.rpc.Close()
 		return nil, fmt.Errorf("keeper: %w", err)
 	}
@@ -56,7 +56,7 @@ func (c *Client) watch() {
 			return
 		}
 		var st State
-		if err := c.rpc.Call("Keeper.Watch", cur.Changes, &st); err != nil {
+		if err := c.rpc.Call("Keeper.Watch", Seen{Changes: cur.Changes, QEMUPid: cur.QEMUPid}, &st); err != nil {
 			c.end(err)
 			return
 		}
@@ -157,16 +157,17 @@ func (c *Client) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[ui
 	var m map[uint32]uint64
 	err := c.call(ctx, "ReadMSRs", MSRArgs{ID: id, Indices: indices}, &m)
 	if err == nil {
-		c.refresh(ctx)
+		c.Refresh(ctx)
 	}
 	return m, err
 }
 
-// refresh waits briefly for the state that includes a change the keeper
-// has just made (the MSRs ReadMSRs recorded), so MSRs sees it.
-func (c *Client) refresh(ctx context.Context) {
+// Refresh fetches the keeper's state now, so what follows sees every
+// change made before (the MSRs ReadMSRs recorded; QEMU's daemon), not
+// only those the long poll has brought.
+func (c *Client) Refresh(ctx context.Context) {
 	var st State
-	if c.call(ctx, "Watch", ^uint64(0), &st) == nil && st.Changes >= c.state.Load().Changes {
+	if c.call(ctx, "Watch", Seen{Changes: ^uint64(0)}, &st) == nil && st.Changes >= c.state.Load().Changes {
 		c.state.Store(&st)
 	}
 }

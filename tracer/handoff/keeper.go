@@ -155,31 +155,45 @@ func (s *session) state() State {
 			st.MSRs[c.ID] = MSRs{Vals: m, At: at}
 		}
 	}
-	select {
-	case <-s.k.t.Done():
-		st.Done = true
-	default:
-	}
+	st.Done = s.done()
 	return st
 }
 
-// Watch returns the state once it differs from the one counted after (or
-// after a while, unchanged), so the analysis process's copy follows
-// memslot and vCPU changes without asking at every read.
-func (s *session) Watch(after uint64, r *State) error {
+// Seen is the state a Watch caller has: Changes and QEMUPid.
+type Seen struct {
+	Changes uint64
+	QEMUPid int
+}
+
+// Watch returns the state once it differs from seen (or after a while,
+// unchanged), so the analysis process's copy follows memslot and vCPU
+// changes, and QEMU's daemon after -daemonize, without asking at every
+// read.
+func (s *session) Watch(seen Seen, r *State) error {
 	ctx, cancel := s.callCtx(10 * time.Second)
 	defer cancel()
 	vm := s.k.t.VM()
-	go func() {
-		select {
-		case <-s.k.t.Done():
-			cancel()
-		case <-ctx.Done():
+	for ctx.Err() == nil {
+		// The process QEMU runs as changes with no VM change (a TCG
+		// QEMU's -daemonize fork): look again every 100 ms.
+		wctx, wcancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		err := vm.Wait(wctx, func(vm *tracer.VM) bool { return vm.Changes() != seen.Changes })
+		wcancel()
+		if err == nil || s.k.t.QEMUPid() != seen.QEMUPid || s.done() {
+			break
 		}
-	}()
-	vm.Wait(ctx, func(vm *tracer.VM) bool { return vm.Changes() != after })
+	}
 	*r = s.state()
 	return nil
+}
+
+func (s *session) done() bool {
+	select {
+	case <-s.k.t.Done():
+		return true
+	default:
+		return false
+	}
 }
 
 func (s *session) Registers(id int, r *tracer.Sample) error {
