@@ -2,6 +2,7 @@ package guestmem
 
 import (
 	"context"
+	"encoding/json"
 
 	"github.com/kvmscope/kvmscope/guestmem/qmp"
 )
@@ -9,6 +10,15 @@ import (
 // QMP is a connection to QEMU's QMP socket, the client of guestmem/qmp
 // (shared with the test helpers, which cannot import guestmem).
 type QMP = qmp.Client
+
+// Monitor is QEMU's monitor as kvmscope uses it: QMP commands, and HMP
+// through QMP's human-monitor-command. *QMP speaks it on a QMP socket,
+// qmp.Virsh through libvirt (virsh qemu-monitor-command).
+type Monitor interface {
+	Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error)
+	HMP(ctx context.Context, cmdline string) (string, error)
+	Close() error
+}
 
 // DialQMP connects to the QMP socket at path (see qmp.Dial).
 func DialQMP(ctx context.Context, path string) (*QMP, error) { return qmp.Dial(ctx, path) }

@@ -21,7 +21,7 @@ import (
 // a scan makes thousands of small reads, and each process_vm_readv is a
 // system call that pins QEMU's pages.
 type TCG struct {
-	qmp   *QMP
+	qmp   Monitor
 	pid   func() int
 	write bool
 	memfd memfdRAM
@@ -31,8 +31,9 @@ type TCG struct {
 	fetched time.Time
 }
 
-// NewTCG returns the source for the QEMU process pid() controlled by qmp.
-func NewTCG(qmp *QMP, pid func() int, allowWrite bool) *TCG {
+// NewTCG returns the source for the QEMU process pid() whose monitor is
+// qmp.
+func NewTCG(qmp Monitor, pid func() int, allowWrite bool) *TCG {
 	return &TCG{qmp: qmp, pid: pid, write: allowWrite}
 }
 
@@ -64,7 +65,7 @@ var flatRange = regexp.MustCompile(`^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([
 var hvaReply = regexp.MustCompile(`is (0x[0-9a-f]+)`)
 
 // qmpMemoryMap builds the guest-physical map of the system address space.
-func qmpMemoryMap(ctx context.Context, q *QMP) ([]procRange, error) {
+func qmpMemoryMap(ctx context.Context, q Monitor) ([]procRange, error) {
 	out, err := q.HMP(ctx, "info mtree -f")
 	if err != nil {
 		return nil, fmt.Errorf("read QEMU memory map: %w", err)

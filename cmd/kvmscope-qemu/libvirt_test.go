@@ -121,9 +121,9 @@ func TestLibvirtCapabilities(t *testing.T) {
 }
 
 // domainXML is a TCG domain booting the Debian test kernel and busybox
-// initramfs, with a tap interface (libvirt opens the tap and passes its fd
-// to QEMU) and kvmscope-qemu as its emulator.
-func domainXML(name, dir string) string {
+// initramfs (guestFiles' dir), with a tap interface (libvirt opens the tap
+// and passes its fd to QEMU) and emulator (kvmscope-qemu, or QEMU itself).
+func domainXML(name, dir, emulator string) string {
 	return fmt.Sprintf(`<domain type='qemu'>
   <name>%[1]s</name>
   <memory unit='MiB'>512</memory>
@@ -146,7 +146,53 @@ func domainXML(name, dir string) string {
     <memballoon model='none'/>
   </devices>
 </domain>
-`, name, dir, wrapperBin)
+`, name, dir, emulator)
+}
+
+var guestFilesOnce sync.Once
+
+// guestFiles copies the Debian test kernel and initramfs where libvirt-qemu
+// can read them, once, and returns the directory.
+func guestFiles(t *testing.T) string {
+	t.Helper()
+	guests := testlinux.Require(t)
+	dir := filepath.Join(binDir, "guest")
+	guestFilesOnce.Do(func() {
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		copyFile(t, guests.DebianKernel, filepath.Join(dir, "vmlinuz"))
+		copyFile(t, guests.Initrd, filepath.Join(dir, "initrd"))
+	})
+	return dir
+}
+
+// defineDomain defines a test domain from xml, to be destroyed and
+// undefined (its logs removed, shown when the test failed) at the end.
+func defineDomain(t *testing.T, dir, name, xml, sockDir string) {
+	t.Helper()
+	xmlPath := filepath.Join(dir, name+".xml")
+	if err := os.WriteFile(xmlPath, []byte(xml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := virsh(t, "define", xmlPath)
+	if r.code != 0 {
+		t.Fatalf("virsh define: %s%s", r.stdout, r.stderr)
+	}
+	if r.stderr != "" {
+		t.Errorf("virsh define warned: %s", r.stderr)
+	}
+	t.Cleanup(func() {
+		virsh(t, "destroy", name)
+		virsh(t, "undefine", name)
+		os.Remove(filepath.Join(sockDir, name+".log"))
+		domainLog := "/var/log/libvirt/qemu/" + name + ".log"
+		if t.Failed() {
+			b, _ := os.ReadFile(domainLog)
+			t.Logf("domain %s log:\n%s", name, b)
+		}
+		os.Remove(domainLog)
+	})
 }
 
 func copyFile(t *testing.T, from, to string) {
@@ -178,44 +224,14 @@ func cli(t *testing.T, args ...string) result {
 // runs traced, is seen from outside by its name, and ends cleanly.
 func TestLibvirtDomain(t *testing.T) {
 	needLibvirt(t)
-	guests := testlinux.Require(t)
 	cfg, err := launch.LoadConfig(launch.DefaultConfigPath)
 	if err != nil {
 		t.Fatalf("this host's %s: %v", launch.DefaultConfigPath, err)
 	}
 	sockDir := cfg.SocketDir
-
-	// The guest files where libvirt-qemu can read them.
-	dir := filepath.Join(binDir, "guest")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	copyFile(t, guests.DebianKernel, filepath.Join(dir, "vmlinuz"))
-	copyFile(t, guests.Initrd, filepath.Join(dir, "initrd"))
-
+	dir := guestFiles(t)
 	name := fmt.Sprintf("kvmscope-test-%d", os.Getpid())
-	xmlPath := filepath.Join(dir, "domain.xml")
-	if err := os.WriteFile(xmlPath, []byte(domainXML(name, dir)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	r := virsh(t, "define", xmlPath)
-	if r.code != 0 {
-		t.Fatalf("virsh define: %s%s", r.stdout, r.stderr)
-	}
-	if r.stderr != "" {
-		t.Errorf("virsh define warned: %s", r.stderr)
-	}
-	t.Cleanup(func() {
-		virsh(t, "destroy", name)
-		virsh(t, "undefine", name)
-		os.Remove(filepath.Join(sockDir, name+".log"))
-		domainLog := "/var/log/libvirt/qemu/" + name + ".log"
-		if t.Failed() {
-			b, _ := os.ReadFile(domainLog)
-			t.Logf("domain log:\n%s", b)
-		}
-		os.Remove(domainLog)
-	})
+	defineDomain(t, dir, name, domainXML(name, dir, wrapperBin), sockDir)
 
 	boot := time.Now()
 	mustVirsh(t, "start", name)

@@ -15,20 +15,30 @@ import (
 func attachCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "attach",
-		Usage: "serve the API of a running QEMU, read-only, through its QMP socket (no restart, no ptrace); Ctrl-C or SIGTERM detaches",
+		Usage: "serve the API of a running QEMU, read-only, through its QMP socket or libvirt (no restart, no ptrace); Ctrl-C or SIGTERM detaches",
+		UsageText: "kvmscope attach --pid PID --qmp SOCKET [--api S] [--name N]\n" +
+			"kvmscope attach --vm DOMAIN [--connect URI] [--api S]",
 		Flags: append([]cli.Flag{
-			&cli.IntFlag{Name: "pid", Usage: "QEMU's process id", Required: true},
-			&cli.StringFlag{Name: "qmp", Usage: "a QMP socket of that QEMU that nothing else is connected to (-qmp unix:PATH,server=on,wait=off)", Required: true},
+			&cli.IntFlag{Name: "pid", Usage: "QEMU's process id (with --vm: default from libvirt's pid file)"},
+			&cli.StringFlag{Name: "qmp", Usage: "a QMP socket of that QEMU that nothing else is connected to (-qmp unix:PATH,server=on,wait=off)"},
+			&cli.StringFlag{Name: "vm", Usage: "a running libvirt domain: its monitor through virsh qemu-monitor-command (libvirt marks the domain tainted)"},
+			&cli.StringFlag{Name: "connect", Value: "qemu:///system", Usage: "the libvirt connection of --vm"},
 			&cli.StringFlag{Name: "api", Usage: "the API socket to serve (default: the socket directory's NAME.sock)"},
-			&cli.StringFlag{Name: "name", Usage: "the VM's name (default: qemu-PID)"},
+			&cli.StringFlag{Name: "name", Usage: "the VM's name (default: the domain's with --vm, else qemu-PID)"},
 		}, scanFlags()...),
 		Action: func(c *cli.Context) error {
+			switch {
+			case c.String("vm") != "" && c.String("qmp") != "":
+				return cli.Exit("kvmscope attach: --vm or --qmp, not both", 2)
+			case c.String("vm") == "" && (c.String("qmp") == "" || c.Int("pid") == 0):
+				return cli.Exit("kvmscope attach: give --pid PID --qmp SOCKET, or --vm DOMAIN (a libvirt domain)", 2)
+			}
 			set, scan, err := scanPolicy(c)
 			if err != nil {
 				return err
 			}
 			err = launch.Attach(launch.AttachOptions{
-				PID: c.Int("pid"), QMP: c.String("qmp"), Socket: c.String("api"), Name: c.String("name"),
+				PID: c.Int("pid"), QMP: c.String("qmp"), Domain: c.String("vm"), URI: c.String("connect"), Socket: c.String("api"), Name: c.String("name"),
 				Judging: launch.Judging{Rules: set, RulesPath: c.String("rules"), Scan: scan}, Log: log,
 			})
 			if err != nil {

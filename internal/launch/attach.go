@@ -3,29 +3,38 @@ package launch
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/guestmem/qmp"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/rs/zerolog"
 )
 
 // AttachOptions are kvmscope attach's: a QEMU that is already running,
-// reached through a QMP socket, with no ptrace at all (the read-only
-// mode of docs/attach.md).
+// reached through a QMP socket or libvirt, with no ptrace at all (the
+// read-only mode of docs/attach.md).
 type AttachOptions struct {
 	// PID is QEMU's process; QMP its monitor socket (one kvmscope may
 	// use: QEMU serves each QMP socket to one client at a time).
 	PID int
 	QMP string
+	// Domain, instead of QMP, is a libvirt domain, whose monitor libvirt
+	// owns: commands go through virsh qemu-monitor-command on URI
+	// (default qemu:///system). PID then defaults to libvirt's pid file
+	// of the domain, and Name to Domain.
+	Domain, URI string
 	// Socket is the API socket ("" means SocketDir/NAME.sock); Name the
 	// VM's name ("" means qemu-PID).
 	Socket, SocketDir, Name string
@@ -43,7 +52,7 @@ type AttachOptions struct {
 type attachTarget struct {
 	pid  int
 	name string
-	qmp  *guestmem.QMP
+	qmp  guestmem.Monitor
 	src  *guestmem.TCG
 	kvm  bool
 }
@@ -88,7 +97,7 @@ func (a *attachTarget) Describe() api.VM {
 	return out
 }
 
-func qmpRunning(ctx context.Context, q *guestmem.QMP) (bool, error) {
+func qmpRunning(ctx context.Context, q guestmem.Monitor) (bool, error) {
 	raw, err := q.Execute(ctx, "query-status", nil)
 	if err != nil {
 		return false, fmt.Errorf("QMP query-status: %w", err)
@@ -108,11 +117,9 @@ func qmpRunning(ctx context.Context, q *guestmem.QMP) (bool, error) {
 // stopping (or killing) kvmscope leaves QEMU exactly as it was.
 func Attach(o AttachOptions) error {
 	log := o.Log
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	q, err := guestmem.DialQMP(ctx, o.QMP)
-	cancel()
+	q, via, err := attachMonitor(&o)
 	if err != nil {
-		return fmt.Errorf("QMP socket %s: %w", o.QMP, err)
+		return err
 	}
 	defer q.Close()
 	src := guestmem.NewTCG(q, func() int { return o.PID }, false)
@@ -120,9 +127,9 @@ func Attach(o AttachOptions) error {
 	// address is one of its mappings. A QMP socket of another QEMU (or a
 	// map that cannot be checked) is an error, never a guess.
 	if err := src.VerifyMap(); err != nil {
-		return fmt.Errorf("attach to QEMU %d through %s: %w", o.PID, o.QMP, err)
+		return fmt.Errorf("attach to QEMU %d through %s: %w", o.PID, via, err)
 	}
-	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	kvm, err := qmpKVM(ctx, q)
 	cancel()
 	if err != nil {
@@ -192,8 +199,68 @@ func Attach(o AttachOptions) error {
 	}
 }
 
+// attachMonitor reaches QEMU's monitor as o says, filling in o's PID and
+// Name for a libvirt domain; via names it for errors.
+func attachMonitor(o *AttachOptions) (q guestmem.Monitor, via string, err error) {
+	switch {
+	case o.Domain != "" && o.QMP != "":
+		return nil, "", errors.New("a QMP socket or a libvirt domain, not both")
+	case o.Domain != "":
+		uri := o.URI
+		if uri == "" {
+			uri = "qemu:///system"
+		}
+		if o.PID == 0 {
+			if o.PID, err = libvirtPID(uri, o.Domain); err != nil {
+				return nil, "", err
+			}
+		}
+		if o.Name == "" {
+			o.Name = o.Domain
+		}
+		return &qmp.Virsh{URI: uri, Domain: o.Domain}, "libvirt domain " + o.Domain, nil
+	case o.QMP != "":
+		if o.PID == 0 {
+			return nil, "", errors.New("a QMP socket needs QEMU's pid")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := guestmem.DialQMP(ctx, o.QMP)
+		if err != nil {
+			return nil, "", fmt.Errorf("QMP socket %s: %w", o.QMP, err)
+		}
+		return c, o.QMP, nil
+	}
+	return nil, "", errors.New("no QMP socket and no libvirt domain")
+}
+
+// libvirtPID reads the pid file libvirt keeps for a running domain's QEMU:
+// /run/libvirt/qemu/NAME.pid for qemu:///system, under
+// $XDG_RUNTIME_DIR/libvirt/qemu/run for qemu:///session. The map check
+// that follows (VerifyMap) catches a stale one.
+func libvirtPID(uri, domain string) (int, error) {
+	var path string
+	switch {
+	case strings.HasPrefix(uri, "qemu:///system"):
+		path = "/run/libvirt/qemu/" + domain + ".pid"
+	case strings.HasPrefix(uri, "qemu:///session"):
+		path = filepath.Join(os.Getenv("XDG_RUNTIME_DIR"), "libvirt/qemu/run", domain+".pid")
+	default:
+		return 0, fmt.Errorf("libvirt domain %s on %s: give QEMU's pid (--pid): its pid file is known for qemu:///system and qemu:///session only", domain, uri)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("libvirt domain %s is not running on %s (no %s): %w", domain, uri, path, errors.Unwrap(err))
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("libvirt domain %s: %s holds %q, not a pid", domain, path, strings.TrimSpace(string(b)))
+	}
+	return pid, nil
+}
+
 // qmpKVM says whether QEMU runs its guest on KVM.
-func qmpKVM(ctx context.Context, q *guestmem.QMP) (bool, error) {
+func qmpKVM(ctx context.Context, q guestmem.Monitor) (bool, error) {
 	raw, err := q.Execute(ctx, "query-kvm", nil)
 	if err != nil {
 		return false, fmt.Errorf("QMP query-kvm: %w", err)
