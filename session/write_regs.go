@@ -64,6 +64,11 @@ func (s *Session) WriteRegisters(ctx context.Context, vcpu int, set map[string]u
 	if !ok {
 		return RegisterWrite{}, ErrNoRegisterWrites
 	}
+	if w, ok := src.(guestmem.Writer); ok && !guestmem.Writable(w) {
+		// The same --allow-write as memory writes; refused before the
+		// pause.
+		return RegisterWrite{}, guestmem.ErrReadOnlyRegisters
+	}
 	if err := guestmem.CheckRegisterNames(set); err != nil {
 		return RegisterWrite{}, err
 	}
