@@ -106,3 +106,17 @@ func TestRegisterWrite(t *testing.T) {
 		t.Errorf("kvmscope run exited with %d, want %d (the guest at regs_exit with rax=5)", st, testguest.ExitStatus(5))
 	}
 }
+
+// TestRegisterWriteBusy: writes to a guest that makes port-I/O exits
+// (io=N) all land, though a pause often finds its vCPU in an exit QEMU
+// has not completed (guestmem.TestLiveSetRegistersBusy): the session
+// resumes the VM and tries again.
+func TestRegisterWriteBusy(t *testing.T) {
+	r := startRun(t, []string{"--allow-write"}, tinyGuest(t, 1, "io=1000000000")...)
+	waitReady(t, r.client())
+	for i := range 10 {
+		if _, errOut, code := kvmscope(t, "regs", "set", "--api", r.sock, "--vcpu", "0", fmt.Sprintf("r15=%d", i)); code != 0 {
+			t.Fatalf("write %d: code %d: %s", i, code, errOut)
+		}
+	}
+}
