@@ -16,9 +16,12 @@ import (
 // before and after (hex), and what a fresh read showed once the guest ran
 // again.
 type RegisterWrite struct {
-	VCPU     int               `json:"vcpu"`
-	Old      map[string]string `json:"old"`
-	New      map[string]string `json:"new"`
+	VCPU int               `json:"vcpu"`
+	Old  map[string]string `json:"old"`
+	New  map[string]string `json:"new"`
+	// Pauses is how many times the VM was paused for the write: more
+	// than one when the vCPU was in the middle of an I/O exit.
+	Pauses   int               `json:"pauses"`
 	Readback *RegisterReadback `json:"readback,omitempty"`
 }
 
@@ -73,9 +76,11 @@ func (s *Session) WriteRegisters(ctx context.Context, vcpu int, set map[string]u
 		return RegisterWrite{}, err
 	}
 	var old, new map[string]uint64
-	for attempt := 0; ; attempt++ {
+	pauses := 0
+	for {
+		pauses++
 		old, new, err = s.setPaused(ctx, rw, vcpu, set)
-		if !errors.Is(err, tracer.ErrVCPUBusy) || attempt == busyRetries {
+		if !errors.Is(err, tracer.ErrVCPUBusy) || pauses > busyRetries {
 			break
 		}
 		// Let QEMU complete the exit; the next pause finds the vCPU
@@ -89,7 +94,7 @@ func (s *Session) WriteRegisters(ctx context.Context, vcpu int, set map[string]u
 	if err != nil {
 		return RegisterWrite{}, err
 	}
-	w := RegisterWrite{VCPU: vcpu, Old: hexRegs(old), New: hexRegs(new), Readback: readBack(ctx, src, vcpu, set)}
+	w := RegisterWrite{VCPU: vcpu, Old: hexRegs(old), New: hexRegs(new), Pauses: pauses, Readback: readBack(ctx, src, vcpu, set)}
 	s.record("register_write", w)
 	return w, nil
 }

@@ -125,6 +125,9 @@ func printRegisterWrite(w session.RegisterWrite) {
 		}
 	}
 	tw.Flush()
+	if w.Pauses > 1 {
+		fmt.Printf("paused %d times: the vCPU was in the middle of an I/O exit\n", w.Pauses)
+	}
 	b := w.Readback
 	switch {
 	case b == nil:

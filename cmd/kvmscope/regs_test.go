@@ -114,9 +114,21 @@ func TestRegisterWrite(t *testing.T) {
 func TestRegisterWriteBusy(t *testing.T) {
 	r := startRun(t, []string{"--allow-write"}, tinyGuest(t, 1, "io=1000000000")...)
 	waitReady(t, r.client())
-	for i := range 10 {
-		if _, errOut, code := kvmscope(t, "regs", "set", "--api", r.sock, "--vcpu", "0", fmt.Sprintf("r15=%d", i)); code != 0 {
+	const writes = 10
+	pauses := 0
+	for i := range writes {
+		out, errOut, code := kvmscope(t, "regs", "set", "--api", r.sock, "--vcpu", "0", "--json", fmt.Sprintf("r15=%d", i))
+		if code != 0 {
 			t.Fatalf("write %d: code %d: %s", i, code, errOut)
 		}
+		var w session.RegisterWrite
+		if err := json.Unmarshal([]byte(out), &w); err != nil {
+			t.Fatal(err)
+		}
+		pauses += w.Pauses
+	}
+	t.Logf("%d writes took %d pauses", writes, pauses)
+	if pauses == writes {
+		t.Errorf("no write was retried: the vCPU of an io=N guest was never found in an I/O exit")
 	}
 }
