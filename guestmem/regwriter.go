@@ -46,7 +46,11 @@ func CheckRegisterNames(set map[string]uint64) error {
 	}
 	if len(bad) > 0 {
 		slices.Sort(bad)
-		return fmt.Errorf("register %s cannot be written: only the general registers %s", strings.Join(bad, ", "), strings.Join(RegisterNames, " "))
+		what := "register"
+		if len(bad) > 1 {
+			what = "registers"
+		}
+		return fmt.Errorf("%s %s cannot be written: only the general registers %s", what, strings.Join(bad, ", "), strings.Join(RegisterNames, " "))
 	}
 	return nil
 }
