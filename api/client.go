@@ -148,11 +148,15 @@ func (c *Client) Post(ctx context.Context, path string, v any) error {
 // PostJSON sends in as JSON to path (POST /v1/integrity/guard) and decodes
 // the JSON reply into out.
 func (c *Client) PostJSON(ctx context.Context, path string, in, out any) error {
+	return c.sendJSON(ctx, http.MethodPost, path, in, out)
+}
+
+func (c *Client) sendJSON(ctx context.Context, method, path string, in, out any) error {
 	body, err := json.Marshal(in)
 	if err != nil {
 		return err
 	}
-	return c.send(ctx, http.MethodPost, path, body, out)
+	return c.send(ctx, method, path, body, out)
 }
 
 func (c *Client) send(ctx context.Context, method, path string, body []byte, v any) error {

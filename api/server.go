@@ -152,6 +152,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.reportRoutes(mux)
 	mux.HandleFunc("POST /v1/detach", s.postDetach)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
+	mux.HandleFunc("PUT /v1/registers", s.putRegisters)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s (see docs/api.md)", r.Method, r.URL.Path))
 	})

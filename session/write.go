@@ -105,9 +105,9 @@ func (s *Session) writeChunks(ctx context.Context, chunks []chunk, source string
 		}
 		total += len(c.data)
 	}
-	resume, err := s.machine.Pause(ctx)
+	resume, err := s.pauseForWrite(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("pause the VM for the write: %w", err)
+		return nil, err
 	}
 	defer resume()
 	olds := make([][]byte, len(chunks))
@@ -144,12 +144,28 @@ func (s *Session) writeChunks(ctx context.Context, chunks []chunk, source string
 	return mw, nil
 }
 
+// pauseForWrite pauses the guest for a write of its memory or registers.
+func (s *Session) pauseForWrite(ctx context.Context) (resume func(), err error) {
+	resume, err = s.machine.Pause(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("pause the VM for the write: %w", err)
+	}
+	return resume, nil
+}
+
 // recorded makes mw an event, once its caller has said where it was.
 func (s *Session) recorded(mw *MemoryWrite, err error) (*MemoryWrite, error) {
-	if ev := s.eventSink(); ev != nil && err == nil {
-		ev.Append("memory_write", mw)
+	if err == nil {
+		s.record("memory_write", mw)
 	}
 	return mw, err
+}
+
+// record appends an event of kind, when the session keeps events.
+func (s *Session) record(kind string, fields any) {
+	if ev := s.eventSink(); ev != nil {
+		ev.Append(kind, fields)
+	}
 }
 
 // backed checks that [gpa, gpa+n) is all guest memory: the first address

@@ -49,27 +49,36 @@ func allStopped(pid int) bool {
 		return false
 	}
 	for _, f := range tasks {
-		b, err := os.ReadFile(f)
-		if err != nil {
+		stopped, worker, ok := taskStopped(f)
+		if !ok {
 			continue // the thread exited
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 || i+2 >= len(s) {
-			return false
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) < 7 {
-			return false
 		}
 		// Kernel workers in QEMU's thread group (KVM's
 		// kvm-nx-lpage-recovery, vhost) never stop for signals.
-		if flags, _ := strconv.ParseUint(f[6], 10, 64); flags&pfUserWorker != 0 {
-			continue
-		}
-		if st := f[0]; st != "t" && st != "T" {
+		if !stopped && !worker {
 			return false
 		}
 	}
 	return true
+}
+
+// taskStopped reads a /proc/PID/task/TID/stat: whether the thread is
+// stopped (state T or t), whether it is a kernel worker, and whether the
+// file could be read (false: the thread exited).
+func taskStopped(stat string) (stopped, worker, ok bool) {
+	b, err := os.ReadFile(stat)
+	if err != nil {
+		return false, false, false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 >= len(s) {
+		return false, false, true
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 7 {
+		return false, false, true
+	}
+	flags, _ := strconv.ParseUint(f[6], 10, 64)
+	return f[0] == "t" || f[0] == "T", flags&pfUserWorker != 0, true
 }

@@ -65,6 +65,7 @@ func newApp() *cli.App {
 			vmCommand(),
 			vcpusCommand(),
 			memCommand(),
+			regsCommand(),
 			psCommand(),
 			lsmodCommand(),
 			integrityCommand(),

@@ -191,6 +191,9 @@ func TestUserErrors(t *testing.T) {
 		{"unreachable socket", []string{"vcpus", "--api", "/nonexistent/x.sock"}, "cannot reach kvmscope API"},
 		{"bad gpa", []string{"mem", "--api", "/tmp/x.sock", "--gpa", "zz"}, "bad --gpa"},
 		{"no api", []string{"vm"}, "--api SOCKET or --vm NAME"},
+		{"regs without vcpu", []string{"regs", "set", "--api", "/tmp/x.sock", "rax=1"}, "--vcpu N"},
+		{"regs bad value", []string{"regs", "set", "--vcpu", "0", "rax=zz"}, "not a 64-bit number"},
+		{"regs no value", []string{"regs", "set", "--vcpu", "0", "rax"}, "want NAME=VALUE"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

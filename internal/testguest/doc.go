@@ -2,8 +2,9 @@
 // testdata/tinyguest: a multiboot ELF that QEMU boots with -kernel, which
 // enters 64-bit long mode with its own 4-level page tables, writes known
 // patterns to known guest-physical pages, publishes a ready marker and then
-// spins incrementing a counter, exits QEMU with a chosen status, or performs a
-// chosen number of port-I/O exits (see testdata/tinyguest/README.md).
+// spins incrementing a counter, exits QEMU with a chosen status, performs a
+// chosen number of port-I/O exits, or waits for the host to write its
+// registers (see testdata/tinyguest/README.md).
 //
 // Tests of other packages use it to check what they read from a running VM
 // against values known in advance:

@@ -34,7 +34,7 @@ const (
 	// MultibootBootMagic when QEMU booted it through multiboot.
 	BootMagicGPA = StatusGPA + 0x08
 	// ModeGPA holds the uint64 mode chosen by the command line (ModeSpin,
-	// ModeExit or ModeIO) and ArgGPA its argument N.
+	// ModeExit, ModeIO, ModeGuard or ModeRegs) and ArgGPA its argument N.
 	ModeGPA = StatusGPA + 0x10
 	ArgGPA  = StatusGPA + 0x18
 	// IODoneGPA holds the number of port writes done, set in io mode just
@@ -63,6 +63,16 @@ const (
 	GuardTargetGPA    = PatternGPA + 0x100
 	GuardTargetVA     = PatternVA + 0x100
 	GuardNeighbourGPA = PatternGPA + 0x1100
+
+	// In regs mode (the word regs): the guest spins incrementing the
+	// counter until %r15 holds RegsMagic (no other guest code touches
+	// %r15, so only a host register write can put it there), then stores
+	// %r14 at RegsSeenGPA, sets RegsDoneGPA to 1 and spins as mode spin
+	// does. The symbol regs_exit (Symbol) writes %eax to isa-debug-exit:
+	// a host that sets %rip there makes QEMU exit with ExitStatus(%eax).
+	RegsSeenGPA = StatusGPA + 0x68
+	RegsDoneGPA = StatusGPA + 0x70
+	RegsMagic   = 0x5347455245504f43 // "COPEREGS"
 
 	// PatternGPA is the first of PatternPages consecutive 4 KiB pages
 	// whose contents PatternFor gives. They are covered by a 2 MiB page
@@ -103,6 +113,7 @@ const (
 	ModeExit  = 1 // exit=N
 	ModeIO    = 2 // io=N
 	ModeGuard = 3 // guard=N
+	ModeRegs  = 4 // regs
 )
 
 // ExitStatus is the exit status of QEMU when the guest writes n to

@@ -10,6 +10,10 @@
 #   guard=N    wait until the host sets `go`, then N stores into pattern page 0
 #              (which the host write-protects), one into page 1, M stores into
 #              page 2 (touch=M), publish what page 0 holds, then spin
+#   regs       spin until the host writes regs_magic into %r15 (which no
+#              other code touches), publish %r14, then spin; the host can
+#              then point %rip at regs_exit, which writes %eax to
+#              isa-debug-exit
 #
 # Guest code here runs in ring 0, which the KVM backend of the development
 # machines emulates one instruction at a time (~2e5 instr/s), so everything
@@ -45,6 +49,9 @@
 	.set MODE_EXIT, 1
 	.set MODE_IO,   2
 	.set MODE_GUARD, 3
+	.set MODE_REGS, 4
+	.globl regs_magic
+	.set regs_magic, 0x5347455245504f43	# "COPEREGS"
 	.globl guard_value
 	.set guard_value, 0x2144454b434f4c42	# "BLOCKED!"
 
@@ -115,6 +122,8 @@ long_mode:
 	je	do_io
 	cmpq	$MODE_GUARD, %rax
 	je	do_guard
+	cmpq	$MODE_REGS, %rax
+	je	do_regs
 
 	.globl spin
 spin:	# The default: a counter that advances as long as the vCPU runs.
@@ -162,6 +171,21 @@ guard_store:	# each store is blocked: KVM exits, kvmscope logs and skips it
 	loop	4b
 5:	movq	$1, guard_done
 	jmp	spin
+
+do_regs:
+	# Registers only the host changes: %r15 = regs_magic is the signal,
+	# %r14 the value to publish. The counter shows the loop runs.
+1:	incq	counter
+	cmpq	regs_magic_q, %r15
+	jne	1b
+	movq	%r14, regs_seen
+	movq	$1, regs_done
+	jmp	spin
+
+	.globl regs_exit
+regs_exit:	# reached only when the host sets %rip here: exit with %eax
+	outl	%eax, $debug_exit_port
+	jmp	halt
 
 halt:	# Only reached when isa-debug-exit is missing.
 	cli
@@ -225,8 +249,8 @@ hex4:
 	ret
 
 # parse_cmdline reads the multiboot command line (QEMU puts the kernel's file
-# name first, then -append's text) and sets mode/arg from the last "exit=N"
-# or "io=N" word (N decimal). Anything else is ignored.
+# name first, then -append's text) and sets mode/arg from the last "exit=N",
+# "io=N", "guard=N" or "regs" word (N decimal). Anything else is ignored.
 parse_cmdline:
 	cmpl	$MULTIBOOT_BOOT_MAGIC, boot_magic
 	jne	.Lret
@@ -275,6 +299,15 @@ parse_cmdline:
 	call	parse_uint
 	movq	%rax, touch
 	jmp	.Lskip
+1:	cmpl	$0x73676572, (%rsi)		# "regs"
+	jne	1f
+	movzbl	4(%rsi), %eax			# the whole word: NUL or space after
+	testl	%eax, %eax
+	jz	2f
+	cmpl	$' ', %eax
+	jne	1f
+2:	movq	$MODE_REGS, mode
+	jmp	.Lskip
 1:	cmpw	$0x6f69, (%rsi)			# "io"
 	jne	.Lskip
 	cmpb	$'=', 2(%rsi)
@@ -318,6 +351,9 @@ pattern_line:
 	.ascii	"KVMSCOPE-PATTERN page ????/????\n"
 hex_digits:
 	.ascii	"0123456789abcdef"
+	.balign 8
+regs_magic_q:
+	.quad	regs_magic
 
 	.balign 8
 gdt:
@@ -393,12 +429,12 @@ pt_hi:
 	.section .bss.status, "aw", @nobits
 	.balign 4096
 	.globl status, ready, boot_magic, boot_info, mode, arg, io_done, cmdline, counter
-	.globl go, guard_seen, guard_done, touch
+	.globl go, guard_seen, guard_done, touch, regs_seen, regs_done
 status:
 ready:		.skip 8		# +0x00 ready_value once in long mode, patterns written
 boot_magic:	.skip 4		# +0x08 %eax at entry (0x2badb002)
 boot_info:	.skip 4		# +0x0c %ebx at entry (multiboot info)
-mode:		.skip 8		# +0x10 0 spin, 1 exit, 2 io
+mode:		.skip 8		# +0x10 0 spin, 1 exit, 2 io, 3 guard, 4 regs
 arg:		.skip 8		# +0x18 N of exit=N / io=N
 io_done:	.skip 8		# +0x20 port writes done (io mode, set at the end)
 cmdline:	.skip 8		# +0x28 command line address, 0 if none
@@ -408,6 +444,8 @@ go:		.skip 8		# +0x48 guard mode: the host sets it once it protects page 0
 guard_seen:	.skip 8		# +0x50 guard mode: what page 0 held after the stores
 guard_done:	.skip 8		# +0x58 guard mode: 1 when done
 touch:		.skip 8		# +0x60 M of touch=M
+regs_seen:	.skip 8		# +0x68 regs mode: %r14 when %r15 held regs_magic
+regs_done:	.skip 8		# +0x70 regs mode: 1 once regs_seen is written
 	.balign 4096
 
 	.section .bss, "aw", @nobits
