@@ -46,6 +46,9 @@ type VM interface {
 	ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error)
 	Guarded(gpa, size uint64) bool
 	WriteGuarded(ctx context.Context, gpa uint64, b []byte) error
+	// SetRegisters changes a vCPU's general registers while QEMU is
+	// paused (tracer.VM.SetRegisters).
+	SetRegisters(id int, change func(*tracer.KVMRegs)) (old, new tracer.KVMRegs, err error)
 }
 
 // NewLive returns the live source for vm. Writes are refused unless

@@ -98,7 +98,7 @@ func (c *Client) call(ctx context.Context, method string, args, reply any) error
 
 // sentinels are the tracer's errors callers test with errors.Is; net/rpc
 // carries only their text.
-var sentinels = []error{tracer.ErrNoVCPU, tracer.ErrGuardTCG}
+var sentinels = []error{tracer.ErrNoVCPU, tracer.ErrGuardTCG, tracer.ErrVCPUBusy}
 
 func remoteErr(err error) error {
 	var se rpc.ServerError
@@ -170,6 +170,24 @@ func (c *Client) Refresh(ctx context.Context) {
 	if c.call(ctx, "Watch", Seen{Changes: ^uint64(0)}, &st) == nil && st.Changes >= c.state.Load().Changes {
 		c.state.Store(&st)
 	}
+}
+
+// SetRegisters changes vCPU id's general registers
+// (tracer.VM.SetRegisters): change runs here on the registers the keeper
+// holds, and the keeper writes the result if they have not changed
+// meanwhile (QEMU is paused: they do not).
+func (c *Client) SetRegisters(id int, change func(*tracer.KVMRegs)) (old, new tracer.KVMRegs, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var cur tracer.KVMRegs
+	if err := c.call(ctx, "StoredRegisters", id, &cur); err != nil {
+		return old, new, err
+	}
+	want := cur
+	change(&want)
+	var r RegsWritten
+	err = c.call(ctx, "SetRegisters", SetRegs{ID: id, Old: cur, New: want}, &r)
+	return r.Old, r.New, err
 }
 
 // Guarded reports whether the guard protects any of gpa..gpa+size. A keeper

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/rpc"
 	"os"
@@ -215,6 +216,39 @@ func (s *session) ReadMSRs(a MSRArgs, r *map[uint32]uint64) error {
 	defer cancel()
 	m, err := s.k.t.VM().ReadMSRs(ctx, a.ID, a.Indices)
 	*r = m
+	return err
+}
+
+// SetRegs writes New over a vCPU's general registers if they still are
+// Old (what StoredRegisters returned): the change was computed in the
+// analysis process, and a func cannot cross the socket.
+type SetRegs struct {
+	ID       int
+	Old, New tracer.KVMRegs
+}
+
+// RegsWritten are the registers before and after (tracer.VM.SetRegisters).
+type RegsWritten struct{ Old, New tracer.KVMRegs }
+
+func (s *session) StoredRegisters(id int, r *tracer.KVMRegs) error {
+	regs, err := s.k.t.VM().StoredRegisters(id)
+	*r = regs
+	return err
+}
+
+func (s *session) SetRegisters(a SetRegs, r *RegsWritten) error {
+	changed := false
+	old, new, err := s.k.t.VM().SetRegisters(a.ID, func(regs *tracer.KVMRegs) {
+		if *regs != a.Old {
+			changed = true
+			return
+		}
+		*regs = a.New
+	})
+	if err == nil && changed {
+		err = fmt.Errorf("vCPU %d: its registers changed between read and write: %w", a.ID, tracer.ErrVCPUBusy)
+	}
+	*r = RegsWritten{Old: old, New: new}
 	return err
 }
 
