@@ -185,6 +185,11 @@ func (t *Tracer) loop() error {
 		if err != nil {
 			return fmt.Errorf("waitpid: %w", err)
 		}
+		if t.vm.detached.Load() {
+			// Detach: end the loop and, with it, this thread, whose
+			// exit detaches every tracee (attach_running.go).
+			return nil
+		}
 		switch {
 		case ws.Exited() || ws.Signaled():
 			t.exited(tid, ws)

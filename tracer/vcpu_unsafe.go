@@ -15,6 +15,8 @@ import (
 type kvmRun struct {
 	fd  int    // our duplicate of QEMU's vCPU fd
 	mem []byte // the mmap of fd
+	// valid0 is kvm_valid_regs as we found it, for restoreSyncRegs.
+	valid0 uint64
 }
 
 var (
@@ -57,8 +59,15 @@ func mapVCPU(pidfd int, qemuFD int) (*kvmRun, error) {
 		return nil, fmt.Errorf("mmap kvm_run of vcpu fd %d: %w", qemuFD, err)
 	}
 	r := &kvmRun{fd: fd, mem: mem}
+	r.valid0 = *(*uint64)(unsafe.Pointer(&r.mem[kvmRunValidRegsOffset]))
 	r.requestSyncRegs()
 	return r, nil
+}
+
+// restoreSyncRegs puts kvm_valid_regs back as we found it (a detach
+// leaves QEMU's kvm_run as it was).
+func (r *kvmRun) restoreSyncRegs() {
+	*(*uint64)(unsafe.Pointer(&r.mem[kvmRunValidRegsOffset])) = r.valid0
 }
 
 // requestSyncRegs sets kvm_valid_regs so KVM publishes registers at exits.

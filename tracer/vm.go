@@ -33,6 +33,7 @@ type VM struct {
 	byTID     map[int]*VCPU
 	changed   chan struct{} // closed and replaced at every change
 	changes   atomic.Uint64 // counts changes (Changes)
+	detached  atomic.Bool   // Tracer.Detach: the tracer is letting go
 
 	// inject runs a system call as QEMU on a thread (Tracer.inject).
 	inject func(ctx context.Context, pid, tid int, sc Syscall) (int64, error)
@@ -329,8 +330,11 @@ func (v *VM) snapshot(tid int) {
 	c.regs = c.run.syncRegs()
 	c.at = time.Now()
 	c.seq++
-	// Re-assert our request in case something cleared it.
-	c.run.requestSyncRegs()
+	// Re-assert our request in case something cleared it (unless we
+	// are letting go: Detach put QEMU's value back).
+	if !v.detached.Load() {
+		c.run.requestSyncRegs()
+	}
 	close(c.updated)
 	c.updated = make(chan struct{})
 }

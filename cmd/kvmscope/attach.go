@@ -16,13 +16,15 @@ func attachCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "attach",
 		Usage: "serve the API of a running QEMU, read-only, through its QMP socket or libvirt (no restart, no ptrace); Ctrl-C or SIGTERM detaches",
-		UsageText: "kvmscope attach --pid PID --qmp SOCKET [--api S] [--name N]\n" +
+		UsageText: "kvmscope attach --pid PID --qmp SOCKET [--ptrace [--allow-write]] [--api S] [--name N]\n" +
 			"kvmscope attach --vm DOMAIN [--connect URI] [--api S]",
 		Flags: append([]cli.Flag{
 			&cli.IntFlag{Name: "pid", Usage: "QEMU's process id (with --vm: default from libvirt's pid file)"},
 			&cli.StringFlag{Name: "qmp", Usage: "a QMP socket of that QEMU that nothing else is connected to (-qmp unix:PATH,server=on,wait=off)"},
 			&cli.StringFlag{Name: "vm", Usage: "a running libvirt domain: its monitor through virsh qemu-monitor-command (libvirt marks the domain tainted)"},
 			&cli.StringFlag{Name: "connect", Value: "qemu:///system", Usage: "the libvirt connection of --vm"},
+			&cli.BoolFlag{Name: "ptrace", Usage: "also trace QEMU (KVM only; no filter, no policy): fresh registers from kvm_run, pauses of every thread, and writes with --allow-write; detach lets it go as it was"},
+			&cli.BoolFlag{Name: "allow-write", Usage: "with --ptrace: allow writes to guest memory and vCPU registers through the API"},
 			&cli.StringFlag{Name: "api", Usage: "the API socket to serve (default: the socket directory's NAME.sock)"},
 			&cli.StringFlag{Name: "name", Usage: "the VM's name (default: the domain's with --vm, else qemu-PID)"},
 		}, scanFlags()...),
@@ -32,13 +34,15 @@ func attachCommand() *cli.Command {
 				return cli.Exit("kvmscope attach: --vm or --qmp, not both", 2)
 			case c.String("vm") == "" && (c.String("qmp") == "" || c.Int("pid") == 0):
 				return cli.Exit("kvmscope attach: give --pid PID --qmp SOCKET, or --vm DOMAIN (a libvirt domain)", 2)
+			case c.Bool("allow-write") && !c.Bool("ptrace"):
+				return cli.Exit("kvmscope attach: --allow-write needs --ptrace (writes are made with QEMU paused, which takes the trace)", 2)
 			}
 			set, scan, err := scanPolicy(c)
 			if err != nil {
 				return err
 			}
 			err = launch.Attach(launch.AttachOptions{
-				PID: c.Int("pid"), QMP: c.String("qmp"), Domain: c.String("vm"), URI: c.String("connect"), Socket: c.String("api"), Name: c.String("name"),
+				PID: c.Int("pid"), QMP: c.String("qmp"), Domain: c.String("vm"), URI: c.String("connect"), Ptrace: c.Bool("ptrace"), AllowWrite: c.Bool("allow-write"), Socket: c.String("api"), Name: c.String("name"),
 				Judging: launch.Judging{Rules: set, RulesPath: c.String("rules"), Scan: scan}, Log: log,
 			})
 			if err != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/kvmscope/kvmscope/guestmem/qmp"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/session"
+	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/rs/zerolog"
 )
 
@@ -35,6 +36,10 @@ type AttachOptions struct {
 	// (default qemu:///system). PID then defaults to libvirt's pid file
 	// of the domain, and Name to Domain.
 	Domain, URI string
+	// Ptrace also seizes QEMU's threads (no filter, no EXITKILL) and takes
+	// its vCPU handles: fresh registers from kvm_run, SIGSTOP pauses and,
+	// with AllowWrite, memory and register writes (KVM only).
+	Ptrace, AllowWrite bool
 	// Socket is the API socket ("" means SocketDir/NAME.sock); Name the
 	// VM's name ("" means qemu-PID).
 	Socket, SocketDir, Name string
@@ -50,18 +55,25 @@ type AttachOptions struct {
 // and QEMU's own address space (guestmem.TCG reads any QEMU so, KVM or
 // TCG), pause through QMP stop and cont.
 type attachTarget struct {
-	pid  int
-	name string
-	qmp  guestmem.Monitor
-	src  *guestmem.TCG
-	kvm  bool
+	pid      int
+	name     string
+	qmp      guestmem.Monitor
+	src      guestmem.Source // *guestmem.TCG, or *guestmem.Attached with tr
+	kvm      bool
+	tr       *tracer.Tracer // with --ptrace
+	writable bool
 }
 
 func (a *attachTarget) Source() (guestmem.Source, error) { return a.src, nil }
 
 // Pause stops the VM with QMP, and resume lets it go on, unless it was
-// already stopped (by its owner) before: attaching changes nothing.
+// already stopped (by its owner) before: attaching changes nothing. With
+// --ptrace it stops every QEMU thread as run does (tracer.Tracer.Pause),
+// which register writes need.
 func (a *attachTarget) Pause(ctx context.Context) (func(), error) {
+	if a.tr != nil {
+		return a.tr.Pause(ctx)
+	}
 	running, err := qmpRunning(ctx, a.qmp)
 	if err != nil {
 		return nil, err
@@ -80,13 +92,18 @@ func (a *attachTarget) Pause(ctx context.Context) (func(), error) {
 }
 
 func (a *attachTarget) Describe() api.VM {
-	out := api.VM{Name: a.name, Pid: a.pid, TracerPid: 0, Accel: "tcg", VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
+	out := api.VM{Name: a.name, Pid: a.pid, TracerPid: 0, Accel: "tcg", Writable: a.writable, VCPUs: []api.VCPUInfo{}, Regions: []api.RegionOut{}}
 	if a.kvm {
 		out.Accel = "kvm"
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if cpus, err := a.src.CPUs(ctx); err == nil {
+	if a.tr != nil {
+		out.TracerPid = os.Getpid()
+		for _, v := range a.tr.VM().VCPUs() {
+			out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: v.ID, TID: v.TID})
+		}
+	} else if cpus, err := a.src.CPUs(ctx); err == nil {
 		for _, c := range cpus {
 			out.VCPUs = append(out.VCPUs, api.VCPUInfo{ID: c.ID})
 		}
@@ -122,7 +139,8 @@ func Attach(o AttachOptions) error {
 		return err
 	}
 	defer q.Close()
-	src := guestmem.NewTCG(q, func() int { return o.PID }, false)
+	tcg := guestmem.NewTCG(q, func() int { return o.PID }, o.Ptrace && o.AllowWrite)
+	src := tcg
 	// The map QMP gives must be QEMU o.PID's: every RAM region's host
 	// address is one of its mappings. A QMP socket of another QEMU (or a
 	// map that cannot be checked) is an error, never a guess.
@@ -134,6 +152,25 @@ func Attach(o AttachOptions) error {
 	cancel()
 	if err != nil {
 		return err
+	}
+	target := &attachTarget{pid: o.PID, qmp: q, src: src, kvm: kvm}
+	if o.Ptrace {
+		if !kvm {
+			return fmt.Errorf("attach --ptrace to QEMU %d: it runs its guest under TCG: there are no vCPU handles to take (attach without --ptrace)", o.PID)
+		}
+		if o.Domain != "" {
+			// virsh runs as our child, and the tracer waits for every
+			// child of this process (waitpid(-1)).
+			return errors.New("attach --ptrace needs a QMP socket (--qmp): not with --vm")
+		}
+		t, err := tracer.AttachRunning(o.PID, log)
+		if err != nil {
+			return fmt.Errorf("attach --ptrace: %w", err)
+		}
+		// However we leave, QEMU goes on untraced, kvm_run as it was.
+		defer t.Detach()
+		target.tr, target.writable = t, o.AllowWrite
+		target.src = guestmem.NewAttached(tcg, t.VM(), o.AllowWrite)
 	}
 	name := o.Name
 	if name == "" {
@@ -150,7 +187,7 @@ func Attach(o AttachOptions) error {
 		}
 		sock = SocketPath(dir, name)
 	}
-	target := &attachTarget{pid: o.PID, name: name, qmp: q, src: src, kvm: kvm}
+	target.name = name
 	sess := session.New(target, nil)
 	events, err := eventlog.Open(EventsPath(sock), 0o640)
 	if err != nil {
@@ -171,7 +208,14 @@ func Attach(o AttachOptions) error {
 		return fmt.Errorf("API socket: %w", err)
 	}
 	defer server.Close()
-	log.Info().Str("socket", sock).Int("pid", o.PID).Bool("kvm", kvm).Msg("attached (read-only, no ptrace); serving the VM's API")
+	mode := "read-only, no ptrace"
+	if o.Ptrace {
+		mode = "ptrace, read-only"
+		if o.AllowWrite {
+			mode = "ptrace, writable"
+		}
+	}
+	log.Info().Str("socket", sock).Int("pid", o.PID).Bool("kvm", kvm).Str("mode", mode).Msg("attached; serving the VM's API")
 	if o.Ready != nil {
 		close(o.Ready)
 	}

@@ -1,0 +1,37 @@
+//go:build linux && amd64
+
+package guestmem
+
+import "context"
+
+// Attached is a KVM guest that kvmscope attached to while it ran
+// (kvmscope attach --ptrace): its memory as QEMU's monitor maps it (the
+// TCG source's way: the memslot table was built before we came and is
+// not known), its vCPUs through the tracer's handles (the Live source's
+// way: kvm_run sync regs copied at a kick stop, register writes).
+type Attached struct {
+	*TCG
+	vcpus *Live
+}
+
+// NewAttached joins mem, the monitor's view of guest memory, with the
+// vCPUs of vm.
+func NewAttached(mem *TCG, vm VM, allowWrite bool) *Attached {
+	return &Attached{TCG: mem, vcpus: NewLive(vm, allowWrite)}
+}
+
+// CPUs are fresh registers of every vCPU, from kvm_run.
+func (a *Attached) CPUs(ctx context.Context) ([]CPU, error) { return a.vcpus.CPUs(ctx) }
+
+// ReadEntryMSRs is Live.ReadEntryMSRs.
+func (a *Attached) ReadEntryMSRs(ctx context.Context) error { return a.vcpus.ReadEntryMSRs(ctx) }
+
+// SetRegisters is Live.SetRegisters.
+func (a *Attached) SetRegisters(ctx context.Context, id int, set map[string]uint64) (old, new map[string]uint64, err error) {
+	return a.vcpus.SetRegisters(ctx, id, set)
+}
+
+// GeneralRegisters is Live.GeneralRegisters.
+func (a *Attached) GeneralRegisters(ctx context.Context, id int) (map[string]uint64, bool, error) {
+	return a.vcpus.GeneralRegisters(ctx, id)
+}
