@@ -126,6 +126,7 @@ func (s *Server) Listen(path string) error {
 	s.introspectRoutes(mux)
 	s.guardRoutes(mux)
 	s.reportRoutes(mux)
+	s.actionRoutes(mux)
 	mux.HandleFunc("POST /v1/detach", s.postDetach)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

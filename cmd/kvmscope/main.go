@@ -61,6 +61,7 @@ func newApp() *cli.App {
 			rulesCommand(),
 			eventsCommand(),
 			guardCommand(),
+			killCommand(),
 			blockedCommand(),
 			vmCommand(),
 			vcpusCommand(),

@@ -1,0 +1,334 @@
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/kvmscope/kvmscope/guestmem/gdbstub"
+	"github.com/kvmscope/kvmscope/introspect"
+)
+
+// GuestAction is one action inside the guest, as its event (kind
+// "guest_action") and the API's reply record it: what was done, by
+// which task, and the system call's return value.
+type GuestAction struct {
+	Action string `json:"action"` // "kill"
+	PID    int    `json:"pid"`
+	Comm   string `json:"comm"`
+	Signal int    `json:"signal"`
+	// By is the process whose thread made the system call.
+	ByPID  int    `json:"by_pid"`
+	ByComm string `json:"by_comm"`
+	VCPU   int    `json:"vcpu"`
+	// Syscall is the system call made, at SyscallRIP (a syscall
+	// instruction of By's); Return is what it returned (0, or -errno).
+	Syscall    int    `json:"syscall"`
+	SyscallRIP string `json:"syscall_rip"`
+	Return     int64  `json:"return"`
+	// Stops is how many times the guest stopped at kvmscope's
+	// breakpoints (most were other tasks, let go at once).
+	Stops    int           `json:"stops"`
+	Duration time.Duration `json:"duration_ns"`
+}
+
+// Bounds of an action: how many breakpoint stops it may take, and how
+// long a chosen thread has to come back to user mode at the address its
+// pt_regs said, before another is chosen.
+const (
+	maxActionStops = 20000
+	returnWait     = 10 * time.Second
+	// syscallWait is how long the injected call may take once it runs;
+	// it is not cut short by the caller's deadline, since only at its
+	// return can the thread's registers be put back.
+	syscallWait = 20 * time.Second
+)
+
+// Kill kills guest process pid as the guest kernel would for a root
+// process that called kill(pid, SIGKILL): one thread of a chosen root
+// process is made to make that call at a point where it has just
+// returned from a system call of its own, and gets every register back
+// after. docs/writable.md ("Actions inside the guest") has the steps,
+// what is refused and why. Only with --allow-write, under TCG.
+func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
+	start := time.Now()
+	var plan *introspect.KillPlan
+	var exitVA uint64
+	var refused error
+	_, err := s.scan(ctx, "action", false, func(k *introspect.Kernel, off *introspect.Offsets) error {
+		procs, err := k.Processes(off, introspect.ProcessOptions{NoCmdline: true})
+		if err != nil {
+			return err
+		}
+		// A refusal is an answer, not a failed read: returned as an
+		// error here, it would make the scan find the kernel again.
+		if exitVA, refused = k.SyscallExitVA(); refused != nil {
+			refused = fmt.Errorf("%w: %v", introspect.ErrRefused, refused)
+			return nil
+		}
+		plan, refused = introspect.PlanKill(k, procs, pid)
+		return nil
+	})
+	if err == nil {
+		err = refused
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.actionMu.Lock()
+	defer s.actionMu.Unlock()
+	g, err := s.openStub(ctx)
+	if err != nil {
+		return nil, err
+	}
+	a := &GuestAction{Action: "kill", PID: pid, Comm: plan.Target.Comm, Signal: introspect.SIGKILL, Syscall: introspect.SysKill}
+	k := &killer{stub: g, plan: plan, exitVA: exitVA, a: a}
+	err = k.run(ctx)
+	if cerr := g.close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	a.Duration = time.Since(start)
+	if ev := s.eventSink(); ev != nil {
+		ev.Append("guest_action", a)
+	}
+	return a, nil
+}
+
+// killer runs one kill through the gdbstub, in three stages:
+//
+//  1. a breakpoint at syscall_exit_to_user_mode: when a killer's thread
+//     (its CR3) stops there, its pt_regs (rdi) say where it returns to
+//     in user mode;
+//  2. a breakpoint there: when the same address space stops there in
+//     user mode, the thread is at an instruction boundary right after a
+//     syscall instruction (checked: 0f 05 before rip, or at rip when
+//     the kernel rewound rip to restart the call). Its registers are
+//     saved and it is pointed at that syscall with kill's arguments;
+//  3. a breakpoint after that syscall: when it stops there with the same
+//     CR3 and stack pointer, rax is kill's return value; every register
+//     is put back and the thread goes on where it was.
+//
+// Other tasks stopping at a breakpoint are stepped past it.
+type killer struct {
+	*stub
+	plan   *introspect.KillPlan
+	exitVA uint64
+	a      *GuestAction
+
+	stage  int
+	cr3    uint64 // the chosen killer's page table
+	userIP uint64 // stage 2's breakpoint
+	ret    uint64 // stage 3's breakpoint, after the syscall
+	thread int
+	sp     uint64
+	regs   saved
+	// injected is set once the thread runs the kill: from then on only
+	// the kill's return is a point where its registers can be put back.
+	injected bool
+}
+
+func (k *killer) run(ctx context.Context) error {
+	if err := k.insert(ctx, k.exitVA); err != nil {
+		return err
+	}
+	k.stage = 1
+	if err := k.Continue(ctx); err != nil {
+		return err
+	}
+	var stageEnd time.Time
+	for {
+		wctx, cancel := ctx, context.CancelFunc(func() {})
+		switch k.stage {
+		case 2:
+			wctx, cancel = context.WithDeadline(ctx, stageEnd)
+		case 3:
+			wctx, cancel = context.WithDeadline(context.Background(), stageEnd)
+		}
+		st, err := k.Wait(wctx)
+		cancel()
+		if err != nil {
+			if k.stage == 2 && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				// The thread went elsewhere (a signal handler): choose
+				// again, at the next system call.
+				if err := k.back(ctx); err != nil {
+					return err
+				}
+				continue
+			}
+			return k.failed(err)
+		}
+		rip, err := k.reg(ctx, st.Thread, "rip")
+		if err != nil {
+			return k.failed(err)
+		}
+		if !k.bps[rip] {
+			// A step past a breakpoint ended (or the guest stopped for
+			// another reason): go on.
+			if err := k.Continue(ctx); err != nil {
+				return k.failed(err)
+			}
+			continue
+		}
+		if k.a.Stops++; k.a.Stops > maxActionStops {
+			return k.failed(fmt.Errorf("no thread of a process that may kill stopped where kvmscope could act in %d stops", maxActionStops))
+		}
+		done, next, err := k.stop(ctx, st.Thread, rip)
+		if err != nil {
+			return k.failed(err)
+		}
+		if done {
+			return nil
+		}
+		if next {
+			stageEnd = time.Now().Add(returnWait)
+			if k.stage == 3 {
+				stageEnd = time.Now().Add(syscallWait)
+			}
+			if err = k.Continue(ctx); err == nil && k.stage == 3 {
+				k.injected = true
+			}
+		} else {
+			err = k.Step(ctx, st.Thread)
+		}
+		if err != nil {
+			return k.failed(err)
+		}
+	}
+}
+
+// stop handles thread stopped at the breakpoint rip: done when the kill
+// has returned and everything is put back, next when the stage moved on
+// (the guest continues), else the thread is not the one sought and is
+// stepped past the breakpoint.
+func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next bool, err error) {
+	cr3, err := k.reg(ctx, thread, "cr3")
+	if err != nil {
+		return false, false, err
+	}
+	cr3 = pageTable(cr3)
+	switch k.stage {
+	case 1:
+		p, ok := k.plan.Killers[cr3]
+		if !ok || rip != k.exitVA {
+			return false, false, nil
+		}
+		regs, err := k.reg(ctx, thread, "rdi")
+		if err != nil {
+			return false, false, err
+		}
+		b, err := k.ReadMemory(ctx, thread, regs+introspect.PtRegsIP, introspect.PtRegsSP+8-introspect.PtRegsIP)
+		if err != nil {
+			return false, false, nil // not a pt_regs we can read: not this one
+		}
+		ip, cs := gdbstub.U64(b[0:]), gdbstub.U64(b[introspect.PtRegsCS-introspect.PtRegsIP:])
+		if cs&3 != 3 || ip >= 1<<47 || ip < 2 {
+			return false, false, nil // not returning to user mode
+		}
+		if err := k.remove(ctx, k.exitVA); err != nil {
+			return false, false, err
+		}
+		if err := k.insert(ctx, ip); err != nil {
+			return false, false, err
+		}
+		k.stage, k.cr3, k.userIP = 2, cr3, ip
+		k.a.ByPID, k.a.ByComm = p.PID, p.Comm
+		return false, true, nil
+	case 2:
+		cs, err := k.reg(ctx, thread, "cs")
+		if err != nil {
+			return false, false, err
+		}
+		if cr3 != k.cr3 || rip != k.userIP || cs&3 != 3 {
+			return false, false, nil
+		}
+		code, err := k.ReadMemory(ctx, thread, rip-2, 4)
+		if err != nil {
+			return false, false, err
+		}
+		var at uint64
+		switch {
+		case code[0] == 0x0f && code[1] == 0x05:
+			at = rip - 2
+		case code[2] == 0x0f && code[3] == 0x05:
+			// The kernel rewound rip onto the syscall to restart it
+			// (-ERESTART*): the same instruction serves.
+			at = rip
+		default:
+			return false, false, fmt.Errorf("%w: pid %d returned to %#x, which follows no syscall instruction (% x): kvmscope does not act there", introspect.ErrRefused, k.a.ByPID, rip, code[:2])
+		}
+		if k.regs, err = k.save(ctx, thread); err != nil {
+			return false, false, err
+		}
+		k.thread, k.sp = thread, gdbstub.U64(k.regs["rsp"])
+		if err := k.remove(ctx, k.userIP); err != nil {
+			return false, false, err
+		}
+		if err := k.insert(ctx, at+2); err != nil {
+			return false, false, err
+		}
+		k.ret, k.a.VCPU, k.a.SyscallRIP = at+2, thread-1, fmt.Sprintf("%#x", at)
+		for _, w := range []struct {
+			reg string
+			v   uint64
+		}{{"rax", introspect.SysKill}, {"rdi", uint64(k.plan.Target.PID)}, {"rsi", introspect.SIGKILL}, {"rip", at}} {
+			if err := k.setReg(ctx, thread, w.reg, w.v); err != nil {
+				return false, false, err // failed() puts back what was written
+			}
+		}
+		k.stage = 3
+		return false, true, nil
+	case 3:
+		sp, err := k.reg(ctx, thread, "rsp")
+		if err != nil {
+			return false, false, err
+		}
+		if cr3 != k.cr3 || rip != k.ret || sp != k.sp {
+			return false, false, nil
+		}
+		rax, err := k.reg(ctx, thread, "rax")
+		if err != nil {
+			return false, false, err
+		}
+		k.a.Return = int64(rax)
+		if err := k.restore(ctx, thread, k.regs); err != nil {
+			return false, false, fmt.Errorf("put back the registers of pid %d after the kill: %w", k.a.ByPID, err)
+		}
+		k.stage = 4
+		return true, false, k.remove(ctx, k.ret)
+	}
+	return false, false, nil
+}
+
+// back gives up on the thread chosen in stage 2 (nothing of it was
+// changed yet) and waits for the next killer's system call.
+func (k *killer) back(ctx context.Context) error {
+	if err := k.remove(ctx, k.userIP); err != nil {
+		return err
+	}
+	if err := k.insert(ctx, k.exitVA); err != nil {
+		return err
+	}
+	k.stage = 1
+	return k.Continue(ctx)
+}
+
+// failed is err, with the thread's registers put back when the kill was
+// set up but had not run yet. Once it runs, only its return is a point
+// where they can be (stage 3 waits for it past the caller's deadline).
+func (k *killer) failed(err error) error {
+	if k.stage != 3 || k.regs == nil {
+		return err
+	}
+	if !k.injected {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if rerr := k.restore(ctx, k.thread, k.regs); rerr == nil {
+			return err
+		}
+	}
+	return fmt.Errorf("%w; the kill of pid %d may have run from pid %d, whose registers kvmscope could not put back", err, k.a.PID, k.a.ByPID)
+}
