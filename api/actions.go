@@ -8,7 +8,7 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/session"
 )
 
 // KillRequest is the body of POST /v1/actions/kill.
@@ -41,7 +41,7 @@ func (s *Server) postKill(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		status := http.StatusUnprocessableEntity
 		switch {
-		case errors.Is(err, guestmem.ErrReadOnly):
+		case errors.Is(err, session.ErrActionNotAllowed):
 			status = http.StatusForbidden
 		case errors.Is(err, context.DeadlineExceeded):
 			status = http.StatusGatewayTimeout

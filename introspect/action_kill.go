@@ -41,11 +41,11 @@ func (k *Kernel) SyscallExitVA() (uint64, error) {
 }
 
 // KillPlan is what a kill inside the guest will do: the process to kill
-// and the tasks that may make the kill(2) call, by the masked CR3 they
-// run with (their mm->pgd).
+// and the tasks that may make the kill(2) call (thread-group leaders, by
+// task_struct address).
 type KillPlan struct {
 	Target  Process
-	Killers map[uint64]Process // by PGD
+	Killers map[uint64]Process
 }
 
 // ErrRefused is an action kvmscope will not do: the guest kernel could
@@ -110,12 +110,6 @@ func PlanKill(k *Kernel, procs []Process, pid int) (*KillPlan, error) {
 		if p.PID == pid || p.PID <= 1 || p.KThread || p.PGD == 0 || p.UID != 0 || p.EUID != 0 || p.State == "Z" || p.TGID == target.TGID {
 			continue
 		}
-		// Processes that share an mm (vfork, CLONE_VM) share a CR3:
-		// kvmscope could not tell which one stopped.
-		if _, dup := plan.Killers[p.PGD]; dup {
-			plan.Killers[p.PGD] = Process{}
-			continue
-		}
 		mode, err := k.ReadU32(p.Task + uint64(seccomp))
 		if err != nil || mode != 0 {
 			continue
@@ -127,15 +121,31 @@ func PlanKill(k *Kernel, procs []Process, pid int) (*KillPlan, error) {
 		if lv, err := k.ReadU32(pp + uint64(level)); err != nil || lv != 0 {
 			continue
 		}
-		plan.Killers[p.PGD] = p
-	}
-	for pgd, p := range plan.Killers {
-		if p.PID == 0 {
-			delete(plan.Killers, pgd)
-		}
+		plan.Killers[p.Task] = p
 	}
 	if len(plan.Killers) == 0 {
 		return nil, refuse("no process in the guest may make the kill(2) call for kvmscope: none runs as root, unconfined by seccomp, in the initial pid namespace, besides init and pid %d", pid)
 	}
 	return plan, nil
+}
+
+// CurrentTask is the task running on the CPU whose per-CPU base (the
+// kernel's GS base: gs_base in kernel mode, KERNEL_GS_BASE in user mode)
+// is perCPU: the per-CPU variable current_task (Linux up to 6.1), or
+// pcpu_hot.current_task (6.2 on). Per-CPU symbols are offsets into the
+// per-CPU area, which kallsyms keeps absolute.
+func (k *Kernel) CurrentTask(perCPU uint64) (uint64, error) {
+	va, ok := k.Symbol("current_task")
+	if !ok {
+		hot, ok := k.Symbol("pcpu_hot")
+		if !ok {
+			return 0, errors.New("kallsyms has neither current_task nor pcpu_hot")
+		}
+		off, err := k.MemberOffset("pcpu_hot", "current_task")
+		if err != nil {
+			return 0, err
+		}
+		va = hot + uint64(off)
+	}
+	return k.ReadPtr(perCPU + va)
 }

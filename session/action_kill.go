@@ -53,10 +53,15 @@ const (
 // what is refused and why. Only with --allow-write, under TCG.
 func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 	start := time.Now()
+	if _, err := s.actionMonitor(); err != nil {
+		return nil, err
+	}
 	var plan *introspect.KillPlan
+	var kern *introspect.Kernel
 	var exitVA uint64
 	var refused error
 	_, err := s.scan(ctx, "action", false, func(k *introspect.Kernel, off *introspect.Offsets) error {
+		kern = k // this scan's own: the action reads through it after
 		procs, err := k.Processes(off, introspect.ProcessOptions{NoCmdline: true})
 		if err != nil {
 			return err
@@ -83,7 +88,10 @@ func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 		return nil, err
 	}
 	a := &GuestAction{Action: "kill", PID: pid, Comm: plan.Target.Comm, Signal: introspect.SIGKILL, Syscall: introspect.SysKill}
-	k := &killer{stub: g, plan: plan, exitVA: exitVA, a: a}
+	k := &killer{stub: g, kern: kern, plan: plan, exitVA: exitVA, a: a, pgds: map[uint64]bool{}}
+	for _, p := range plan.Killers {
+		k.pgds[p.PGD] = true
+	}
 	err = k.run(ctx)
 	if cerr := g.close(); err == nil {
 		err = cerr
@@ -115,12 +123,15 @@ func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 // Other tasks stopping at a breakpoint are stepped past it.
 type killer struct {
 	*stub
+	kern   *introspect.Kernel
 	plan   *introspect.KillPlan
+	pgds   map[uint64]bool // the killers' page tables, a first filter
 	exitVA uint64
 	a      *GuestAction
 
 	stage  int
 	cr3    uint64 // the chosen killer's page table
+	task   uint64 // and its task_struct
 	userIP uint64 // stage 2's breakpoint
 	ret    uint64 // stage 3's breakpoint, after the syscall
 	thread int
@@ -212,8 +223,17 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 	cr3 = pageTable(cr3)
 	switch k.stage {
 	case 1:
-		p, ok := k.plan.Killers[cr3]
-		if !ok || rip != k.exitVA {
+		if !k.pgds[cr3] || rip != k.exitVA {
+			return false, false, nil
+		}
+		// The CR3 of a process kvmscope chose may have been freed and
+		// reused since its scan: the task is the proof.
+		task, err := k.current(ctx, thread, "gs_base")
+		if err != nil {
+			return false, false, err
+		}
+		p, ok := k.plan.Killers[task]
+		if !ok || p.PGD != cr3 {
 			return false, false, nil
 		}
 		regs, err := k.reg(ctx, thread, "rdi")
@@ -234,7 +254,7 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 		if err := k.insert(ctx, ip); err != nil {
 			return false, false, err
 		}
-		k.stage, k.cr3, k.userIP = 2, cr3, ip
+		k.stage, k.cr3, k.task, k.userIP = 2, cr3, task, ip
 		k.a.ByPID, k.a.ByComm = p.PID, p.Comm
 		return false, true, nil
 	case 2:
@@ -244,6 +264,11 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 		}
 		if cr3 != k.cr3 || rip != k.userIP || cs&3 != 3 {
 			return false, false, nil
+		}
+		// Another thread of the process (same CR3) may be the one here:
+		// it is the chosen task that was checked.
+		if task, err := k.current(ctx, thread, "k_gs_base"); err != nil || task != k.task {
+			return false, false, err
 		}
 		code, err := k.ReadMemory(ctx, thread, rip-2, 4)
 		if err != nil {
@@ -289,6 +314,9 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 		if cr3 != k.cr3 || rip != k.ret || sp != k.sp {
 			return false, false, nil
 		}
+		if task, err := k.current(ctx, thread, "k_gs_base"); err != nil || task != k.task {
+			return false, false, err
+		}
 		rax, err := k.reg(ctx, thread, "rax")
 		if err != nil {
 			return false, false, err
@@ -301,6 +329,22 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 		return true, false, k.remove(ctx, k.ret)
 	}
 	return false, false, nil
+}
+
+// current is the task running on thread's vCPU, through the per-CPU
+// base in register base: gs_base in kernel mode; in user mode the
+// kernel's is in KERNEL_GS_BASE (swapgs exchanges them at entry and
+// exit).
+func (k *killer) current(ctx context.Context, thread int, base string) (uint64, error) {
+	gs, err := k.reg(ctx, thread, base)
+	if err != nil {
+		return 0, err
+	}
+	task, err := k.kern.CurrentTask(gs)
+	if err != nil {
+		return 0, fmt.Errorf("the task on vCPU %d: %w", thread-1, err)
+	}
+	return task, nil
 }
 
 // back gives up on the thread chosen in stage 2 (nothing of it was

@@ -23,6 +23,9 @@ type monitored interface {
 // ErrNoActions is a VM kvmscope cannot act inside.
 var ErrNoActions = errors.New("actions inside the guest need QEMU's gdbstub through kvmscope's QMP socket, which kvmscope has for a VM under TCG only (KVM: not yet, docs/limitations.md)")
 
+// ErrActionNotAllowed is an action asked of a VM kvmscope may not change.
+var ErrActionNotAllowed = errors.New("actions inside the guest change it: they need a VM started with kvmscope run --allow-write")
+
 // stub is QEMU's gdbstub, opened for one action: the breakpoints the
 // action inserted are removed and the guest resumed when it closes.
 type stub struct {
@@ -32,10 +35,9 @@ type stub struct {
 	bps map[uint64]bool
 }
 
-// openStub checks that the VM runs and that nobody else uses its gdbstub,
-// then opens it on a private unix socket (`gdbserver unix:...`) and
-// connects, which stops the VM.
-func (s *Session) openStub(ctx context.Context) (*stub, error) {
+// actionMonitor is the QMP connection actions go through, or why there
+// is none: checked before anything else, the guest kernel included.
+func (s *Session) actionMonitor() (*guestmem.QMP, error) {
 	src, err := s.machine.Source()
 	if err != nil {
 		return nil, err
@@ -45,9 +47,19 @@ func (s *Session) openStub(ctx context.Context) (*stub, error) {
 		return nil, ErrNoActions
 	}
 	if !guestmem.CapabilitiesOf(src).Write {
-		return nil, fmt.Errorf("%w: actions change the guest: they need kvmscope run --allow-write", guestmem.ErrReadOnly)
+		return nil, ErrActionNotAllowed
 	}
-	q := m.Monitor()
+	return m.Monitor(), nil
+}
+
+// openStub checks that the VM runs and that nobody else uses its gdbstub,
+// then opens it on a private unix socket (`gdbserver unix:...`) and
+// connects, which stops the VM.
+func (s *Session) openStub(ctx context.Context) (*stub, error) {
+	q, err := s.actionMonitor()
+	if err != nil {
+		return nil, err
+	}
 	status, err := q.Execute(ctx, "query-status", nil)
 	if err != nil {
 		return nil, fmt.Errorf("QMP query-status: %w", err)

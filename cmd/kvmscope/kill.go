@@ -36,10 +36,17 @@ func killCommand() *cli.Command {
 				return cli.Exit(err.Error(), 1)
 			}
 			if c.Bool("json") {
-				return printJSON(a)
+				if err := printJSON(a); err != nil {
+					return err
+				}
+			} else if a.Return == 0 {
+				fmt.Printf("killed pid %d (%s) with SIGKILL: kill(2) by pid %d (%s) on vCPU %d returned 0\n", a.PID, a.Comm, a.ByPID, a.ByComm, a.VCPU)
 			}
-			fmt.Printf("killed pid %d (%s) with SIGKILL: kill(2) by pid %d (%s) on vCPU %d returned %s\n",
-				a.PID, a.Comm, a.ByPID, a.ByComm, a.VCPU, errnoText(a.Return))
+			if a.Return != 0 {
+				// The guest kernel said no (EPERM from an LSM, ESRCH: it
+				// exited meanwhile); the registers were put back.
+				return cli.Exit(fmt.Sprintf("kill(2) of pid %d by pid %d (%s) returned %s", a.PID, a.ByPID, a.ByComm, errnoText(a.Return)), 1)
+			}
 			return nil
 		},
 	}

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvmscope/kvmscope/internal/testguest"
+	"github.com/kvmscope/kvmscope/internal/testlinux"
+	"github.com/kvmscope/kvmscope/session"
+)
+
+var (
+	victimLine = regexp.MustCompile(`KVMSCOPE-VICTIM (\d+)`)
+	reapedLine = regexp.MustCompile(`KVMSCOPE-REAPED (\d+) (\d+) (\w+)`)
+	aliveLine  = regexp.MustCompile(`KVMSCOPE-ALIVE (\d+)`)
+)
+
+// TestKill: `kvmscope kill` (Debian 6.1 under TCG, run --allow-write, the
+// initramfs's kvmscope.victim=1) kills the guest's "sleep 1000" through a
+// kill(2) of a guest root process: its parent reaps it with status 137
+// (SIGKILL) and /proc no longer lists it, kvmscope ps no longer lists it,
+// the guest goes on (its ALIVE counter advances), and a guest_action
+// event says who made the call and that it returned 0. Pid 1, a kernel
+// thread and a pid that does not exist are refused with one line, and so
+// is a kill on a VM started without --allow-write.
+func TestKill(t *testing.T) {
+	p := testlinux.Require(t)
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{
+		Kernel:  p.DebianKernel,
+		Accel:   "tcg",
+		Append:  "kvmscope.victim=1",
+		Wrapper: []string{kvmscopeBin, "--log-level", "warn", "run", "--allow-write", "--api", sock, "--"},
+	})
+	if err != nil {
+		t.Fatalf("boot under kvmscope run: %v", err)
+	}
+	defer g.Close()
+	var victim int
+	waitFor(t, 60*time.Second, "KVMSCOPE-VICTIM on the console", func() bool {
+		m := victimLine.FindStringSubmatch(g.Serial())
+		if m != nil {
+			victim, _ = strconv.Atoi(m[1])
+		}
+		return m != nil
+	})
+	listed := func() bool {
+		for _, pr := range psJSON(t, "--api", sock) {
+			if pr.PID == victim && pr.Comm == "sleep" {
+				return true
+			}
+		}
+		return false
+	}
+	if !listed() {
+		t.Fatalf("kvmscope ps does not list the victim, sleep pid %d", victim)
+	}
+
+	// Refusals, each one line, before anything is done.
+	kthread := 0
+	for _, pr := range psJSON(t, "--api", sock) {
+		if pr.KThread && pr.PID > 1 {
+			kthread = pr.PID
+			break
+		}
+	}
+	for _, c := range []struct {
+		pid  int
+		want string
+	}{{1, "pid 1 is init"}, {kthread, "kernel thread"}, {999999, "no process with pid 999999"}} {
+		out, errOut, code := kvmscope(t, "kill", "--api", sock, "--pid", strconv.Itoa(c.pid))
+		if code == 0 || !strings.Contains(errOut, c.want) || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+			t.Errorf("kill --pid %d: code %d, stdout %q, stderr %q; want one line with %q", c.pid, code, out, errOut, c.want)
+		}
+	}
+
+	alive := func() int {
+		n := 0
+		for _, m := range aliveLine.FindAllStringSubmatch(g.Serial(), -1) {
+			n, _ = strconv.Atoi(m[1])
+		}
+		return n
+	}
+	before := alive()
+	start := time.Now()
+	out, errOut, code := kvmscope(t, "kill", "--api", sock, "--pid", strconv.Itoa(victim), "--json")
+	if code != 0 {
+		t.Fatalf("kill --pid %d: code %d: %s%s", victim, code, out, errOut)
+	}
+	var a session.GuestAction
+	if err := json.Unmarshal([]byte(out), &a); err != nil {
+		t.Fatalf("kill --json: %v: %s", err, out)
+	}
+	t.Logf("kill took %v: %+v", time.Since(start), a)
+	if a.Action != "kill" || a.PID != victim || a.Comm != "sleep" || a.Return != 0 || a.ByPID <= 1 || a.ByPID == victim || a.Syscall != 62 || a.Signal != 9 {
+		t.Errorf("kill reply %+v", a)
+	}
+
+	// The guest's own view: the parent reaped it, killed by SIGKILL.
+	var reaped []string
+	waitFor(t, 30*time.Second, "KVMSCOPE-REAPED on the console", func() bool {
+		reaped = reapedLine.FindStringSubmatch(g.Serial())
+		return reaped != nil
+	})
+	if reaped[1] != strconv.Itoa(victim) || reaped[2] != "137" || reaped[3] != "gone" {
+		t.Errorf("the guest reports %q; want pid %d reaped with status 137 (SIGKILL), gone from /proc", reaped[0], victim)
+	}
+	t.Logf("guest: %s", reaped[0])
+	if listed() {
+		t.Errorf("kvmscope ps still lists pid %d after the kill", victim)
+	}
+	// The guest goes on: its counter advances.
+	waitFor(t, 30*time.Second, "KVMSCOPE-ALIVE to advance", func() bool { return alive() > before+2 })
+
+	var ev map[string]any
+	for _, e := range events(t, sock) {
+		if e["kind"] == "guest_action" {
+			ev = e
+		}
+	}
+	if ev == nil || ev["action"] != "kill" || ev["pid"] != float64(victim) || ev["return"] != float64(0) || ev["by_pid"] != float64(a.ByPID) {
+		t.Errorf("guest_action event %v; want the kill of %d by %d, returning 0", ev, victim, a.ByPID)
+	}
+
+	// Without --allow-write: refused before anything (the tiny guest
+	// under TCG is enough: no guest kernel is looked at).
+	if _, err := testguest.Build(); err != nil {
+		t.Fatalf("build tiny guest: %v", err)
+	}
+	r := startRun(t, nil, testguest.QEMUArgs(1, "tcg", "")...)
+	r.client()
+	waitFor(t, 30*time.Second, "the read-only VM to answer", func() bool {
+		_, _, code := kvmscope(t, "vm", "--api", r.sock)
+		return code == 0
+	})
+	out, errOut, code = kvmscope(t, "kill", "--api", r.sock, "--pid", "5")
+	if code == 0 || !strings.Contains(errOut, "--allow-write") || !strings.Contains(errOut, "403") || strings.Count(strings.TrimSpace(errOut), "\n") != 0 {
+		t.Errorf("kill without --allow-write: code %d, stdout %q, stderr %q; want one line, 403, naming --allow-write", code, out, errOut)
+	}
+}
