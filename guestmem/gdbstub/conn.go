@@ -70,17 +70,28 @@ func (c *Conn) send(ctx context.Context, payload string) error {
 		if _, err := c.c.Write(pkt); err != nil {
 			return fmt.Errorf("gdbstub: send %.20q: %w", payload, err)
 		}
-		ack, err := c.r.ReadByte()
+	ack:
+		b, err := c.r.ReadByte()
 		if err != nil {
 			return fmt.Errorf("gdbstub: ack of %.20q: %w", payload, err)
 		}
-		switch ack {
+		switch b {
 		case '+':
 			return nil
 		case '-':
 			continue
+		case '$':
+			// A packet QEMU sent on its own: the stop reply it sends
+			// when the VM stops while a client is connected (QEMU stops
+			// it when one connects). Acked and dropped: the caller asks
+			// with `?` when it needs to know.
+			c.r.UnreadByte()
+			if _, err := c.recv(ctx); err != nil {
+				return err
+			}
+			goto ack
 		default:
-			return fmt.Errorf("%w: %q instead of an ack", ErrPacket, ack)
+			return fmt.Errorf("%w: %q instead of an ack", ErrPacket, b)
 		}
 	}
 	return fmt.Errorf("gdbstub: %.20q refused 3 times", payload)
