@@ -170,6 +170,9 @@ func (k *killer) run(ctx context.Context) error {
 				}
 				continue
 			}
+			if k.stage == 1 && errors.Is(err, context.DeadlineExceeded) {
+				err = fmt.Errorf("none of the %d processes kvmscope may act through made a system call in time (nothing was changed): %w", len(k.plan.Killers), err)
+			}
 			return k.failed(err)
 		}
 		rip, err := k.reg(ctx, st.Thread, "rip")
