@@ -22,6 +22,7 @@ const actionTimeout = 90 * time.Second
 
 func (s *Server) actionRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/actions/kill", s.postKill)
+	mux.HandleFunc("GET /v1/files", s.getFile)
 }
 
 // postKill kills a guest process from inside the guest (session.Kill):

@@ -62,6 +62,7 @@ func newApp() *cli.App {
 			eventsCommand(),
 			guardCommand(),
 			killCommand(),
+			catCommand(),
 			blockedCommand(),
 			vmCommand(),
 			vcpusCommand(),
