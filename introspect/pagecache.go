@@ -35,7 +35,7 @@ const (
 	maxPathLen     = 4096
 	maxNameLen     = 255
 	maxComponents  = 256
-	maxChildren    = 1 << 17 // dentries scanned in one directory
+	maxChildren    = 1 << 17 // dentries scanned in one walk, all directories
 	maxFileRead    = 1 << 20
 	xaChunkShift   = 6 // XA_CHUNK_SHIFT (CONFIG_BASE_SMALL=0)
 	maxXarrayDepth = 11
@@ -127,6 +127,7 @@ func (k *Kernel) readCachedFile(l *fileLayout, task uint64, path string, n int) 
 	if len(parts) > maxComponents {
 		return nil, fmt.Errorf("path %.80q: more than %d components", path, maxComponents)
 	}
+	budget := maxChildren
 	for i, name := range parts {
 		switch {
 		case name == "" || name == ".":
@@ -139,7 +140,7 @@ func (k *Kernel) readCachedFile(l *fileLayout, task uint64, path string, n int) 
 		case len(name) > maxNameLen:
 			return nil, fmt.Errorf("%.80q: a name longer than %d bytes", name, maxNameLen)
 		}
-		if d, err = k.child(l, d, name); err != nil {
+		if d, err = k.child(l, d, name, &budget); err != nil {
 			return nil, fmt.Errorf("%s: %w", "/"+strings.Join(parts[:i+1], "/"), err)
 		}
 	}
@@ -194,16 +195,16 @@ func orNull(err error) error {
 // child finds the positive dentry name among d's children in the dentry
 // cache (d_subdirs through each child's d_child; from 6.8 the hlist
 // d_children through d_sib).
-func (k *Kernel) child(l *fileLayout, d uint64, name string) (uint64, error) {
+func (k *Kernel) child(l *fileLayout, d uint64, name string, budget *int) (uint64, error) {
 	head := d + uint64(l.dSubdirs)
 	node, err := k.ReadPtr(head)
 	if err != nil {
 		return 0, err
 	}
 	var buf [maxNameLen]byte
-	for i := 0; node != 0 && (l.hlist || node != head); i++ {
-		if i >= maxChildren {
-			return 0, fmt.Errorf("more than %d dentries in a directory (a cycle?)", maxChildren)
+	for node != 0 && (l.hlist || node != head) {
+		if *budget--; *budget < 0 {
+			return 0, fmt.Errorf("more than %d dentries on the way (a cycle?)", maxChildren)
 		}
 		c := node - uint64(l.dChild)
 		if node, err = k.ReadPtr(node); err != nil {
