@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kvmscope/kvmscope/introspect"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
+	"github.com/kvmscope/kvmscope/introspect"
 )
 
 // TestCat: `kvmscope cat` (Debian 6.1 under TCG, read-only `run`) reads
@@ -51,6 +51,14 @@ func TestCat(t *testing.T) {
 	t.Logf("/init: inode %d, %d bytes in %d pages", f.Inode, f.Size, (f.Size+4095)/4096)
 	if out, _, code := kvmscope(t, "cat", "--api", sock, "--path", "/etc/../etc/passwd", "--bytes", "9"); code != 0 || out != passwd[:9] {
 		t.Errorf("cat --bytes 9: code %d, %q", code, out)
+	}
+	// A dump reads the same.
+	core := filepath.Join(t.TempDir(), "guest.core")
+	if out, errOut, code := kvmscope(t, "dump", "--api", sock, "-o", core); code != 0 {
+		t.Fatalf("dump: code %d: %s%s", code, out, errOut)
+	}
+	if out, errOut, code := kvmscope(t, "cat", "--core", core, "--path", "/etc/passwd"); code != 0 || out != passwd {
+		t.Errorf("cat --core /etc/passwd: code %d, %q%s", code, out, errOut)
 	}
 	for _, c := range []struct{ path, want string }{
 		{"/etc/nonexistent", "not in the guest kernel's caches"},
