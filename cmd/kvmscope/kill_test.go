@@ -15,7 +15,7 @@ import (
 )
 
 var (
-	victimLine = regexp.MustCompile(`KVMSCOPE-VICTIM (\d+)`)
+	victimLine = regexp.MustCompile(`KVMSCOPE-VICTIM (\d+) (\d+)`)
 	reapedLine = regexp.MustCompile(`KVMSCOPE-REAPED (\d+) (\d+) (\w+)`)
 	aliveLine  = regexp.MustCompile(`KVMSCOPE-ALIVE (\d+)`)
 )
@@ -25,7 +25,8 @@ var (
 // kill(2) of a guest root process: its parent reaps it with status 137
 // (SIGKILL) and /proc no longer lists it, kvmscope ps no longer lists it,
 // the guest goes on (its ALIVE counter advances), and a guest_action
-// event says who made the call and that it returned 0. Pid 1, a kernel
+// event says who made the call and that it returned 0. A second kill
+// ("sleep 1001") works the same, through a gdbstub opened again. Pid 1, a kernel
 // thread and a pid that does not exist are refused with one line, and so
 // is a kill on a VM started without --allow-write.
 func TestKill(t *testing.T) {
@@ -43,24 +44,25 @@ func TestKill(t *testing.T) {
 		t.Fatalf("boot under kvmscope run: %v", err)
 	}
 	defer g.Close()
-	var victim int
+	var victim, second int
 	waitFor(t, 60*time.Second, "KVMSCOPE-VICTIM on the console", func() bool {
 		m := victimLine.FindStringSubmatch(g.Serial())
 		if m != nil {
 			victim, _ = strconv.Atoi(m[1])
+			second, _ = strconv.Atoi(m[2])
 		}
 		return m != nil
 	})
-	listed := func() bool {
+	listed := func(pid int) bool {
 		for _, pr := range psJSON(t, "--api", sock) {
-			if pr.PID == victim && pr.Comm == "sleep" {
+			if pr.PID == pid && pr.Comm == "sleep" {
 				return true
 			}
 		}
 		return false
 	}
-	if !listed() {
-		t.Fatalf("kvmscope ps does not list the victim, sleep pid %d", victim)
+	if !listed(victim) || !listed(second) {
+		t.Fatalf("kvmscope ps does not list the victims, sleep pids %d and %d", victim, second)
 	}
 
 	// Refusals, each one line, before anything is done.
@@ -102,20 +104,37 @@ func TestKill(t *testing.T) {
 	if a.Action != "kill" || a.PID != victim || a.Comm != "sleep" || a.Return != 0 || a.ByPID <= 1 || a.ByPID == victim || a.Syscall != 62 || a.Signal != 9 {
 		t.Errorf("kill reply %+v", a)
 	}
-
 	// The guest's own view: the parent reaped it, killed by SIGKILL.
-	var reaped []string
-	waitFor(t, 30*time.Second, "KVMSCOPE-REAPED on the console", func() bool {
-		reaped = reapedLine.FindStringSubmatch(g.Serial())
-		return reaped != nil
-	})
-	if reaped[1] != strconv.Itoa(victim) || reaped[2] != "137" || reaped[3] != "gone" {
-		t.Errorf("the guest reports %q; want pid %d reaped with status 137 (SIGKILL), gone from /proc", reaped[0], victim)
+	reaped := func(pid int) {
+		t.Helper()
+		var m []string
+		waitFor(t, 30*time.Second, "KVMSCOPE-REAPED on the console", func() bool {
+			for _, r := range reapedLine.FindAllStringSubmatch(g.Serial(), -1) {
+				if r[1] == strconv.Itoa(pid) {
+					m = r
+				}
+			}
+			return m != nil
+		})
+		if m[2] != "137" || m[3] != "gone" {
+			t.Errorf("the guest reports %q; want pid %d reaped with status 137 (SIGKILL), gone from /proc", m[0], pid)
+		}
+		t.Logf("guest: %s", m[0])
+		if listed(pid) {
+			t.Errorf("kvmscope ps still lists pid %d after the kill", pid)
+		}
 	}
-	t.Logf("guest: %s", reaped[0])
-	if listed() {
-		t.Errorf("kvmscope ps still lists pid %d after the kill", victim)
+	reaped(victim)
+	if !listed(second) {
+		t.Errorf("the kill of %d took %d too", victim, second)
 	}
+	// A second action opens the gdbstub again (the first closed it).
+	out, errOut, code = kvmscope(t, "kill", "--api", sock, "--pid", strconv.Itoa(second))
+	if code != 0 || !strings.Contains(out, "killed pid "+strconv.Itoa(second)+" (sleep)") {
+		t.Fatalf("kill --pid %d: code %d: %s%s", second, code, out, errOut)
+	}
+	t.Logf("%s", strings.TrimSpace(out))
+	reaped(second)
 	// The guest goes on: its counter advances.
 	deadline := time.Now().Add(30 * time.Second)
 	for alive() <= before+2 {
@@ -125,14 +144,14 @@ func TestKill(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
-	var ev map[string]any
+	var evs []map[string]any
 	for _, e := range events(t, sock) {
 		if e["kind"] == "guest_action" {
-			ev = e
+			evs = append(evs, e)
 		}
 	}
-	if ev == nil || ev["action"] != "kill" || ev["pid"] != float64(victim) || ev["return"] != float64(0) || ev["by_pid"] != float64(a.ByPID) {
-		t.Errorf("guest_action event %v; want the kill of %d by %d, returning 0", ev, victim, a.ByPID)
+	if len(evs) != 2 || evs[0]["action"] != "kill" || evs[0]["pid"] != float64(victim) || evs[0]["return"] != float64(0) || evs[0]["by_pid"] != float64(a.ByPID) || evs[1]["pid"] != float64(second) {
+		t.Errorf("guest_action events %v; want the kills of %d by %d and of %d, returning 0", evs, victim, a.ByPID, second)
 	}
 
 	// Without --allow-write: refused before anything is read or done.
