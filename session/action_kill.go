@@ -31,6 +31,9 @@ type GuestAction struct {
 	// breakpoints (most were other tasks, let go at once).
 	Stops    int           `json:"stops"`
 	Duration time.Duration `json:"duration_ns"`
+	// Error is set on the event of an action that failed after the
+	// guest ran the call (its effect may have happened).
+	Error string `json:"error,omitempty"`
 }
 
 // Bounds of an action: how many breakpoint stops it may take, and how
@@ -96,12 +99,18 @@ func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 	if cerr := g.close(); err == nil {
 		err = cerr
 	}
-	if err != nil {
-		return nil, err
-	}
 	a.Duration = time.Since(start)
+	if err != nil && !k.injected {
+		return nil, err // nothing was done
+	}
+	if err != nil {
+		a.Error = err.Error()
+	}
 	if ev := s.eventSink(); ev != nil {
 		ev.Append("guest_action", a)
+	}
+	if err != nil {
+		return nil, err
 	}
 	return a, nil
 }
