@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/kvmscope/kvmscope/guestmem"
 	"github.com/kvmscope/kvmscope/guestmem/gdbstub"
 	"github.com/kvmscope/kvmscope/introspect"
 )
@@ -29,7 +30,10 @@ type GuestAction struct {
 	Return     int64  `json:"return"`
 	// Stops is how many times the guest stopped at kvmscope's
 	// breakpoints (most were other tasks, let go at once).
-	Stops    int           `json:"stops"`
+	Stops int `json:"stops"`
+	// Skipped is how many chosen threads kvmscope let go because they
+	// came back to user mode after no syscall instruction.
+	Skipped  int           `json:"skipped,omitempty"`
 	Duration time.Duration `json:"duration_ns"`
 	// Error is set on the event of an action that failed after the
 	// guest ran the call (its effect may have happened).
@@ -93,7 +97,7 @@ func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 	a := &GuestAction{Action: "kill", PID: pid, Comm: plan.Target.Comm, Signal: introspect.SIGKILL, Syscall: introspect.SysKill}
 	k := &killer{stub: g, kern: kern, plan: plan, exitVA: exitVA, a: a, pgds: map[uint64]bool{}}
 	for _, p := range plan.Killers {
-		k.pgds[p.PGD] = true
+		k.pgds[guestmem.KernelCR3(p.PGD)] = true
 	}
 	err = k.run(ctx)
 	if cerr := g.close(); err == nil {
@@ -232,7 +236,10 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 	if err != nil {
 		return false, false, err
 	}
-	cr3 = pageTable(cr3)
+	// CR3 without PCID and flag bits, and the kernel half of a KPTI pair
+	// (user mode runs on the page after mm->pgd). Without KPTI two page
+	// tables may differ in bit 12 only: the task check tells them apart.
+	cr3 = guestmem.KernelCR3(cr3)
 	switch k.stage {
 	case 1:
 		if !k.pgds[cr3] || rip != k.exitVA {
@@ -245,7 +252,7 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 			return false, false, err
 		}
 		p, ok := k.plan.Killers[task]
-		if !ok || p.PGD != cr3 {
+		if !ok || guestmem.KernelCR3(p.PGD) != cr3 {
 			return false, false, nil
 		}
 		regs, err := k.reg(ctx, thread, "rdi")
@@ -295,7 +302,19 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 			// (-ERESTART*): the same instruction serves.
 			at = rip
 		default:
-			return false, false, fmt.Errorf("%w: pid %d returned to %#x, which follows no syscall instruction (% x): kvmscope does not act there", introspect.ErrRefused, k.a.ByPID, rip, code[:2])
+			// Not back from a system call (execve returns to the new
+			// program's entry point): no syscall instruction to borrow,
+			// so not a point to act at. Nothing was changed; choose
+			// again at the next system call.
+			k.a.Skipped++
+			if err := k.remove(ctx, k.userIP); err != nil {
+				return false, false, err
+			}
+			if err := k.insert(ctx, k.exitVA); err != nil {
+				return false, false, err
+			}
+			k.stage = 1
+			return false, true, nil
 		}
 		if k.regs, err = k.save(ctx, thread); err != nil {
 			return false, false, err

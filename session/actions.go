@@ -194,9 +194,3 @@ func (g *stub) restore(ctx context.Context, thread int, sv saved) error {
 	}
 	return nil
 }
-
-// pageTable is CR3 without the PCID (bits 0-11) and the KPTI user-half
-// bit (12: the user PGD is the page after the kernel's, arch/x86/
-// include/asm/pgtable.h PTI_PGTABLE_SWITCH_BIT), and without bit 63
-// (no-flush): mm->pgd's physical address, as a process scan reports it.
-func pageTable(cr3 uint64) uint64 { return cr3 & 0x000ffffffffff000 &^ (1 << 12) }
