@@ -16,8 +16,9 @@ import (
 
 // TestQEMU opens QEMU's gdbstub on a unix socket through QMP, as kvmscope's
 // actions do, on a real QEMU under TCG held at the reset vector: the
-// register layout comes from target.xml, the vCPU stops at a hardware
-// breakpoint and steps, and detaching lets it run.
+// register layout comes from target.xml, a register is written and read
+// back, the vCPU runs to a hardware breakpoint and steps past it, and
+// detaching lets it run.
 func TestQEMU(t *testing.T) {
 	testenv.Require(t, testenv.QEMU)
 	dir := t.TempDir()
@@ -61,6 +62,10 @@ func TestQEMU(t *testing.T) {
 	if U64(b) != 0xfff0 {
 		t.Errorf("rip %#x at reset, want 0xfff0", U64(b))
 	}
+	// The instruction there: SeaBIOS's far jump (ea 5b e0 00 f0).
+	if code, err := c.ReadMemory(ctx, st.Thread, 0xffff0, 5); err != nil || code[0] != 0xea {
+		t.Errorf("code at the reset vector: % x %v; want a far jump (ea)", code, err)
+	}
 	// Write and read back a register that does not matter at reset.
 	rax, _ := c.Regs.Reg("rax")
 	if err := c.WriteReg(ctx, st.Thread, rax, PutU64(0x1234, rax.Bytes)); err != nil {
@@ -69,7 +74,26 @@ func TestQEMU(t *testing.T) {
 	if b, err := c.ReadReg(ctx, st.Thread, rax); err != nil || U64(b) != 0x1234 {
 		t.Errorf("rax read back %x %v", b, err)
 	}
-	if err := c.Step(ctx, st.Thread); err != nil {
+	// The reset vector jumps to f000:e05b (SeaBIOS's entry; breakpoints
+	// take the linear address, CS base included): run to it.
+	const entry = 0xfe05b
+	if err := c.Breakpoint(ctx, entry, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Continue(ctx); err != nil {
+		t.Fatal(err)
+	}
+	hit, err := c.Wait(ctx)
+	if err != nil || hit.Signal != 5 {
+		t.Fatalf("continue to the breakpoint: %+v %v", hit, err)
+	}
+	if b, _ = c.ReadReg(ctx, hit.Thread, rip); U64(b) != 0xe05b {
+		t.Errorf("stopped at rip %#x, want the breakpoint's 0xe05b", U64(b))
+	}
+	if err := c.Breakpoint(ctx, entry, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Step(ctx, hit.Thread); err != nil {
 		t.Fatal(err)
 	}
 	st2, err := c.Wait(ctx)
@@ -77,7 +101,10 @@ func TestQEMU(t *testing.T) {
 		t.Fatalf("step: %+v %v", st2, err)
 	}
 	b, _ = c.ReadReg(ctx, st2.Thread, rip)
-	t.Logf("after a step from 0xfff0: thread %d rip %#x", st2.Thread, U64(b))
+	if U64(b) == 0xe05b {
+		t.Errorf("the step did not move rip from 0xe05b")
+	}
+	t.Logf("after a step from 0xe05b: thread %d rip %#x", st2.Thread, U64(b))
 	if err := c.Detach(ctx); err != nil {
 		t.Fatal(err)
 	}
