@@ -17,7 +17,7 @@ import (
 // monitored is a source that reads QEMU through QMP (guestmem.TCG): the
 // way to QEMU's gdbstub, which actions inside the guest run through.
 type monitored interface {
-	Monitor() *guestmem.QMP
+	Commands() guestmem.Commands
 }
 
 // ErrNoActions is a VM kvmscope cannot act inside.
@@ -30,14 +30,14 @@ var ErrActionNotAllowed = errors.New("actions inside the guest change it: they n
 // action inserted are removed and the guest resumed when it closes.
 type stub struct {
 	*gdbstub.Conn
-	q   *guestmem.QMP
+	q   guestmem.Commands
 	dir string
 	bps map[uint64]bool
 }
 
 // actionMonitor is the QMP connection actions go through, or why there
 // is none: checked before anything else, the guest kernel included.
-func (s *Session) actionMonitor() (*guestmem.QMP, error) {
+func (s *Session) actionMonitor() (guestmem.Commands, error) {
 	src, err := s.machine.Source()
 	if err != nil {
 		return nil, err
@@ -49,7 +49,7 @@ func (s *Session) actionMonitor() (*guestmem.QMP, error) {
 	if !guestmem.CapabilitiesOf(src).Write {
 		return nil, ErrActionNotAllowed
 	}
-	return m.Monitor(), nil
+	return m.Commands(), nil
 }
 
 // openStub checks that the VM runs and that nobody else uses its gdbstub,
