@@ -150,6 +150,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.introspectRoutes(mux)
 	s.guardRoutes(mux)
 	s.reportRoutes(mux)
+	s.actionRoutes(mux)
 	mux.HandleFunc("POST /v1/detach", s.postDetach)
 	mux.HandleFunc("PUT /v1/memory", s.putMemory)
 	mux.HandleFunc("PUT /v1/registers", s.putRegisters)

@@ -25,6 +25,8 @@ type Session struct {
 	latest  atomic.Pointer[Scan]
 	guard   guardState // the dispatch guard (guard.go)
 	judging judging    // the rule base and its findings (report.go)
+
+	actionMu sync.Mutex // one action inside the guest at a time (action_kill.go)
 }
 
 // Scan is the result of one process scan.

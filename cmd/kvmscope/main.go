@@ -61,6 +61,8 @@ func newApp() *cli.App {
 			rulesCommand(),
 			eventsCommand(),
 			guardCommand(),
+			killCommand(),
+			catCommand(),
 			blockedCommand(),
 			vmCommand(),
 			vcpusCommand(),
