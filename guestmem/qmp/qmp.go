@@ -106,11 +106,7 @@ func (q *Client) readReply() (json.RawMessage, error) {
 func (q *Client) Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	msg := map[string]any{"execute": cmd}
-	if args != nil {
-		msg["arguments"] = args
-	}
-	b, err := json.Marshal(msg)
+	b, err := command(cmd, args)
 	if err != nil {
 		return nil, err
 	}
@@ -126,6 +122,15 @@ func (q *Client) Execute(ctx context.Context, cmd string, args any) (json.RawMes
 		return nil, fmt.Errorf("QMP %s: %w", cmd, err)
 	}
 	return ret, nil
+}
+
+// command is the JSON of a QMP command.
+func command(cmd string, args any) ([]byte, error) {
+	msg := map[string]any{"execute": cmd}
+	if args != nil {
+		msg["arguments"] = args
+	}
+	return json.Marshal(msg)
 }
 
 // HMP runs a human monitor command and returns its text output.

@@ -69,11 +69,7 @@ func (v *Virsh) run(ctx context.Context, args ...string) ([]byte, error) {
 
 // Execute runs a QMP command and returns its "return" value.
 func (v *Virsh) Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
-	msg := map[string]any{"execute": cmd}
-	if args != nil {
-		msg["arguments"] = args
-	}
-	b, err := json.Marshal(msg)
+	b, err := command(cmd, args)
 	if err != nil {
 		return nil, err
 	}

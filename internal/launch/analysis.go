@@ -67,8 +67,6 @@ func runAnalysis(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	}
 	defer logs.Close()
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	signal.Ignore(syscall.SIGPIPE)
 
 	ctx, cancel = context.WithCancel(context.Background())
@@ -94,15 +92,10 @@ func runAnalysis(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	log.Debug().Int("keeper", keeper.KeeperPid()).Msg("analysis process serving the API")
 
 	code := 0
+	stop := stopSignals(watch)
 	for waiting := true; waiting; {
 		select {
-		case s := <-sigs:
-			if s == syscall.SIGHUP {
-				if watch != nil {
-					watch.reload("SIGHUP")
-				}
-				continue
-			}
+		case s := <-stop:
 			// Someone stopped us: the keeper starts another.
 			log.Info().Str("signal", s.String()).Msg("analysis process stopping")
 			code, waiting = 1, false

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -219,18 +218,10 @@ func Attach(o AttachOptions) error {
 	if o.Ready != nil {
 		close(o.Ready)
 	}
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer signal.Stop(sigs)
+	stopSig := stopSignals(watch)
 	for {
 		select {
-		case s := <-sigs:
-			if s == syscall.SIGHUP {
-				if watch != nil {
-					watch.reload("SIGHUP")
-				}
-				continue
-			}
+		case s := <-stopSig:
 			log.Info().Str("signal", s.String()).Msg("detached; QEMU runs on")
 			return nil
 		case <-detach:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/signal"
 	"sync"
 	"syscall"
 	"time"
@@ -135,4 +136,28 @@ func (j Judging) start(ctx context.Context, server *api.Server, qemuPID int, log
 		})
 	}
 	return watch
+}
+
+// stopSignals handles the signals of a process that serves an API until
+// told to stop: SIGHUP reloads the rule file, when there is one (as for a
+// daemon); SIGINT and SIGTERM come out of the channel.
+func stopSignals(watch *rulesWatch) <-chan os.Signal {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	stop := make(chan os.Signal, 1)
+	go func() {
+		for s := range sigs {
+			if s != syscall.SIGHUP {
+				select {
+				case stop <- s:
+				default:
+				}
+				continue
+			}
+			if watch != nil {
+				watch.reload("SIGHUP")
+			}
+		}
+	}()
+	return stop
 }
