@@ -42,6 +42,9 @@ func (d *discovery) get(ctx context.Context, mem guestmem.Source) (*introspect.K
 	if d.kernel == nil {
 		// Registers are a cross-check only; discovery works without.
 		cpus, _ := mem.CPUs(ctx)
+		if err := inLongMode(cpus); err != nil {
+			return nil, nil, fmt.Errorf("find the guest kernel: %w", err)
+		}
 		k, err := introspect.Discover(mem, introspect.DiscoverOptions{CPUs: cpus})
 		if err != nil {
 			return nil, nil, fmt.Errorf("find the guest kernel: %w", err)
@@ -60,6 +63,24 @@ func (d *discovery) get(ctx context.Context, mem guestmem.Source) (*introspect.K
 		}
 	}
 	return d.kernel.On(mem), d.offsets, nil
+}
+
+// inLongMode says why no x86-64 kernel can be running yet when no vCPU
+// has EFER.LMA set: the guest is still in its firmware or boot loader.
+// Looking for the kernel then would read all of guest memory for nothing,
+// and, where guest RAM is a memfd, make the host allocate the pages the
+// guest has not touched (a read fault on a hole of a shared memfd
+// mapping allocates one). Without registers (nil) the search goes on.
+func inLongMode(cpus []guestmem.CPU) error {
+	if len(cpus) == 0 {
+		return nil
+	}
+	for _, c := range cpus {
+		if c.EFER&guestmem.EFERLMA != 0 {
+			return nil
+		}
+	}
+	return fmt.Errorf("no vCPU is in 64-bit mode yet (vCPU %d: %s mode): the guest is still in its firmware or boot loader", cpus[0].ID, cpus[0].Mode())
 }
 
 // missing is how many members an error of FindOffsets lacks (0 for nil).
