@@ -135,8 +135,8 @@ func (v *VM) Wait(ctx context.Context, cond func(*VM) bool) error {
 }
 
 // Changes counts the changes Wait wakes for (VM created, vCPU captured,
-// memslot set, MSRs read): a reader that remembers it knows whether
-// anything it copied may be stale.
+// memslot set): a reader that remembers it knows whether anything it
+// copied may be stale.
 func (v *VM) Changes() uint64 { return v.changes.Load() }
 
 // notify wakes Wait callers. Precondition: v.mu held.
@@ -243,9 +243,8 @@ func (v *VM) msrsRead(fd int, vals map[uint32]uint64) {
 	maps.Copy(c.msrs, vals)
 	c.msrsAt = time.Now()
 	c.mu.Unlock()
-	v.mu.Lock()
-	v.notify()
-	v.mu.Unlock()
+	// No notify: Wait is for the VM's shape (vCPUs, memslots), and QEMU
+	// reads MSRs at every `info registers`; readers ask MSRs for them.
 }
 
 // MSRs returns the guest MSRs of vCPU id that KVM last reported to QEMU,

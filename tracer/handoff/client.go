@@ -24,6 +24,8 @@ type Client struct {
 	hello Hello
 
 	state   atomic.Pointer[State]
+	msrsMu  sync.Mutex
+	msrs    map[int]MSRs  // by vCPU id, as the last Registers or ReadMSRs brought them
 	done    chan struct{} // closed when QEMU is gone or the keeper hung up
 	doneErr error
 	once    sync.Once
@@ -31,7 +33,7 @@ type Client struct {
 
 // Dial starts talking to the keeper on conn and fetches the VM's state.
 func Dial(ctx context.Context, conn net.Conn) (*Client, error) {
-	c := &Client{rpc: rpc.NewClient(conn), done: make(chan struct{})}
+	c := &Client{rpc: rpc.NewClient(conn), done: make(chan struct{}), msrs: map[int]MSRs{}}
 	if err := c.call(ctx, "Hello", struct{}{}, &c.hello); err != nil {
 		c.rpc.Close()
 		return nil, fmt.Errorf("keeper: %w", err)
@@ -139,32 +141,51 @@ func (c *Client) MemslotGen() uint64 { return c.state.Load().Changes }
 // VCPUs lists the captured vCPUs.
 func (c *Client) VCPUs() []tracer.VCPUInfo { return c.state.Load().VCPUs }
 
-// MSRs are vCPU id's MSRs as KVM last reported them.
+// MSRs are vCPU id's MSRs as KVM last reported them, as of the last
+// Registers or ReadMSRs of that vCPU (guestmem.Live asks right after
+// Registers).
 func (c *Client) MSRs(id int) (map[uint32]uint64, time.Time) {
-	m := c.state.Load().MSRs[id]
+	c.msrsMu.Lock()
+	defer c.msrsMu.Unlock()
+	m := c.msrs[id]
 	return m.Vals, m.At
+}
+
+func (c *Client) keepMSRs(id int, m MSRs) {
+	c.msrsMu.Lock()
+	defer c.msrsMu.Unlock()
+	c.msrs[id] = m
 }
 
 // Registers are fresh registers of vCPU id (tracer.VM.Registers).
 func (c *Client) Registers(ctx context.Context, id int) (tracer.Sample, error) {
-	var s tracer.Sample
-	err := c.call(ctx, "Registers", id, &s)
-	return s, err
+	var r Regs
+	err := c.call(ctx, "Registers", id, &r)
+	if err == nil {
+		c.keepMSRs(id, r.MSRs)
+	}
+	return r.Sample, err
 }
 
 // ReadMSRs has KVM read MSRs of vCPU id (tracer.VM.ReadMSRs).
 func (c *Client) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error) {
-	var m map[uint32]uint64
-	err := c.call(ctx, "ReadMSRs", MSRArgs{ID: id, Indices: indices}, &m)
-	if err == nil {
-		c.Refresh(ctx)
+	var m MSRs
+	if err := c.call(ctx, "ReadMSRs", MSRArgs{ID: id, Indices: indices}, &m); err != nil {
+		return nil, err
 	}
-	return m, err
+	c.keepMSRs(id, m)
+	out := make(map[uint32]uint64, len(indices))
+	for _, i := range indices {
+		if v, ok := m.Vals[i]; ok {
+			out[i] = v
+		}
+	}
+	return out, nil
 }
 
 // Refresh fetches the keeper's state now, so what follows sees every
-// change made before (the MSRs ReadMSRs recorded; QEMU's daemon), not
-// only those the long poll has brought.
+// change made before (QEMU's daemon after -daemonize), not only those
+// the long poll has brought.
 func (c *Client) Refresh(ctx context.Context) {
 	var st State
 	if c.call(ctx, "Watch", Seen{Changes: ^uint64(0)}, &st) == nil && st.Changes >= c.state.Load().Changes {

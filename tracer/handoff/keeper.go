@@ -138,7 +138,6 @@ type State struct {
 	QEMUPid  int
 	Memslots []tracer.Memslot
 	VCPUs    []tracer.VCPUInfo
-	MSRs     map[int]MSRs
 	Done     bool // QEMU is gone
 }
 
@@ -150,12 +149,7 @@ type MSRs struct {
 
 func (s *session) state() State {
 	vm := s.k.t.VM()
-	st := State{Changes: vm.Changes(), Pid: vm.Pid(), QEMUPid: s.k.t.QEMUPid(), Memslots: vm.Memslots(), VCPUs: vm.VCPUs(), MSRs: map[int]MSRs{}}
-	for _, c := range st.VCPUs {
-		if m, at := vm.MSRs(c.ID); !at.IsZero() {
-			st.MSRs[c.ID] = MSRs{Vals: m, At: at}
-		}
-	}
+	st := State{Changes: vm.Changes(), Pid: vm.Pid(), QEMUPid: s.k.t.QEMUPid(), Memslots: vm.Memslots(), VCPUs: vm.VCPUs()}
 	st.Done = s.done()
 	return st
 }
@@ -197,11 +191,19 @@ func (s *session) done() bool {
 	}
 }
 
-func (s *session) Registers(id int, r *tracer.Sample) error {
+// Regs are fresh registers of a vCPU and its MSRs as KVM last reported
+// them (what guestmem.Live asks for together).
+type Regs struct {
+	Sample tracer.Sample
+	MSRs   MSRs
+}
+
+func (s *session) Registers(id int, r *Regs) error {
 	ctx, cancel := s.callCtx(5 * time.Second)
 	defer cancel()
 	smp, err := s.k.t.VM().Registers(ctx, id)
-	*r = smp
+	r.Sample = smp
+	r.MSRs.Vals, r.MSRs.At = s.k.t.VM().MSRs(id)
 	return err
 }
 
@@ -211,12 +213,19 @@ type MSRArgs struct {
 	Indices []uint32
 }
 
-func (s *session) ReadMSRs(a MSRArgs, r *map[uint32]uint64) error {
+// ReadMSRs has KVM read MSRs; the reply is what tracer.VM.MSRs holds then.
+func (s *session) ReadMSRs(a MSRArgs, r *MSRs) error {
 	ctx, cancel := s.callCtx(5 * time.Second)
 	defer cancel()
 	m, err := s.k.t.VM().ReadMSRs(ctx, a.ID, a.Indices)
-	*r = m
-	return err
+	if err != nil {
+		return err
+	}
+	r.Vals, r.At = s.k.t.VM().MSRs(a.ID)
+	if r.Vals == nil {
+		r.Vals = m
+	}
+	return nil
 }
 
 // SetRegs writes New over a vCPU's general registers if they still are
