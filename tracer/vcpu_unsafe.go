@@ -93,3 +93,22 @@ var (
 	_ [24]byte  = [unsafe.Sizeof(KVMSegment{})]byte{}
 	_ [312]byte = [unsafe.Sizeof(KVMSregs{})]byte{}
 )
+
+// MarshalBinary is the registers as KVM lays them out (struct kvm_regs then
+// struct kvm_sregs, native byte order): how they cross the socket to the
+// analysis process (tracer/handoff), which gob would otherwise encode
+// field by field, about 150 of them, at every register read.
+func (s SyncRegs) MarshalBinary() ([]byte, error) {
+	b := make([]byte, unsafe.Sizeof(s))
+	*(*SyncRegs)(unsafe.Pointer(&b[0])) = s
+	return b, nil
+}
+
+// UnmarshalBinary is the inverse of MarshalBinary.
+func (s *SyncRegs) UnmarshalBinary(b []byte) error {
+	if len(b) != int(unsafe.Sizeof(*s)) {
+		return fmt.Errorf("registers: %d bytes, want %d", len(b), unsafe.Sizeof(*s))
+	}
+	*s = *(*SyncRegs)(unsafe.Pointer(&b[0]))
+	return nil
+}

@@ -159,3 +159,21 @@ func TestHangUpReleasesPause(t *testing.T) {
 		t.Error("the client did not see the hang-up")
 	}
 }
+
+// TestRegsRoundTrip: registers cross the socket bit for bit (their binary
+// form), and a short or long form is an error, not a panic.
+func TestRegsRoundTrip(t *testing.T) {
+	var s tracer.SyncRegs
+	s.Regs.RIP, s.Regs.R15, s.Sregs.CR3, s.Sregs.CS.L, s.Sregs.IDT.Limit = 0xffffffff81000000, 7, 0x1234000, 1, 0xfff
+	b, err := s.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back tracer.SyncRegs
+	if err := back.UnmarshalBinary(b); err != nil || back != s {
+		t.Fatalf("round trip: %+v (%v)", back, err)
+	}
+	if err := back.UnmarshalBinary(b[1:]); err == nil {
+		t.Error("a short form was taken")
+	}
+}
