@@ -138,21 +138,3 @@ func checkRegs(new, old KVMRegs, s KVMSregs) error {
 
 // u64 is the kvm_run field at off.
 func (r *kvmRun) u64(off int) *uint64 { return (*uint64)(unsafe.Pointer(&r.mem[off])) }
-
-// StoredRegisters are the general registers of vCPU id as KVM last stored
-// them in kvm_run (no kick): while QEMU is paused, its current ones, what
-// SetRegisters's change would get.
-func (v *VM) StoredRegisters(id int) (KVMRegs, error) {
-	v.mu.Lock()
-	c := v.vcpus[id]
-	v.mu.Unlock()
-	if c == nil {
-		return KVMRegs{}, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.gone {
-		return KVMRegs{}, fmt.Errorf("vCPU %d: its thread has exited", id)
-	}
-	return c.run.syncRegs().Regs, nil
-}

@@ -31,9 +31,10 @@ type VM struct {
 	slotGen   atomic.Uint64 // bumped at every memslot table change
 	vcpus     map[int]*VCPU // by vCPU id
 	byTID     map[int]*VCPU
-	changed   chan struct{} // closed and replaced at every change
-	changes   atomic.Uint64 // counts changes (Changes)
-	detached  atomic.Bool   // Tracer.Detach: the tracer is letting go
+	changed   chan struct{}             // closed and replaced at every change
+	changes   atomic.Uint64             // counts changes (Changes)
+	detached  atomic.Bool               // Tracer.Detach: the tracer is letting go
+	board     atomic.Pointer[RegsBoard] // Publish: snapshots go there too
 
 	// inject runs a system call as QEMU on a thread (Tracer.inject).
 	inject func(ctx context.Context, pid, tid int, sc Syscall) (int64, error)
@@ -133,6 +134,10 @@ func (v *VM) Wait(ctx context.Context, cond func(*VM) bool) error {
 		}
 	}
 }
+
+// Publish makes every register snapshot from now on also go to board, for
+// another process to read (RegsBoard.Sample).
+func (v *VM) Publish(board *RegsBoard) { v.board.Store(board) }
 
 // Changes counts the changes Wait wakes for (VM created, vCPU captured,
 // memslot set): a reader that remembers it knows whether anything it
@@ -329,6 +334,9 @@ func (v *VM) snapshot(tid int) {
 	c.regs = c.run.syncRegs()
 	c.at = time.Now()
 	c.seq++
+	if b := v.board.Load(); b != nil {
+		b.publish(c.ID, c.regs, c.at)
+	}
 	// Re-assert our request in case something cleared it (unless we
 	// are letting go: Detach put QEMU's value back).
 	if !v.detached.Load() {
@@ -364,6 +372,27 @@ var ErrNoVCPU = errors.New("no such vCPU")
 // kickTimeout bounds how long one kick waits for the vCPU to stop.
 const kickTimeout = 50 * time.Millisecond
 
+// kickUntil sends QEMU's own kick (SIGUSR1) to vCPU thread tid of pid, up
+// to three times, until the wait that arm returns (armed before each kick,
+// bounded by kickTimeout) sees the tracer's copy of the registers. It
+// reports whether one did; an error is a kick that could not be sent or
+// the end of ctx.
+func kickUntil(ctx context.Context, pid, tid int, arm func() func(context.Context) bool) (bool, error) {
+	for attempt := 0; attempt < 3; attempt++ {
+		wait := arm()
+		if err := unix.Tgkill(pid, tid, unix.SIGUSR1); err != nil {
+			return false, fmt.Errorf("kick: %w", err)
+		}
+		if wait(ctx) {
+			return true, nil
+		}
+		if err := ctx.Err(); err != nil {
+			return false, err
+		}
+	}
+	return false, nil
+}
+
 // Registers returns fresh registers of vCPU id: it kicks the vCPU thread with
 // SIGUSR1, QEMU's own kick signal, which makes KVM_RUN return; the tracer
 // copies the registers at the signal's delivery stop and re-injects the
@@ -376,32 +405,52 @@ func (v *VM) Registers(ctx context.Context, id int) (Sample, error) {
 	if c == nil {
 		return Sample{}, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
 	}
-	for attempt := 0; attempt < 3; attempt++ {
+	c.mu.Lock()
+	gone := c.gone
+	c.mu.Unlock()
+	if gone {
+		return Sample{}, fmt.Errorf("vCPU %d: its thread has exited", id)
+	}
+	var got Sample
+	answered, err := kickUntil(ctx, pid, c.TID, func() func(context.Context) bool {
 		c.mu.Lock()
-		if c.gone {
-			c.mu.Unlock()
-			return Sample{}, fmt.Errorf("vCPU %d: its thread has exited", id)
-		}
 		seq, ch := c.seq, c.updated
 		c.mu.Unlock()
-		if err := unix.Tgkill(pid, c.TID, unix.SIGUSR1); err != nil {
-			return Sample{}, fmt.Errorf("kick vCPU %d: %w", id, err)
+		return func(ctx context.Context) bool {
+			timer := time.NewTimer(kickTimeout)
+			defer timer.Stop()
+			select {
+			case <-ch:
+				c.mu.Lock()
+				got = Sample{ID: id, Regs: c.regs, At: c.at, Fresh: c.seq > seq}
+				c.mu.Unlock()
+				return true
+			case <-ctx.Done():
+			case <-timer.C:
+			}
+			return false
 		}
-		timer := time.NewTimer(kickTimeout)
-		select {
-		case <-ch:
-			timer.Stop()
-			c.mu.Lock()
-			s := Sample{ID: id, Regs: c.regs, At: c.at, Fresh: c.seq > seq}
-			c.mu.Unlock()
-			return s, nil
-		case <-ctx.Done():
-			timer.Stop()
-			return Sample{}, ctx.Err()
-		case <-timer.C:
-		}
+	})
+	if err != nil {
+		return Sample{}, fmt.Errorf("vCPU %d: %w", id, err)
+	}
+	if answered {
+		return got, nil
 	}
 	// Not running: what KVM stored at the last exit is the current state.
+	return v.Stored(id)
+}
+
+// Stored returns the registers KVM stored in vCPU id's kvm_run at its last
+// exit, without a kick (not Fresh): the current ones of a vCPU that QEMU
+// holds outside KVM_RUN.
+func (v *VM) Stored(id int) (Sample, error) {
+	v.mu.Lock()
+	c := v.vcpus[id]
+	v.mu.Unlock()
+	if c == nil {
+		return Sample{}, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.gone {

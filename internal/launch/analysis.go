@@ -5,15 +5,18 @@ package launch
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/session"
+	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/kvmscope/kvmscope/tracer/handoff"
 	"github.com/rs/zerolog"
 )
@@ -24,7 +27,7 @@ import (
 // until QEMU is gone. Everything that parses guest memory runs here, so
 // when it crashes the keeper starts a new one and QEMU never notices.
 func runAnalysis(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
-	closeInheritedFDs(analysisConnFD, analysisAPIFD)
+	closeInheritedFDs(analysisConnFD, analysisAPIFD, analysisBoardFD)
 	dir := socketDir(o)
 	log, closeLog := processLog(o, qa, dir, true)
 	defer closeLog()
@@ -55,6 +58,16 @@ func runAnalysis(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		return 1, nil
 	}
 	defer keeper.Close()
+	// fd 5 is the board only if the keeper made one; else it may be any
+	// fd of ours (the runtime's), which a File must not take.
+	if l, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", analysisBoardFD)); !strings.HasPrefix(l, "/memfd:kvmscope-regs") {
+		log.Debug().Msg("no register board: registers through the tracer's process")
+	} else if board, err := tracer.OpenRegsBoard(os.NewFile(analysisBoardFD, "kvmscope-regs")); err != nil {
+		log.Warn().Err(err).Msg("register board: registers through the tracer's process")
+	} else {
+		defer board.Close()
+		keeper.UseBoard(board)
+	}
 	sock, err := socketOf(o, dir, name)
 	if err != nil {
 		log.Error().Err(err).Msg("analysis")

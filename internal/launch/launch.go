@@ -204,7 +204,17 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 			log.Error().Err(err).Msg("API disabled")
 		} else {
 			defer ln.Close() // removes the socket
-			an, err = startAnalysis(queues.Keeper(t), ln, ts, log)
+			// Register snapshots go to a board the analysis process
+			// reads without asking us (tracer.RegsBoard).
+			var boardFile *os.File
+			if board, err := tracer.NewRegsBoard(); err != nil {
+				log.Warn().Err(err).Msg("registers go through the socket")
+			} else {
+				defer board.Close()
+				t.VM().Publish(board)
+				boardFile = board.File()
+			}
+			an, err = startAnalysis(queues.Keeper(t), ln, boardFile, ts, log)
 			if err != nil {
 				log.Error().Err(err).Msg("API disabled")
 			} else {

@@ -21,17 +21,19 @@ const analysisStage = 3
 
 // The fds an analysis process is started with.
 const (
-	analysisConnFD = 3 // its end of the socket to the keeper
-	analysisAPIFD  = 4 // the API socket's listener, which the keeper keeps
+	analysisConnFD  = 3 // its end of the socket to the keeper
+	analysisAPIFD   = 4 // the API socket's listener, which the keeper keeps
+	analysisBoardFD = 5 // the register board (tracer.RegsBoard), when there is one
 )
 
 // analysis runs the analysis process for the keeper, and a new one each
 // time one dies while QEMU runs.
 type analysis struct {
-	k   *handoff.Keeper
-	ln  *os.File
-	ts  tracerStage
-	log zerolog.Logger
+	k     *handoff.Keeper
+	ln    *os.File
+	board *os.File // nil: registers go through the socket
+	ts    tracerStage
+	log   zerolog.Logger
 
 	mu       sync.Mutex
 	pidfd    int // the running one's, -1 between two
@@ -39,8 +41,9 @@ type analysis struct {
 	done     chan struct{} // closed when the last one has exited
 }
 
-// startAnalysis starts the analysis process, which serves the API on ln.
-func startAnalysis(k *handoff.Keeper, ln net.Listener, ts tracerStage, log zerolog.Logger) (*analysis, error) {
+// startAnalysis starts the analysis process, which serves the API on ln
+// and reads registers from board (nil: through the socket).
+func startAnalysis(k *handoff.Keeper, ln net.Listener, board *os.File, ts tracerStage, log zerolog.Logger) (*analysis, error) {
 	ul, ok := ln.(*net.UnixListener)
 	if !ok {
 		return nil, fmt.Errorf("API socket: %T is not a unix listener", ln)
@@ -49,7 +52,7 @@ func startAnalysis(k *handoff.Keeper, ln net.Listener, ts tracerStage, log zerol
 	if err != nil {
 		return nil, fmt.Errorf("API socket: %w", err)
 	}
-	a := &analysis{k: k, ln: f, ts: ts, log: log, pidfd: -1, done: make(chan struct{})}
+	a := &analysis{k: k, ln: f, board: board, ts: ts, log: log, pidfd: -1, done: make(chan struct{})}
 	started := make(chan error, 1)
 	go a.supervise(started)
 	return a, <-started
@@ -145,9 +148,13 @@ func (a *analysis) start() (int, error) {
 	}()
 	st := a.ts
 	st.fd = analysisConnFD
+	files := []uintptr{devNull(), pw.Fd(), pw.Fd(), theirs.Fd(), a.ln.Fd()} // fds 0-4
+	if a.board != nil {
+		files = append(files, a.board.Fd()) // fd 5
+	}
 	pid, err := syscall.ForkExec(self(), os.Args, &syscall.ProcAttr{
 		Env:   append(os.Environ(), st.env(analysisStage)),
-		Files: []uintptr{devNull(), pw.Fd(), pw.Fd(), theirs.Fd(), a.ln.Fd()}, // fds 0-4
+		Files: files,
 		Sys:   &syscall.SysProcAttr{Cloneflags: unix.CLONE_PARENT},
 	})
 	if err != nil {

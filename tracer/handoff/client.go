@@ -24,6 +24,7 @@ type Client struct {
 	hello Hello
 
 	state   atomic.Pointer[State]
+	board   *tracer.RegsBoard // UseBoard
 	msrsMu  sync.Mutex
 	msrs    map[int]MSRs  // by vCPU id, as the last Registers or ReadMSRs brought them
 	done    chan struct{} // closed when QEMU is gone or the keeper hung up
@@ -157,10 +158,36 @@ func (c *Client) keepMSRs(id int, m MSRs) {
 	c.msrs[id] = m
 }
 
-// Registers are fresh registers of vCPU id (tracer.VM.Registers).
+// UseBoard has Registers kick vCPUs itself and read the copies the
+// keeper's tracer publishes on board (tracer.RegsBoard), instead of
+// asking the keeper: a register read then costs no round trip.
+func (c *Client) UseBoard(board *tracer.RegsBoard) { c.board = board }
+
+// Registers are fresh registers of vCPU id (tracer.VM.Registers): from
+// the board when there is one and the vCPU answers its kick, else from the
+// keeper.
 func (c *Client) Registers(ctx context.Context, id int) (tracer.Sample, error) {
+	method := "Registers"
+	if c.board != nil {
+		st := c.state.Load()
+		for _, v := range st.VCPUs {
+			if v.ID != id {
+				continue
+			}
+			s, ok, err := c.board.Sample(ctx, st.Pid, v.TID, id)
+			if err != nil {
+				return s, fmt.Errorf("vCPU %d: %w", id, err)
+			}
+			if ok {
+				return s, nil
+			}
+			// Kicked three times without an answer: QEMU holds the
+			// vCPU outside KVM_RUN, and kvm_run has its registers.
+			method = "Stored"
+		}
+	}
 	var r Regs
-	err := c.call(ctx, "Registers", id, &r)
+	err := c.call(ctx, method, id, &r)
 	if err == nil {
 		c.keepMSRs(id, r.MSRs)
 	}
@@ -200,10 +227,11 @@ func (c *Client) Refresh(ctx context.Context) {
 func (c *Client) SetRegisters(id int, change func(*tracer.KVMRegs)) (old, new tracer.KVMRegs, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	var cur tracer.KVMRegs
-	if err := c.call(ctx, "StoredRegisters", id, &cur); err != nil {
+	var stored Regs
+	if err := c.call(ctx, "Stored", id, &stored); err != nil {
 		return old, new, err
 	}
+	cur := stored.Sample.Regs.Regs
 	want := cur
 	change(&want)
 	var r RegsWritten

@@ -116,12 +116,44 @@ func TestClient(t *testing.T) {
 	if _, err := c.Registers(ctx, 7); err == nil || !strings.Contains(err.Error(), tracer.ErrNoVCPU.Error()) {
 		t.Errorf("registers of a vCPU that does not exist: %v", err)
 	}
+	// The register board: the client kicks the vCPU itself and reads
+	// the tracer's copy from shared memory, fresh.
+	board, err := tracer.NewRegsBoard()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer board.Close()
+	tr.VM().Publish(board)
+	f, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", board.File().Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	view, err := tracer.OpenRegsBoard(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer view.Close()
+	smp, ok, err := view.Sample(ctx, tr.VM().Pid(), c.VCPUs()[0].TID, 0)
+	if err != nil || !ok || !smp.Fresh || smp.Regs.Sregs.EFER&(1<<10) == 0 {
+		t.Fatalf("a kick answered on the board: %v %+v (%v)", ok, smp, err)
+	}
+	c.UseBoard(view)
+	before := s.At
+	if s, err = c.Registers(ctx, 0); err != nil || !s.Fresh || !s.At.After(before) || s.Regs.Sregs.EFER&(1<<10) == 0 {
+		t.Fatalf("registers of vCPU 0 from the board: %+v (%v)", s, err)
+	}
+
 	resume, err := c.Pause(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := stoppedThreads(c.QEMUPid()); n == 0 {
 		t.Error("paused, and no QEMU thread is stopped")
+	}
+	// Paused, the vCPU cannot answer a kick: the registers are the ones
+	// kvm_run holds, not fresh.
+	if s, err := c.Registers(ctx, 0); err != nil || s.Fresh || s.Regs.Sregs.EFER&(1<<10) == 0 {
+		t.Errorf("registers of a paused vCPU: %+v (%v)", s, err)
 	}
 	resume()
 	waitFor(t, "QEMU to run on after resume", func() bool { return stoppedThreads(c.QEMUPid()) == 0 })

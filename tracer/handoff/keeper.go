@@ -229,7 +229,7 @@ func (s *session) ReadMSRs(a MSRArgs, r *MSRs) error {
 }
 
 // SetRegs writes New over a vCPU's general registers if they still are
-// Old (what StoredRegisters returned): the change was computed in the
+// Old (what Stored returned): the change was computed in the
 // analysis process, and a func cannot cross the socket.
 type SetRegs struct {
 	ID       int
@@ -239,9 +239,11 @@ type SetRegs struct {
 // RegsWritten are the registers before and after (tracer.VM.SetRegisters).
 type RegsWritten struct{ Old, New tracer.KVMRegs }
 
-func (s *session) StoredRegisters(id int, r *tracer.KVMRegs) error {
-	regs, err := s.k.t.VM().StoredRegisters(id)
-	*r = regs
+// Stored is tracer.VM.Stored, with the vCPU's MSRs.
+func (s *session) Stored(id int, r *Regs) error {
+	smp, err := s.k.t.VM().Stored(id)
+	r.Sample = smp
+	r.MSRs.Vals, r.MSRs.At = s.k.t.VM().MSRs(id)
 	return err
 }
 
