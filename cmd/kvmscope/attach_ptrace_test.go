@@ -83,6 +83,7 @@ func TestAttachPtrace(t *testing.T) {
 	// A register write makes the guest publish what only the host knows.
 	const seen = 0x5eed
 	_, errOut, code := kvmscope(t, "regs", "set", "--api", sock, "--vcpu", "0", fmt.Sprintf("r15=%#x", uint64(testguest.RegsMagic)), fmt.Sprintf("r14=%#x", seen))
+
 	if code != 0 {
 		t.Fatalf("regs set: code %d: %s", code, errOut)
 	}
@@ -125,6 +126,15 @@ func TestAttachPtrace(t *testing.T) {
 	waitFor(t, 10*time.Second, "the counter to go on after kill -9", func() bool { return readU64(t, c, testguest.CounterGPA) > counter })
 	cmd.Process.Signal(syscall.SIGTERM)
 	cmd.Wait()
+
+	// A QEMU that kvmscope run traces is refused, in one line.
+	runQMP := filepath.Join(dir, "run-qmp.sock")
+	r := startRun(t, nil, append(tinyGuest(t, 1, ""), "-qmp", "unix:"+runQMP+",server=on,wait=off")...)
+	waitReady(t, r.client())
+	_, errOut, code = kvmscope(t, "attach", "--pid", strconv.Itoa(qemuPid(t, r)), "--qmp", runQMP, "--ptrace", "--api", filepath.Join(dir, "other.sock"))
+	if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, "traced already") {
+		t.Errorf("attach --ptrace to a VM under run: code %d: %q", code, errOut)
+	}
 
 	qemu.Process.Signal(syscall.SIGTERM)
 	err := qemu.Wait()
