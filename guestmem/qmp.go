@@ -2,7 +2,6 @@ package guestmem
 
 import (
 	"context"
-	"encoding/json"
 
 	"github.com/kvmscope/kvmscope/guestmem/qmp"
 )
@@ -15,8 +14,7 @@ type QMP = qmp.Client
 // through QMP's human-monitor-command. *QMP speaks it on a QMP socket,
 // qmp.Virsh through libvirt (virsh qemu-monitor-command).
 type Monitor interface {
-	Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error)
-	HMP(ctx context.Context, cmdline string) (string, error)
+	Commands
 	Close() error
 }
 

@@ -2,7 +2,6 @@ package session
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -60,16 +59,12 @@ func (s *Session) openStub(ctx context.Context) (*stub, error) {
 	if err != nil {
 		return nil, err
 	}
-	status, err := q.Execute(ctx, "query-status", nil)
+	running, status, err := guestmem.Status(ctx, q)
 	if err != nil {
-		return nil, fmt.Errorf("QMP query-status: %w", err)
+		return nil, err
 	}
-	var st struct {
-		Running bool   `json:"running"`
-		Status  string `json:"status"`
-	}
-	if err := json.Unmarshal(status, &st); err != nil || !st.Running {
-		return nil, fmt.Errorf("the VM is not running (%s): kvmscope acts only in a running guest, and would resume it", st.Status)
+	if !running {
+		return nil, fmt.Errorf("the VM is not running (%s): kvmscope acts only in a running guest, and would resume it", status)
 	}
 	// One gdbstub per QEMU: `gdbserver` would take over a debugger's
 	// (QEMU's chardev "gdb", from -s, -gdb or an earlier gdbserver).

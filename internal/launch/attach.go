@@ -73,7 +73,7 @@ func (a *attachTarget) Pause(ctx context.Context) (func(), error) {
 	if a.tr != nil {
 		return a.tr.Pause(ctx)
 	}
-	running, err := qmpRunning(ctx, a.qmp)
+	running, _, err := guestmem.Status(ctx, a.qmp)
 	if err != nil {
 		return nil, err
 	}
@@ -111,20 +111,6 @@ func (a *attachTarget) Describe() api.VM {
 		out.Regions = append(out.Regions, api.RegionOut{GPA: api.Hex64(rg.GPA), Size: api.Hex64(rg.Size), ReadOnly: rg.ReadOnly, Name: rg.Name})
 	}
 	return out
-}
-
-func qmpRunning(ctx context.Context, q guestmem.Monitor) (bool, error) {
-	raw, err := q.Execute(ctx, "query-status", nil)
-	if err != nil {
-		return false, fmt.Errorf("QMP query-status: %w", err)
-	}
-	var st struct {
-		Running bool `json:"running"`
-	}
-	if err := json.Unmarshal(raw, &st); err != nil {
-		return false, fmt.Errorf("QMP query-status: %w", err)
-	}
-	return st.Running, nil
 }
 
 // Attach serves the API of the running QEMU o.PID until it exits or
