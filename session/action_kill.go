@@ -289,9 +289,12 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 		if task, err := k.current(ctx, thread, "k_gs_base"); err != nil || task != k.task {
 			return false, false, err
 		}
+		// A page the task has not faulted in yet cannot be read (the
+		// entry point of a program it has just executed): no syscall
+		// to borrow there either.
 		code, err := k.ReadMemory(ctx, thread, rip-2, 4)
 		if err != nil {
-			return false, false, err
+			code = make([]byte, 4)
 		}
 		var at uint64
 		switch {
@@ -303,7 +306,8 @@ func (k *killer) stop(ctx context.Context, thread int, rip uint64) (done, next b
 			at = rip
 		default:
 			// Not back from a system call (execve returns to the new
-			// program's entry point): no syscall instruction to borrow,
+			// program's entry point), or its code could not be read: no
+			// syscall instruction to borrow,
 			// so not a point to act at. Nothing was changed; choose
 			// again at the next system call.
 			k.a.Skipped++
