@@ -49,12 +49,24 @@ type memfdRAM struct {
 type memfdView struct {
 	data []byte
 	name string
+	file *memfdFile // the mapping data is part of
+	base uint64     // where data starts in file.mem
 }
 
 // memfdFile is our read-only mapping of the same file range that QEMU maps
-// at Start..End.
+// at Start..End, and the file itself, for the pages not known to be there.
+//
+// A read fault on a hole of a shared memfd mapping allocates the page (the
+// guest's RAM would grow on the host by every page a scan reads that the
+// guest never touched), so a page is copied from the mapping only once
+// mincore(2) has found it in the file; any other is read with pread(2),
+// which reads a hole as zeros without allocating and a swapped-out page as
+// it is.
 type memfdFile struct {
-	mem []byte
+	mem     []byte
+	fd      int
+	off     uint64          // the file offset of mem[0]
+	present []atomic.Uint64 // a bit per page of mem: found in the file
 }
 
 // procMapping is one line of /proc/PID/maps (see proc(5)).
@@ -244,7 +256,7 @@ func (m *memfdRAM) refresh(pid int, rs []procRange) {
 			// The file is shorter than QEMU's mapping (see mapMemfd).
 			continue
 		}
-		m.views[i] = memfdView{data: f.mem[off : off+r.Size : off+r.Size], name: strings.TrimPrefix(strings.TrimSuffix(pm.Path, " (deleted)"), "/")}
+		m.views[i] = memfdView{data: f.mem[off : off+r.Size : off+r.Size], name: strings.TrimPrefix(strings.TrimSuffix(pm.Path, " (deleted)"), "/"), file: f, base: off}
 	}
 	m.err = errors.Join(errs...)
 }
@@ -296,8 +308,8 @@ func (m *memfdRAM) readAt(pid int, rs []procRange, p []byte, gpa int64) (int, er
 		n := min(uint64(len(p)-done), r.Size-off, maxIO)
 		dst := p[done : done+int(n)]
 		served := false
-		if v := views[i].data; v != nil {
-			if copyMapped(dst, v[off:off+n]) == nil {
+		if v := views[i]; v.data != nil {
+			if copyMapped(v, dst, off) == nil {
 				served = true
 			} else {
 				m.faults.Add(1)
@@ -379,14 +391,14 @@ func (m *memfdRAM) readBatch(pid int, rs []procRange, reqs []PhysReq) {
 	}
 }
 
-// mappedView returns the bytes of our mapping that hold r, if one does.
-func mappedView(key []procRange, views []memfdView, r PhysReq) ([]byte, bool) {
+// mappedView returns the view of our mapping that holds r, and r's offset
+// in it, if one does.
+func mappedView(key []procRange, views []memfdView, r PhysReq) (memfdView, uint64, bool) {
 	j, ok := findRangeIndex(key, r.GPA)
 	if !ok || views[j].data == nil || r.GPA+uint64(len(r.Buf)) > key[j].GPA+key[j].Size {
-		return nil, false
+		return memfdView{}, 0, false
 	}
-	off := r.GPA - key[j].GPA
-	return views[j].data[off : off+uint64(len(r.Buf))], true
+	return views[j], r.GPA - key[j].GPA, true
 }
 
 // rlockCurrent takes m.mu for reading with the views built for rs (or a

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -24,7 +25,12 @@ func mapMemfd(pid int, pm procMapping) (*memfdFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer unix.Close(fd)
+	keep := false
+	defer func() {
+		if !keep {
+			unix.Close(fd)
+		}
+	}()
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("fstat %s: %w", pm.Path, err)
@@ -50,7 +56,45 @@ func mapMemfd(pid int, pm procMapping) (*memfdFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mmap %s: %w", pm.Path, err)
 	}
-	return &memfdFile{mem: mem}, nil
+	keep = true
+	pages := (length + pageSize - 1) / pageSize
+	return &memfdFile{mem: mem, fd: fd, off: pm.Offset, present: make([]atomic.Uint64, (pages+63)/64)}, nil
+}
+
+const pageSize = 4096
+
+// has reports whether page i of f.mem is in the file, asking mincore(2)
+// (which allocates nothing) the first time and remembering a yes: the
+// guest does not give pages back often (a balloon or a discard punches
+// holes; one punched after we saw the page is allocated again when read).
+func (f *memfdFile) has(i uint64) bool {
+	w, bit := &f.present[i/64], uint64(1)<<(i%64)
+	if w.Load()&bit != 0 {
+		return true
+	}
+	if !resident(f.mem[i*pageSize : i*pageSize+pageSize]) {
+		return false
+	}
+	w.Or(bit)
+	return true
+}
+
+// read copies len(dst) bytes at off in view v: from the mapping where the
+// page is in the file, else with pread (see memfdFile).
+func (v memfdView) read(dst []byte, off uint64) error {
+	f := v.file
+	for done := 0; done < len(dst); {
+		at := v.base + off + uint64(done)
+		page := at / pageSize
+		n := min(len(dst)-done, int(pageSize-at%pageSize))
+		if f.has(page) {
+			copy(dst[done:done+n], f.mem[at:at+uint64(n)])
+		} else if got, err := unix.Pread(f.fd, dst[done:done+n], int64(f.off+at)); err != nil || got != n {
+			return fmt.Errorf("pread guest RAM at file offset %#x: %d bytes, %v", f.off+at, got, err)
+		}
+		done += n
+	}
+	return nil
 }
 
 // openMappedFile opens, read-only, the file behind QEMU's mapping pm.
@@ -100,13 +144,14 @@ func (f *memfdFile) unmap() {
 	if f.mem != nil {
 		unix.Munmap(f.mem)
 		f.mem = nil
+		unix.Close(f.fd)
 	}
 }
 
-// copyMapped copies src, part of a file mapping, into dst. A fault while
+// copyMapped copies len(dst) bytes at off of view v into dst. A fault while
 // copying (the file was truncated under us: SIGBUS) becomes an error instead
 // of killing the process, and the caller falls back to process_vm_readv.
-func copyMapped(dst, src []byte) (err error) {
+func copyMapped(v memfdView, dst []byte, off uint64) (err error) {
 	old := debug.SetPanicOnFault(true)
 	defer func() {
 		debug.SetPanicOnFault(old)
@@ -114,8 +159,7 @@ func copyMapped(dst, src []byte) (err error) {
 			err = fmt.Errorf("fault reading mapped guest RAM: %v", r)
 		}
 	}()
-	copy(dst, src)
-	return nil
+	return v.read(dst, off)
 }
 
 // copyMappedBatch copies, under one fault guard, every read of reqs that
@@ -130,9 +174,8 @@ func copyMappedBatch(key []procRange, views []memfdView, reqs []PhysReq) (copied
 		}
 	}()
 	for i, r := range reqs {
-		if v, ok := mappedView(key, views, r); ok {
-			copy(r.Buf, v)
-			copied[i] = true
+		if v, off, ok := mappedView(key, views, r); ok {
+			copied[i] = v.read(r.Buf, off) == nil
 		}
 	}
 	return copied, nil

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -297,30 +298,77 @@ func readU64(t *testing.T, m Memory, gpa uint64) uint64 {
 	return binary.LittleEndian.Uint64(b[:])
 }
 
-// A memfd truncated under our mapping raises SIGBUS on access; copyMapped
-// must turn that into an error.
-func TestCopyMappedFault(t *testing.T) {
+// testMemfd is a memfd of size bytes mapped as mapMemfd maps QEMU's, with
+// want written at offset at (the rest holes), as one view.
+func testMemfd(t *testing.T, size int, at int64, want []byte) (memfdView, int) {
+	t.Helper()
 	fd, err := unix.MemfdCreate("kvmscope-test", unix.MFD_CLOEXEC)
 	if err != nil {
 		t.Skipf("memfd_create: %v", err)
 	}
-	defer unix.Close(fd)
-	if err := unix.Ftruncate(fd, 2*4096); err != nil {
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
 		t.Fatal(err)
 	}
-	mem, err := unix.Mmap(fd, 0, 2*4096, unix.PROT_READ, unix.MAP_SHARED)
+	if _, err := unix.Pwrite(fd, want, at); err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.Mmap(fd, 0, size, unix.PROT_READ, unix.MAP_SHARED)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unix.Munmap(mem)
-	dst := make([]byte, len(mem))
-	if err := copyMapped(dst, mem); err != nil {
+	f := &memfdFile{mem: mem, fd: fd, present: make([]atomic.Uint64, (size/pageSize+63)/64)}
+	t.Cleanup(f.unmap)
+	return memfdView{data: mem, file: f}, fd
+}
+
+// TestMemfdReadAllocatesNothing: reading all of a memfd that is mostly
+// holes, as a scan reads guest RAM, returns the data and zeros for the
+// holes, and allocates no page (a read fault on a hole of a shared
+// mapping would allocate it: the guest's RAM would grow on the host).
+func TestMemfdReadAllocatesNothing(t *testing.T) {
+	const size = 16 << 20
+	want := []byte("kvmscope")
+	v, fd := testMemfd(t, size, 5*pageSize+100, want)
+	blocks := func() int64 {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks
+	}
+	before := blocks()
+	all := make([]byte, size)
+	for i := 0; i < 2; i++ { // the second time from what the first learnt
+		if err := copyMapped(v, all, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(all[5*pageSize+100:5*pageSize+100+len(want)], want) {
+			t.Fatalf("read %q, want %q", all[5*pageSize+100:5*pageSize+108], want)
+		}
+		if n := bytes.Count(all, []byte{0}); n != size-len(want) {
+			t.Fatalf("%d zero bytes, want %d", n, size-len(want))
+		}
+	}
+	if after := blocks(); after != before {
+		t.Errorf("reading allocated the memfd: %d blocks before, %d after", before, after)
+	}
+	if !v.file.has(5) || v.file.has(6) {
+		t.Error("page 5 (written) not known present, or page 6 (a hole) taken for one")
+	}
+}
+
+// A memfd truncated under our mapping raises SIGBUS on access; copyMapped
+// must turn that into an error.
+func TestCopyMappedFault(t *testing.T) {
+	v, fd := testMemfd(t, 2*4096, 0, bytes.Repeat([]byte{1}, 2*4096))
+	dst := make([]byte, 2*4096)
+	if err := copyMapped(v, dst, 0); err != nil {
 		t.Fatalf("copy before truncation: %v", err)
 	}
 	if err := unix.Ftruncate(fd, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := copyMapped(dst, mem); err == nil {
+	if err := copyMapped(v, dst, 0); err == nil {
 		t.Fatal("copy from a truncated memfd succeeded; want a fault error")
 	}
 }
