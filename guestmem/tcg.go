@@ -29,6 +29,7 @@ type TCG struct {
 	mu      sync.Mutex
 	ranges  []procRange
 	fetched time.Time
+	fixed   bool // ranges came without a monitor (NewMapped): never asked again
 }
 
 // NewTCG returns the source for the QEMU process pid() whose monitor is
@@ -44,7 +45,7 @@ func (t *TCG) memoryMap(refresh bool) ([]procRange, error) {
 	// for once and again only when a read hits a hole (ROM remapping early
 	// in boot, hotplug). Never on a timer: while QEMU is paused for a
 	// consistent scan or a dump it cannot answer QMP.
-	if !refresh && t.ranges != nil {
+	if t.fixed || !refresh && t.ranges != nil {
 		return t.ranges, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -205,6 +206,9 @@ func (t *TCG) Close() error {
 
 // CPUs returns the registers of every vCPU from `info registers -a`.
 func (t *TCG) CPUs(ctx context.Context) ([]CPU, error) {
+	if t.qmp == nil {
+		return nil, errNoMonitor
+	}
 	out, err := t.qmp.HMP(ctx, "info registers -a")
 	if err != nil {
 		return nil, fmt.Errorf("read registers: %w", err)

@@ -48,7 +48,11 @@ func (s *Session) actionMonitor() (guestmem.Commands, error) {
 	if !guestmem.CapabilitiesOf(src).Write {
 		return nil, ErrActionNotAllowed
 	}
-	return m.Commands(), nil
+	c := m.Commands()
+	if c == nil {
+		return nil, ErrNoActions // attached without a monitor
+	}
+	return c, nil
 }
 
 // openStub checks that the VM runs and that nobody else uses its gdbstub,

@@ -16,11 +16,11 @@ func attachCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "attach",
 		Usage: "serve the API of a running QEMU, read-only, through its QMP socket or libvirt (no restart, no ptrace); Ctrl-C or SIGTERM detaches",
-		UsageText: "kvmscope attach --pid PID --qmp SOCKET [--ptrace [--allow-write]] [--api S] [--name N]\n" +
+		UsageText: "kvmscope attach --pid PID [--qmp SOCKET] [--ptrace [--allow-write]] [--api S] [--name N]\n" +
 			"kvmscope attach --vm DOMAIN [--connect URI] [--api S]",
 		Flags: append([]cli.Flag{
 			&cli.IntFlag{Name: "pid", Usage: "QEMU's process id (with --vm: default from libvirt's pid file)"},
-			&cli.StringFlag{Name: "qmp", Usage: "a QMP socket of that QEMU that nothing else is connected to (-qmp unix:PATH,server=on,wait=off)"},
+			&cli.StringFlag{Name: "qmp", Usage: "a QMP socket of that QEMU that nothing else is connected to (-qmp unix:PATH,server=on,wait=off); without one, guest RAM is found from QEMU's command line and mappings (guests up to 2 GiB) and registers need --ptrace"},
 			&cli.StringFlag{Name: "vm", Usage: "a running libvirt domain: its monitor through virsh qemu-monitor-command (libvirt marks the domain tainted)"},
 			&cli.StringFlag{Name: "connect", Value: "qemu:///system", Usage: "the libvirt connection of --vm"},
 			&cli.BoolFlag{Name: "ptrace", Usage: "also trace QEMU (KVM only; no filter, no policy): fresh registers from kvm_run, pauses of every thread, and writes with --allow-write; detach lets it go as it was"},
@@ -32,8 +32,8 @@ func attachCommand() *cli.Command {
 			switch {
 			case c.String("vm") != "" && c.String("qmp") != "":
 				return cli.Exit("kvmscope attach: --vm or --qmp, not both", 2)
-			case c.String("vm") == "" && (c.String("qmp") == "" || c.Int("pid") == 0):
-				return cli.Exit("kvmscope attach: give --pid PID --qmp SOCKET, or --vm DOMAIN (a libvirt domain)", 2)
+			case c.String("vm") == "" && c.Int("pid") == 0:
+				return cli.Exit("kvmscope attach: give --pid PID [--qmp SOCKET], or --vm DOMAIN (a libvirt domain)", 2)
 			case c.Bool("allow-write") && !c.Bool("ptrace"):
 				return cli.Exit("kvmscope attach: --allow-write needs --ptrace (writes are made with QEMU paused, which takes the trace)", 2)
 			}

@@ -148,3 +148,41 @@ func TestAttachKVM(t *testing.T) {
 		t.Errorf("QEMU's exit: %v", qemu.ProcessState)
 	}
 }
+
+// TestAttachNoMonitor: a Debian guest QEMU started plainly (TCG; nothing
+// of it given to kvmscope but its pid) is attached to with no monitor:
+// guest RAM is found from its command line and mappings and checked by
+// finding the kernel through it; ps is the guest's own table. A process
+// that is not QEMU is refused in one line.
+func TestAttachNoMonitor(t *testing.T) {
+	p := testlinux.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{Kernel: p.DebianKernel, Accel: "tcg"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	sock := filepath.Join(t.TempDir(), "vm.sock")
+	cmd := exec.Command(kvmscopeBin, "--log-level", "info", "attach", "--pid", strconv.Itoa(g.Pid()), "--api", sock)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	waitFor(t, 90*time.Second, "attach without a monitor to serve "+sock, func() bool {
+		var vm api.VM
+		return api.NewClient(sock).Get(ctxT(t), "/v1/vm", &vm) == nil || cmd.ProcessState != nil
+	})
+	vm := getVM(t, api.NewClient(sock))
+	if vm.Pid != g.Pid() || len(vm.Regions) != 1 || vm.Regions[0].Name != "ram (inferred)" || uint64(vm.Regions[0].Size) != 512<<20 {
+		t.Fatalf("/v1/vm %+v (stderr %s)", vm, stderr.String())
+	}
+	checkPS(t, "attached without a monitor", psJSON(t, "--api", sock), g.PS())
+
+	_, errOut, code := kvmscope(t, "attach", "--pid", strconv.Itoa(os.Getpid()), "--api", filepath.Join(t.TempDir(), "x.sock"))
+	if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, "no guest memory map without a monitor") {
+		t.Errorf("attach to a process that is not QEMU: code %d: %q", code, errOut)
+	}
+}

@@ -73,6 +73,9 @@ func (a *attachTarget) Pause(ctx context.Context) (func(), error) {
 	if a.tr != nil {
 		return a.tr.Pause(ctx)
 	}
+	if a.qmp == nil {
+		return nil, fmt.Errorf("attached without a monitor or a trace: %w", session.ErrNoPause)
+	}
 	running, _, err := guestmem.Status(ctx, a.qmp)
 	if err != nil {
 		return nil, err
@@ -123,8 +126,19 @@ func Attach(o AttachOptions) error {
 	if err != nil {
 		return err
 	}
-	defer q.Close()
-	tcg := guestmem.NewTCG(q, func() int { return o.PID }, o.Ptrace && o.AllowWrite)
+	var tcg *guestmem.TCG
+	pid := func() int { return o.PID }
+	writable := o.Ptrace && o.AllowWrite
+	if q == nil {
+		// No monitor: guest RAM from QEMU's command line and mappings,
+		// checked below by finding the kernel where it says.
+		if tcg, err = guestmem.NewInferred(o.PID, writable); err != nil {
+			return err
+		}
+	} else {
+		defer q.Close()
+		tcg = guestmem.NewTCG(q, pid, writable)
+	}
 	src := tcg
 	// The map QMP gives must be QEMU o.PID's: every RAM region's host
 	// address is one of its mappings. A QMP socket of another QEMU (or a
@@ -132,11 +146,14 @@ func Attach(o AttachOptions) error {
 	if err := src.VerifyMap(); err != nil {
 		return fmt.Errorf("attach to QEMU %d through %s: %w", o.PID, via, err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	kvm, err := qmpKVM(ctx, q)
-	cancel()
-	if err != nil {
-		return err
+	kvm := ownsKVM(o.PID)
+	if q != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		kvm, err = qmpKVM(ctx, q)
+		cancel()
+		if err != nil {
+			return err
+		}
 	}
 	target := &attachTarget{pid: o.PID, qmp: q, src: src, kvm: kvm}
 	if o.Ptrace {
@@ -174,6 +191,16 @@ func Attach(o AttachOptions) error {
 	}
 	target.name = name
 	sess := session.New(target, nil)
+	if q == nil {
+		// The inferred map is right only if the guest kernel is where it
+		// says: its image, page tables and symbols found through it.
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		_, _, _, err := sess.Kernel(ctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("attach to QEMU %d without a monitor: the memory map inferred from /proc/%d/maps is not verified: %w", o.PID, o.PID, err)
+		}
+	}
 	events, err := eventlog.Open(EventsPath(sock), 0o640)
 	if err != nil {
 		return fmt.Errorf("event log: %w", err)
@@ -252,7 +279,23 @@ func attachMonitor(o *AttachOptions) (q guestmem.Monitor, via string, err error)
 		}
 		return c, o.QMP, nil
 	}
-	return nil, "", errors.New("no QMP socket and no libvirt domain")
+	if o.PID == 0 {
+		return nil, "", errors.New("no QEMU pid")
+	}
+	return nil, fmt.Sprintf("/proc/%d/maps", o.PID), nil
+}
+
+// ownsKVM reports whether process pid holds a KVM VM (an fd linking to
+// anon_inode:kvm-vm).
+func ownsKVM(pid int) bool {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if l, _ := os.Readlink(dir + "/" + e.Name()); l == "anon_inode:kvm-vm" {
+			return true
+		}
+	}
+	return false
 }
 
 // libvirtPID reads the pid file libvirt keeps for a running domain's QEMU:
