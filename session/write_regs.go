@@ -47,7 +47,7 @@ type RegisterReadback struct {
 
 // ErrNoRegisterWrites is returned for a VM whose registers cannot be
 // written.
-var ErrNoRegisterWrites = errors.New("this VM's registers cannot be written: register writes need KVM under kvmscope run (not TCG, attach or a dump)")
+var ErrNoRegisterWrites = errors.New("this VM's registers cannot be written: register writes need KVM under kvmscope run or attach --ptrace (not TCG, a read-only attach or a dump)")
 
 // busyRetries bounds the pauses a register write makes while the vCPU
 // keeps stopping in an exit QEMU has not completed (tracer.ErrVCPUBusy).
