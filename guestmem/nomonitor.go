@@ -1,7 +1,6 @@
 package guestmem
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -117,15 +116,8 @@ func parseSize(s string) (uint64, error) {
 	s = strings.TrimSpace(s)
 	mult := uint64(1 << 20)
 	if n := len(s); n > 0 {
-		switch bytes.ToUpper([]byte{s[n-1]})[0] {
-		case 'K':
-			mult, s = 1<<10, s[:n-1]
-		case 'M':
-			mult, s = 1<<20, s[:n-1]
-		case 'G':
-			mult, s = 1<<30, s[:n-1]
-		case 'T':
-			mult, s = 1<<40, s[:n-1]
+		if shift := strings.IndexByte("KMGT", s[n-1]&^0x20); shift >= 0 && s[n-1] >= 'A' {
+			mult, s = 1<<(10*(shift+1)), s[:n-1]
 		}
 	}
 	v, err := strconv.ParseUint(s, 10, 64)

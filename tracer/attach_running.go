@@ -8,6 +8,7 @@ import (
 	"maps"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -203,7 +204,7 @@ func (t *Tracer) discover(pid int) error {
 		if try > 0 {
 			time.Sleep(100 * time.Millisecond)
 		}
-		maps.Copy(threadOf, t.vcpuThreads(vcpuFDs))
+		maps.Copy(threadOf, t.vcpuThreads(vcpuFDs, threadOf))
 	}
 	t.vm.created(pid, vmFD)
 	for fd, id := range vcpuFDs {
@@ -219,14 +220,17 @@ func (t *Tracer) discover(pid int) error {
 	return nil
 }
 
-// vcpuThreads interrupts each seized thread once and returns, by vCPU fd,
-// the threads found inside ioctl(fd, KVM_RUN): the interrupt makes
+// vcpuThreads interrupts each seized thread not in found once and returns,
+// by vCPU fd, the threads found inside ioctl(fd, KVM_RUN): the interrupt makes
 // KVM_RUN return to QEMU with EINTR, as QEMU's own kick does, and the
 // stop shows the call's number and arguments. Each thread goes on at
 // once, with any signal its stop was for.
-func (t *Tracer) vcpuThreads(fds map[int]int) map[int]int {
+func (t *Tracer) vcpuThreads(fds, found map[int]int) map[int]int {
 	out := map[int]int{}
 	for tid := range t.threads {
+		if slices.Contains(slices.Collect(maps.Values(found)), tid) {
+			continue
+		}
 		if interrupt(tid) != nil {
 			continue
 		}

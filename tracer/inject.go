@@ -124,13 +124,9 @@ var ErrInjectTimeout = errors.New("the QEMU thread did not stop for the system c
 // ioctl does not wait for the vCPU's mutex. It returns the call's result;
 // a negative result is returned as an unix.Errno.
 func (t *Tracer) InjectVCPU(ctx context.Context, id int, sc Syscall) (int64, error) {
-	v := t.vm
-	v.mu.Lock()
-	c := v.vcpus[id]
-	pid := v.pid
-	v.mu.Unlock()
-	if c == nil {
-		return 0, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	c, pid, err := t.vm.vcpu(id)
+	if err != nil {
+		return 0, err
 	}
 	return t.inject(ctx, pid, c.TID, sc)
 }

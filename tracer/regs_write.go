@@ -63,12 +63,9 @@ var ErrVCPUBusy = errors.New("the vCPU is in the middle of an I/O exit; try agai
 // vCPU's current registers. SetRegisters checks that the vCPU thread is
 // stopped and refuses otherwise.
 func (v *VM) SetRegisters(id int, change func(*KVMRegs)) (old, new KVMRegs, err error) {
-	v.mu.Lock()
-	c := v.vcpus[id]
-	pid := v.pid
-	v.mu.Unlock()
-	if c == nil {
-		return old, new, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	c, pid, err := v.vcpu(id)
+	if err != nil {
+		return old, new, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

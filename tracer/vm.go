@@ -256,10 +256,8 @@ func (v *VM) msrsRead(fd int, vals map[uint32]uint64) {
 // and when; none (a zero time) before QEMU's first full state sync of that
 // vCPU. QEMU syncs at HMP `info registers`, migration and gdbstub stops.
 func (v *VM) MSRs(id int) (map[uint32]uint64, time.Time) {
-	v.mu.Lock()
-	c := v.vcpus[id]
-	v.mu.Unlock()
-	if c == nil {
+	c, _, err := v.vcpu(id)
+	if err != nil {
 		return nil, time.Time{}
 	}
 	c.mu.Lock()
@@ -271,12 +269,9 @@ func (v *VM) MSRs(id int) (map[uint32]uint64, time.Time) {
 // KVM_GET_MSRS run as QEMU on the vCPU's own thread (inject.go), and
 // records them as MSRs reports them.
 func (v *VM) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error) {
-	v.mu.Lock()
-	c := v.vcpus[id]
-	pid := v.pid
-	v.mu.Unlock()
-	if c == nil {
-		return nil, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	c, pid, err := v.vcpu(id)
+	if err != nil {
+		return nil, err
 	}
 	if len(indices) == 0 || 8+16*len(indices) > maxInjectBuf {
 		return nil, fmt.Errorf("read MSRs: %d indices", len(indices))
@@ -299,6 +294,18 @@ func (v *VM) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32
 	}
 	v.msrsRead(c.FD, out)
 	return out, nil
+}
+
+// vcpu is the captured vCPU id and the QEMU process that runs it, or
+// ErrNoVCPU.
+func (v *VM) vcpu(id int) (*VCPU, int, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	c := v.vcpus[id]
+	if c == nil {
+		return nil, 0, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	}
+	return c, v.pid, nil
 }
 
 // isVCPUThread reports whether tid created (and runs) a vCPU.
@@ -398,12 +405,9 @@ func kickUntil(ctx context.Context, pid, tid int, arm func() func(context.Contex
 // copies the registers at the signal's delivery stop and re-injects the
 // signal, so QEMU sees an ordinary kick.
 func (v *VM) Registers(ctx context.Context, id int) (Sample, error) {
-	v.mu.Lock()
-	c := v.vcpus[id]
-	pid := v.pid
-	v.mu.Unlock()
-	if c == nil {
-		return Sample{}, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	c, pid, err := v.vcpu(id)
+	if err != nil {
+		return Sample{}, err
 	}
 	c.mu.Lock()
 	gone := c.gone
@@ -445,11 +449,9 @@ func (v *VM) Registers(ctx context.Context, id int) (Sample, error) {
 // exit, without a kick (not Fresh): the current ones of a vCPU that QEMU
 // holds outside KVM_RUN.
 func (v *VM) Stored(id int) (Sample, error) {
-	v.mu.Lock()
-	c := v.vcpus[id]
-	v.mu.Unlock()
-	if c == nil {
-		return Sample{}, fmt.Errorf("vCPU %d: %w", id, ErrNoVCPU)
+	c, _, err := v.vcpu(id)
+	if err != nil {
+		return Sample{}, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -42,14 +42,7 @@ func startAttach(t *testing.T, pid int, qmp, sock string) *exec.Cmd {
 // running and untraced; a second attach works; an attach to a QMP socket
 // of another process's memory is refused.
 func TestAttach(t *testing.T) {
-	p := testlinux.Require(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	g, err := testlinux.Boot(ctx, testlinux.Options{Kernel: p.DebianKernel, Accel: "tcg"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := plainDebian(t)
 	dir := t.TempDir()
 	for round := 1; round <= 2; round++ {
 		sock := filepath.Join(dir, "vm.sock")
@@ -155,14 +148,7 @@ func TestAttachKVM(t *testing.T) {
 // finding the kernel through it; ps is the guest's own table. A process
 // that is not QEMU is refused in one line.
 func TestAttachNoMonitor(t *testing.T) {
-	p := testlinux.Require(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	g, err := testlinux.Boot(ctx, testlinux.Options{Kernel: p.DebianKernel, Accel: "tcg"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close()
+	g := plainDebian(t)
 	sock := filepath.Join(t.TempDir(), "vm.sock")
 	cmd := exec.Command(kvmscopeBin, "--log-level", "info", "attach", "--pid", strconv.Itoa(g.Pid()), "--api", sock)
 	var stderr strings.Builder
@@ -185,4 +171,19 @@ func TestAttachNoMonitor(t *testing.T) {
 	if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, "no guest memory map without a monitor") {
 		t.Errorf("attach to a process that is not QEMU: code %d: %q", code, errOut)
 	}
+}
+
+// plainDebian boots Debian under TCG with no kvmscope at all (QEMU plainly,
+// as the responder finds it), shut down at the end of the test.
+func plainDebian(t *testing.T) *testlinux.Guest {
+	t.Helper()
+	p := testlinux.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	g, err := testlinux.Boot(ctx, testlinux.Options{Kernel: p.DebianKernel, Accel: "tcg"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	return g
 }

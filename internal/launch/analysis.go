@@ -73,7 +73,7 @@ func runAnalysis(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 		log.Error().Err(err).Msg("analysis")
 		return 1, nil
 	}
-	logs, err := openVMLogs(o, dir, name)
+	logs, err := openVMLogs(sock)
 	if err != nil {
 		log.Error().Err(err).Msg("API disabled")
 		return 1, nil

@@ -77,13 +77,10 @@ func tracerOptions(o Options, dir, name string, q *handoff.Queues) (tracer.Optio
 	return topts, logs, nil
 }
 
-// openVMLogs opens the event and blocked-write logs the API serves.
-func openVMLogs(o Options, dir, name string) (*vmLogs, error) {
-	sock, err := socketOf(o, dir, name)
-	if err != nil {
-		return nil, fmt.Errorf("event log: %w", err)
-	}
+// openVMLogs opens the event and blocked-write logs the API at sock serves.
+func openVMLogs(sock string) (*vmLogs, error) {
 	logs := &vmLogs{}
+	var err error
 	if logs.events, err = eventlog.Open(EventsPath(sock), 0o640); err != nil {
 		return nil, fmt.Errorf("event log: %w", err)
 	}

@@ -121,13 +121,10 @@ func (s *session) callCtx(d time.Duration) (context.Context, context.CancelFunc)
 }
 
 // Hello is the keeper's identity.
-type Hello struct {
-	KeeperPid int
-	FrontPid  int // the process the tracer seized, which became QEMU
-}
+type Hello struct{ KeeperPid int }
 
 func (s *session) Hello(_ struct{}, r *Hello) error {
-	*r = Hello{KeeperPid: os.Getpid(), FrontPid: s.k.t.Pid()}
+	*r = Hello{KeeperPid: os.Getpid()}
 	return nil
 }
 
@@ -202,9 +199,15 @@ func (s *session) Registers(id int, r *Regs) error {
 	ctx, cancel := s.callCtx(5 * time.Second)
 	defer cancel()
 	smp, err := s.k.t.VM().Registers(ctx, id)
-	r.Sample = smp
-	r.MSRs.Vals, r.MSRs.At = s.k.t.VM().MSRs(id)
+	*r = s.regs(id, smp)
 	return err
+}
+
+// regs is a Regs reply: smp, with what tracer.VM.MSRs holds for vCPU id.
+func (s *session) regs(id int, smp tracer.Sample) Regs {
+	r := Regs{Sample: smp}
+	r.MSRs.Vals, r.MSRs.At = s.k.t.VM().MSRs(id)
+	return r
 }
 
 // MSRArgs ask for MSRs of one vCPU.
@@ -217,14 +220,11 @@ type MSRArgs struct {
 func (s *session) ReadMSRs(a MSRArgs, r *MSRs) error {
 	ctx, cancel := s.callCtx(5 * time.Second)
 	defer cancel()
-	m, err := s.k.t.VM().ReadMSRs(ctx, a.ID, a.Indices)
-	if err != nil {
+	if _, err := s.k.t.VM().ReadMSRs(ctx, a.ID, a.Indices); err != nil {
 		return err
 	}
+	// ReadMSRs recorded what it read there.
 	r.Vals, r.At = s.k.t.VM().MSRs(a.ID)
-	if r.Vals == nil {
-		r.Vals = m
-	}
 	return nil
 }
 
@@ -242,8 +242,7 @@ type RegsWritten struct{ Old, New tracer.KVMRegs }
 // Stored is tracer.VM.Stored, with the vCPU's MSRs.
 func (s *session) Stored(id int, r *Regs) error {
 	smp, err := s.k.t.VM().Stored(id)
-	r.Sample = smp
-	r.MSRs.Vals, r.MSRs.At = s.k.t.VM().MSRs(id)
+	*r = s.regs(id, smp)
 	return err
 }
 
