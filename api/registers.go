@@ -13,7 +13,7 @@ import (
 	"github.com/kvmscope/kvmscope/tracer"
 )
 
-// putRegisters writes general registers of one vCPU (PUT
+// putRegisters writes general registers or MSRs of one vCPU (PUT
 // /v1/registers?vcpu=N, body {"rax":"0x1",...}); the reply is the
 // session.RegisterWrite its event records.
 func (s *Server) putRegisters(w http.ResponseWriter, r *http.Request) {
@@ -48,6 +48,8 @@ func (s *Server) putRegisters(w http.ResponseWriter, r *http.Request) {
 			status = http.StatusNotFound
 		case errors.Is(err, session.ErrNoRegisterWrites):
 			status = http.StatusUnprocessableEntity
+		case errors.Is(err, tracer.ErrVCPUBusy):
+			status = http.StatusConflict
 		}
 		httpError(w, status, err.Error())
 		return

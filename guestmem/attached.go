@@ -31,6 +31,16 @@ func (a *Attached) SetRegisters(ctx context.Context, id int, set map[string]uint
 	return a.vcpus.SetRegisters(ctx, id, set)
 }
 
+// SetMSRs is Live.SetMSRs.
+func (a *Attached) SetMSRs(ctx context.Context, id int, set map[string]uint64) (old, new map[string]uint64, err error) {
+	return a.vcpus.SetMSRs(ctx, id, set)
+}
+
+// ReadNamedMSRs is Live.ReadNamedMSRs.
+func (a *Attached) ReadNamedMSRs(ctx context.Context, id int, names []string) (map[string]uint64, error) {
+	return a.vcpus.ReadNamedMSRs(ctx, id, names)
+}
+
 // GeneralRegisters is Live.GeneralRegisters.
 func (a *Attached) GeneralRegisters(ctx context.Context, id int) (map[string]uint64, bool, error) {
 	return a.vcpus.GeneralRegisters(ctx, id)

@@ -49,6 +49,9 @@ type VM interface {
 	// SetRegisters changes a vCPU's general registers while QEMU is
 	// paused (tracer.VM.SetRegisters).
 	SetRegisters(id int, change func(*tracer.KVMRegs)) (old, new tracer.KVMRegs, err error)
+	// SetMSRs writes MSRs of a vCPU, with QEMU frozen for the write
+	// (tracer.VM.SetMSRs).
+	SetMSRs(ctx context.Context, id int, set map[uint32]uint64) (old, new map[uint32]uint64, err error)
 }
 
 // NewLive returns the live source for vm. Writes are refused unless

@@ -4,6 +4,7 @@ package guestmem
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/kvmscope/kvmscope/tracer"
@@ -19,6 +20,9 @@ func (l *Live) SetRegisters(ctx context.Context, id int, set map[string]uint64) 
 	if err := CheckRegisterNames(set); err != nil {
 		return nil, nil, err
 	}
+	if _, msrs := SplitRegisters(set); len(msrs) > 0 {
+		return nil, nil, errors.New("MSRs are written apart from the general registers (SetMSRs)")
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, nil, err
 	}
@@ -31,6 +35,59 @@ func (l *Live) SetRegisters(ctx context.Context, id int, set map[string]uint64) 
 		return nil, nil, fmt.Errorf("write registers: %w", err)
 	}
 	return regsByName(o, set), regsByName(n, set), nil
+}
+
+// SetMSRs writes MSRs of vCPU id (MSRNames) through the tracer
+// (tracer.VM.SetMSRs: KVM_SET_MSRS as QEMU, the VM frozen meanwhile, read
+// back before it runs). QEMU must not be paused. Only with allowWrite.
+func (l *Live) SetMSRs(ctx context.Context, id int, set map[string]uint64) (old, new map[string]uint64, err error) {
+	if !l.write {
+		return nil, nil, ErrReadOnlyRegisters
+	}
+	if err := CheckRegisterNames(set); err != nil {
+		return nil, nil, err
+	}
+	idx := make(map[uint32]uint64, len(set))
+	for name, v := range set {
+		i, ok := tracer.WritableMSRs[name]
+		if !ok {
+			return nil, nil, fmt.Errorf("%s is a general register, not an MSR", name)
+		}
+		idx[i] = v
+	}
+	o, n, err := l.vm.SetMSRs(ctx, id, idx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("write MSRs: %w", err)
+	}
+	return msrsByName(o), msrsByName(n), nil
+}
+
+// ReadNamedMSRs has KVM read MSRs (MSRNames) of vCPU id now.
+func (l *Live) ReadNamedMSRs(ctx context.Context, id int, names []string) (map[string]uint64, error) {
+	idx := make([]uint32, 0, len(names))
+	for _, name := range names {
+		i, ok := tracer.WritableMSRs[name]
+		if !ok {
+			return nil, fmt.Errorf("%s is not an MSR kvmscope names", name)
+		}
+		idx = append(idx, i)
+	}
+	vals, err := l.vm.ReadMSRs(ctx, id, idx)
+	if err != nil {
+		return nil, fmt.Errorf("MSRs of vCPU %d: %w", id, err)
+	}
+	return msrsByName(vals), nil
+}
+
+// msrsByName names the MSRs of vals that tracer.WritableMSRs names.
+func msrsByName(vals map[uint32]uint64) map[string]uint64 {
+	out := make(map[string]uint64, len(vals))
+	for name, i := range tracer.WritableMSRs {
+		if v, ok := vals[i]; ok {
+			out[name] = v
+		}
+	}
+	return out
 }
 
 // GeneralRegisters reads the general registers of vCPU id, fresh (the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -11,16 +12,20 @@ import (
 	"github.com/kvmscope/kvmscope/tracer"
 )
 
-// RegisterWrite is one write of a vCPU's general registers from the host,
-// as its event (kind "register_write") records it: the registers written,
-// before and after (hex), and what a fresh read showed once the guest ran
+// RegisterWrite is one write of a vCPU's registers from the host, as its
+// event (kind "register_write") records it: the registers written, before
+// and after (hex), how, and what a fresh read showed once the guest ran
 // again.
 type RegisterWrite struct {
 	VCPU int               `json:"vcpu"`
 	Old  map[string]string `json:"old"`
 	New  map[string]string `json:"new"`
+	// Via is how: "sync_regs" (general registers, through kvm_run) or
+	// "KVM_SET_MSRS" (MSRs, the ioctl run as QEMU).
+	Via string `json:"via"`
 	// Pauses is how many times the VM was paused for the write: more
-	// than one when the vCPU was in the middle of an I/O exit.
+	// than one when the vCPU was in the middle of an I/O exit, or QEMU
+	// held a copy of an MSR written.
 	Pauses   int               `json:"pauses"`
 	Readback *RegisterReadback `json:"readback,omitempty"`
 }
@@ -45,6 +50,9 @@ type RegisterReadback struct {
 	Error string `json:"error,omitempty"`
 }
 
+// ErrMixedRegisters is a write of general registers and MSRs at once.
+var ErrMixedRegisters = errors.New("write general registers and MSRs in separate requests: they are written two ways (kvm_run sync regs, KVM_SET_MSRS), and one request is one verified write")
+
 // ErrNoRegisterWrites is returned for a VM whose registers cannot be
 // written.
 var ErrNoRegisterWrites = errors.New("this VM's registers cannot be written: register writes need KVM under kvmscope run or attach --ptrace (not TCG, a read-only attach or a dump)")
@@ -53,11 +61,13 @@ var ErrNoRegisterWrites = errors.New("this VM's registers cannot be written: reg
 // keeps stopping in an exit QEMU has not completed (tracer.ErrVCPUBusy).
 const busyRetries = 20
 
-// WriteRegisters sets general registers of vCPU vcpu (names as
-// guestmem.RegisterNames) with the guest paused, verifies that what the
-// vCPU will load is what was asked (else puts the old values back), lets
-// the guest run, reads the registers back fresh, and records the write as
-// a register_write event (with SetEvents).
+// WriteRegisters sets registers of vCPU vcpu (names as
+// guestmem.RegisterNames or guestmem.MSRNames, not both), verifies that
+// what the vCPU will load is what was asked (else puts the old values
+// back), lets the guest run, reads the registers back fresh, and records
+// the write as a register_write event (with SetEvents). General registers
+// are written with the guest paused; MSRs with every QEMU thread frozen
+// by the tracer, which runs KVM_SET_MSRS as QEMU.
 func (s *Session) WriteRegisters(ctx context.Context, vcpu int, set map[string]uint64) (RegisterWrite, error) {
 	src, err := s.machine.Source()
 	if err != nil {
@@ -75,28 +85,50 @@ func (s *Session) WriteRegisters(ctx context.Context, vcpu int, set map[string]u
 	if err := guestmem.CheckRegisterNames(set); err != nil {
 		return RegisterWrite{}, err
 	}
+	general, msrs := guestmem.SplitRegisters(set)
+	w := RegisterWrite{VCPU: vcpu, Via: "sync_regs"}
 	var old, new map[string]uint64
-	pauses := 0
-	for {
-		pauses++
-		old, new, err = s.setPaused(ctx, rw, vcpu, set)
-		if !errors.Is(err, tracer.ErrVCPUBusy) || pauses > busyRetries {
-			break
-		}
-		// Let QEMU complete the exit; the next pause finds the vCPU
-		// back in the guest, or in a later exit.
-		select {
-		case <-ctx.Done():
-			return RegisterWrite{}, ctx.Err()
-		case <-time.After(2 * time.Millisecond):
-		}
+	switch mw, isMSRW := src.(guestmem.MSRWriter); {
+	case len(general) > 0 && len(msrs) > 0:
+		return RegisterWrite{}, ErrMixedRegisters
+	case len(msrs) > 0 && !isMSRW:
+		return RegisterWrite{}, ErrNoRegisterWrites
+	case len(msrs) > 0:
+		w.Via = "KVM_SET_MSRS"
+		w.Pauses, err = retryBusy(ctx, func() error {
+			old, new, err = mw.SetMSRs(ctx, vcpu, msrs)
+			return err
+		})
+	default:
+		w.Pauses, err = retryBusy(ctx, func() error {
+			old, new, err = s.setPaused(ctx, rw, vcpu, general)
+			return err
+		})
 	}
 	if err != nil {
 		return RegisterWrite{}, err
 	}
-	w := RegisterWrite{VCPU: vcpu, Old: hexRegs(old), New: hexRegs(new), Pauses: pauses, Readback: readBack(ctx, src, vcpu, set)}
+	w.Old, w.New, w.Readback = hexRegs(old), hexRegs(new), readBack(ctx, src, vcpu, set, len(msrs) > 0)
 	s.record("register_write", w)
 	return w, nil
+}
+
+// retryBusy runs write until it does not fail with tracer.ErrVCPUBusy,
+// at most busyRetries+1 times, and says how many times it ran. Between
+// tries the guest runs: QEMU completes the exit, or writes back its
+// copy of the vCPU's state.
+func retryBusy(ctx context.Context, write func() error) (int, error) {
+	for tries := 1; ; tries++ {
+		err := write()
+		if !errors.Is(err, tracer.ErrVCPUBusy) || tries > busyRetries {
+			return tries, err
+		}
+		select {
+		case <-ctx.Done():
+			return tries, ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }
 
 // setPaused is one attempt of WriteRegisters: pause, write, check what
@@ -121,13 +153,19 @@ func (s *Session) setPaused(ctx context.Context, rw guestmem.RegisterWriter, vcp
 }
 
 // readBack reads vCPU vcpu's registers fresh, after the write, and
-// compares those written.
-func readBack(ctx context.Context, src guestmem.Source, vcpu int, set map[string]uint64) *RegisterReadback {
+// compares those written. For MSRs the general registers are read first:
+// a fresh read means the vCPU left KVM_RUN to answer, so it ran again
+// after the write, and any copy QEMU put back before that is in what
+// KVM_GET_MSRS then shows.
+func readBack(ctx context.Context, src guestmem.Source, vcpu int, set map[string]uint64, msrs bool) *RegisterReadback {
 	rr, ok := src.(guestmem.RegisterReader)
 	if !ok {
 		return nil
 	}
 	regs, fresh, err := rr.GeneralRegisters(ctx, vcpu)
+	if err == nil && msrs {
+		regs, err = src.(guestmem.MSRWriter).ReadNamedMSRs(ctx, vcpu, slices.Sorted(maps.Keys(set)))
+	}
 	if err != nil {
 		return &RegisterReadback{Error: err.Error()}
 	}

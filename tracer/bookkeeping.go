@@ -61,16 +61,19 @@ func (h memslots) exit(c *call, ret int64, failed bool) {
 	c.t.guardRearm(c)
 }
 
-// msrCapture keeps the guest MSRs KVM reports to QEMU. kvm_run's sync regs
-// carry no MSRs, and KVM refuses vCPU ioctls from any process but QEMU, so
-// kvmscope reads them where QEMU does: every full state sync (HMP `info
-// registers`, migration, the gdbstub) is a KVM_GET_MSRS on each vCPU fd,
-// and at its exit the kernel has written the values into QEMU's buffer.
-// KVM_GET_MSRS on /dev/kvm (feature MSRs, not the guest's) is ignored.
+// msrCapture keeps the guest MSRs KVM reports to QEMU, and which of them
+// QEMU holds a copy of (msrs.go). kvm_run's sync regs carry no MSRs, and
+// KVM refuses vCPU ioctls from any process but QEMU, so kvmscope reads
+// them where QEMU does: every full state sync (HMP `info registers`,
+// migration, the gdbstub) is a KVM_GET_MSRS on each vCPU fd, and at its
+// exit the kernel has written the values into QEMU's buffer; the
+// KVM_SET_MSRS that puts them back before the vCPU runs again ends
+// QEMU's hold. KVM_GET_MSRS on /dev/kvm (feature MSRs, not the guest's)
+// is ignored.
 type msrCapture struct{ vm *VM }
 
 func (h msrCapture) enter(c *call) verdict {
-	if c.cmd != kvmGetMSRs || !h.vm.isVCPUFD(c.fd) {
+	if c.cmd != kvmGetMSRs && c.cmd != kvmSetMSRs || !h.vm.isVCPUFD(c.fd) {
 		return verdict{}
 	}
 	if _, err := c.decode(); err != nil {
@@ -84,8 +87,16 @@ func (h msrCapture) exit(c *call, ret int64, failed bool) {
 		return
 	}
 	index, _ := c.args.Get("index")
-	// The kernel returns how many entries it read, in order.
+	// The kernel returns how many entries it read or wrote, in order.
 	n := min(int(ret), len(index))
+	if c.cmd == kvmSetMSRs {
+		put := make([]uint32, n)
+		for i := range put {
+			put[i] = uint32(index[i])
+		}
+		h.vm.qemuWroteMSRs(c.fd, put)
+		return
+	}
 	buf := make([]byte, 16*n)
 	if err := c.ReadAt(buf, c.arg+8); err != nil {
 		c.t.log.Debug().Err(err).Msg("KVM_GET_MSRS result unreadable")
@@ -95,5 +106,5 @@ func (h msrCapture) exit(c *call, ret int64, failed bool) {
 	for i := 0; i < n; i++ {
 		vals[uint32(index[i])] = binary.LittleEndian.Uint64(buf[16*i+8:])
 	}
-	h.vm.msrsRead(c.fd, vals)
+	h.vm.qemuReadMSRs(c.fd, vals)
 }

@@ -12,7 +12,6 @@ const (
 	KVMRun                      = 0xae80 // never trapped; internal/testenv's KVM probe issues it
 	KVMSetUserMemoryRegion      = 0x4020ae46
 	kvmSetUserMemoryRegion2     = 0x40a0ae49
-	kvmGetMSRs                  = 0xc008ae88
 	kvmCheckExtension           = 0xae03
 	kvmCapNrMemslots            = 10
 	kvmExitMMIO                 = 6

@@ -27,9 +27,10 @@ const (
 
 // bookkeeping are the requests the tracer itself must see: the VM, its
 // vCPUs (to capture them), its memslots (the guest-physical map) and the
-// MSRs KVM reports to QEMU (bookkeeping.go, msrCapture). KVM_GET_MSRS is
-// rare: QEMU issues it at full state syncs only.
-var bookkeeping = []uint32{KVMCreateVM, KVMCreateVCPU, KVMSetUserMemoryRegion, kvmSetUserMemoryRegion2, kvmGetMSRs}
+// MSRs KVM reports to QEMU and QEMU puts back (bookkeeping.go,
+// msrCapture). KVM_GET_MSRS and KVM_SET_MSRS are rare: QEMU issues them
+// at vCPU setup, reset and full state syncs only.
+var bookkeeping = []uint32{KVMCreateVM, KVMCreateVCPU, KVMSetUserMemoryRegion, kvmSetUserMemoryRegion2, kvmGetMSRs, kvmSetMSRs}
 
 // hot are the requests QEMU issues at a high rate while a guest runs; they
 // are compared first so the filter's common path is short.

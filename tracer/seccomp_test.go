@@ -66,8 +66,9 @@ func TestFilter(t *testing.T) {
 	const trace, allow = unix.SECCOMP_RET_TRACE, unix.SECCOMP_RET_ALLOW
 	ioctlCall := func(cmd uint64) []byte { return seccompData(unix.SYS_IOCTL, auditArchX8664, 8, cmd, 1) }
 	kvmSetMSRS := uint64(0x4008ae89)
+	kvmSetCPUID2 := uint64(0x4008ae90)
 	trapSome := mustParse(t, fmt.Sprintf(testPolicy, "enforce"))
-	trapAll := mustParse(t, "default: log\nrules:\n  - ioctl: [KVM_RUN, KVM_SET_MSRS]\n    action: allow\n")
+	trapAll := mustParse(t, "default: log\nrules:\n  - ioctl: [KVM_RUN, KVM_SET_MSRS, KVM_SET_CPUID2]\n    action: allow\n")
 	cases := []struct {
 		name string
 		p    *policy.Policy
@@ -80,7 +81,8 @@ func TestFilter(t *testing.T) {
 		{"KVM_SET_USER_MEMORY_REGION2", nil, ioctlCall(kvmSetUserMemoryRegion2), trace},
 		{"high bits", nil, ioctlCall(0xffffffff00000000 | KVMRun), trace},
 		{"KVM_RUN", nil, ioctlCall(KVMRun), allow},
-		{"KVM_SET_MSRS, no policy", nil, ioctlCall(kvmSetMSRS), allow},
+		{"KVM_SET_MSRS (the tracer follows QEMU's puts), no policy", nil, ioctlCall(kvmSetMSRS), trace},
+		{"KVM_SET_CPUID2, no policy", nil, ioctlCall(kvmSetCPUID2), allow},
 		{"KVM_SET_MSRS, a rule", trapSome, ioctlCall(kvmSetMSRS), trace},
 		{"KVM_RUN, a rule elsewhere", trapSome, ioctlCall(KVMRun), allow},
 		{"TCGETS", trapSome, ioctlCall(unix.TCGETS), allow},
@@ -88,7 +90,8 @@ func TestFilter(t *testing.T) {
 		{"i386 ABI", nil, seccompData(54, auditArchI386, 3, KVMCreateVM), trace},
 		{"x32 ABI", nil, seccompData(x32SyscallBit|unix.SYS_IOCTL, auditArchX8664, 3, KVMCreateVM), trace},
 		{"trap all: KVM_RUN allowed", trapAll, ioctlCall(KVMRun), allow},
-		{"trap all: KVM_SET_MSRS allowed", trapAll, ioctlCall(kvmSetMSRS), allow},
+		{"trap all: KVM_SET_CPUID2 allowed", trapAll, ioctlCall(kvmSetCPUID2), allow},
+		{"trap all: KVM_SET_MSRS allowed, still stops (bookkeeping)", trapAll, ioctlCall(kvmSetMSRS), trace},
 		{"trap all: bookkeeping still stops", trapAll, ioctlCall(KVMCreateVCPU), trace},
 		{"trap all: TCGETS", trapAll, ioctlCall(unix.TCGETS), trace},
 		{"trap all: KVM_RUN with high bits", trapAll, ioctlCall(0x100000000 | KVMRun), trace},

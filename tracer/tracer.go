@@ -88,7 +88,7 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 		tgids:   make(map[int]int),
 		stops:   make(map[uint32]uint64),
 	}
-	t.vm.inject = t.inject
+	t.vm.injectFunc = t.injectFunc
 	t.vm.guarded = t.guard.overlaps
 	t.vm.writeGuarded = t.writeGuarded
 	t.events = o.Events

@@ -4,10 +4,8 @@ package tracer
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"maps"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -36,8 +34,9 @@ type VM struct {
 	detached  atomic.Bool               // Tracer.Detach: the tracer is letting go
 	board     atomic.Pointer[RegsBoard] // Publish: snapshots go there too
 
-	// inject runs a system call as QEMU on a thread (Tracer.inject).
-	inject func(ctx context.Context, pid, tid int, sc Syscall) (int64, error)
+	// injectFunc runs system calls as QEMU on a thread, with the other
+	// threads frozen if asked (Tracer.injectFunc).
+	injectFunc func(ctx context.Context, pid, tid int, freeze bool, fn func(run runFunc) error) error
 	// guarded reports whether a guest-physical range touches a page the
 	// guard protects, and writeGuarded writes one (guard.go).
 	guarded      func(gpa, size uint64) bool
@@ -75,6 +74,10 @@ type VCPU struct {
 
 	msrs   map[uint32]uint64 // the guest MSRs KVM last reported to QEMU
 	msrsAt time.Time
+	// qemuHolds are the MSRs QEMU read (KVM_GET_MSRS, a state sync) and
+	// has not written back yet (KVM_SET_MSRS before its next KVM_RUN):
+	// a write of ours to one would be undone by QEMU's (msrs.go).
+	qemuHolds map[uint32]bool
 }
 
 // VCPUInfo describes a vCPU without its registers.
@@ -233,67 +236,6 @@ func (v *VM) vcpuByFD(fd int) *VCPU {
 		}
 	}
 	return nil
-}
-
-// msrsRead records the MSR values a KVM_GET_MSRS on vCPU fd returned.
-func (v *VM) msrsRead(fd int, vals map[uint32]uint64) {
-	c := v.vcpuByFD(fd)
-	if c == nil {
-		return
-	}
-	c.mu.Lock()
-	if c.msrs == nil {
-		c.msrs = map[uint32]uint64{}
-	}
-	maps.Copy(c.msrs, vals)
-	c.msrsAt = time.Now()
-	c.mu.Unlock()
-	// No notify: Wait is for the VM's shape (vCPUs, memslots), and QEMU
-	// reads MSRs at every `info registers`; readers ask MSRs for them.
-}
-
-// MSRs returns the guest MSRs of vCPU id that KVM last reported to QEMU,
-// and when; none (a zero time) before QEMU's first full state sync of that
-// vCPU. QEMU syncs at HMP `info registers`, migration and gdbstub stops.
-func (v *VM) MSRs(id int) (map[uint32]uint64, time.Time) {
-	c, _, err := v.vcpu(id)
-	if err != nil {
-		return nil, time.Time{}
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return maps.Clone(c.msrs), c.msrsAt
-}
-
-// ReadMSRs has KVM read the guest MSRs indices of vCPU id, with
-// KVM_GET_MSRS run as QEMU on the vCPU's own thread (inject.go), and
-// records them as MSRs reports them.
-func (v *VM) ReadMSRs(ctx context.Context, id int, indices []uint32) (map[uint32]uint64, error) {
-	c, pid, err := v.vcpu(id)
-	if err != nil {
-		return nil, err
-	}
-	if len(indices) == 0 || 8+16*len(indices) > maxInjectBuf {
-		return nil, fmt.Errorf("read MSRs: %d indices", len(indices))
-	}
-	// struct kvm_msrs: nmsrs, pad, then {index, reserved, data} entries.
-	buf := make([]byte, 8+16*len(indices))
-	binary.LittleEndian.PutUint32(buf, uint32(len(indices)))
-	for i, x := range indices {
-		binary.LittleEndian.PutUint32(buf[8+16*i:], x)
-	}
-	n, err := v.inject(ctx, pid, c.TID, Syscall{NR: unix.SYS_IOCTL, Args: [6]uint64{uint64(c.FD), kvmGetMSRs}, Buf: buf, BufArg: 2})
-	if err != nil {
-		return nil, fmt.Errorf("KVM_GET_MSRS on vCPU %d: %w", id, err)
-	}
-	// KVM returns how many it read, in order, and stops at the first it
-	// does not know.
-	out := map[uint32]uint64{}
-	for i := 0; i < int(n) && i < len(indices); i++ {
-		out[indices[i]] = binary.LittleEndian.Uint64(buf[16+16*i:])
-	}
-	v.msrsRead(c.FD, out)
-	return out, nil
 }
 
 // vcpu is the captured vCPU id and the QEMU process that runs it, or

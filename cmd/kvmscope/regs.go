@@ -23,15 +23,18 @@ import (
 func regsCommand() *cli.Command {
 	return &cli.Command{
 		Name:            "regs",
-		Usage:           "change vCPU registers: regs set --vcpu N rax=0x1 [r15=5 ...]",
+		Usage:           "change vCPU registers: regs set --vcpu N rax=0x1 [r15=5 ...] | lstar=0x...",
 		HideHelpCommand: true,
 		Subcommands: []*cli.Command{{
 			Name:      "set",
-			Usage:     "write general registers of one vCPU (rax..r15, rip, rflags), with the VM paused",
+			Usage:     "write general registers (rax..r15, rip, rflags) or MSRs (lstar, kernel_gs_base, ...) of one vCPU, with the VM paused",
 			ArgsUsage: "NAME=VALUE...",
-			Description: "Needs a VM under 'kvmscope run --allow-write' with KVM. Values are numbers\n" +
-				"(0x hex, decimal). Prints each register before and after, and what a fresh\n" +
-				"read showed once the guest ran again. See docs/writable.md.",
+			Description: "Needs a VM under 'kvmscope run --allow-write' (or attach --ptrace --allow-write)\n" +
+				"with KVM. Values are numbers (0x hex, decimal). General registers go through\n" +
+				"kvm_run; the MSRs " + strings.Join(guestmem.MSRNames, " ") + "\n" +
+				"through KVM_SET_MSRS run as QEMU; one request writes one kind. Prints each\n" +
+				"register before and after, and what a fresh read showed once the guest ran\n" +
+				"again. See docs/writable.md.",
 			Flags: []cli.Flag{apiFlag, vmFlag, jsonFlag,
 				&cli.IntFlag{Name: "vcpu", Usage: "the vCPU id (kvmscope vm lists them); required"},
 			},
@@ -119,7 +122,7 @@ func registerArgs(args []string) (map[string]api.Hex64, error) {
 
 func printRegisterWrite(w session.RegisterWrite) {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 8, 2, ' ', 0)
-	for _, name := range guestmem.RegisterNames {
+	for _, name := range slices.Concat(guestmem.RegisterNames, guestmem.MSRNames) {
 		if nv, ok := w.New[name]; ok {
 			fmt.Fprintf(tw, "%s\t%s\t->\t%s\n", name, w.Old[name], nv)
 		}

@@ -221,6 +221,7 @@ func checkLayout(path string) error {
 		{"touch", TouchGPA},
 		{"regs_seen", RegsSeenGPA},
 		{"regs_done", RegsDoneGPA},
+		{"msr_seen", MSRSeenGPA},
 		{"regs_magic", RegsMagic & 0xffffffff},
 		{"guard_value", GuardValue & 0xffffffff},
 		{"stack_top", ImageEnd},

@@ -13,7 +13,8 @@
 #   regs       spin until the host writes regs_magic into %r15 (which no
 #              other code touches), publish %r14, then spin; the host can
 #              then point %rip at regs_exit, which writes %eax to
-#              isa-debug-exit
+#              isa-debug-exit. While it waits, it publishes what rdmsr
+#              reads of MSR_KERNEL_GS_BASE (which only the host writes)
 #
 # Guest code here runs in ring 0, which the KVM backend of the development
 # machines emulates one instruction at a time (~2e5 instr/s), so everything
@@ -27,6 +28,7 @@
 
 	.set MSR_EFER,  0xC0000080
 	.set MSR_LSTAR, 0xC0000082
+	.set MSR_KERNEL_GS_BASE, 0xC0000102
 	.set EFER_LME,  1 << 8
 	.set CR0_PE,    1 << 0
 	.set CR0_PG,    1 << 31
@@ -174,8 +176,13 @@ guard_store:	# each store is blocked: KVM exits, kvmscope logs and skips it
 
 do_regs:
 	# Registers only the host changes: %r15 = regs_magic is the signal,
-	# %r14 the value to publish. The counter shows the loop runs.
+	# %r14 the value to publish. The counter shows the loop runs; the
+	# MSR mirror shows what the vCPU itself reads of an MSR.
 1:	incq	counter
+	movl	$MSR_KERNEL_GS_BASE, %ecx
+	rdmsr
+	movl	%eax, msr_seen
+	movl	%edx, msr_seen + 4
 	cmpq	regs_magic_q, %r15
 	jne	1b
 	movq	%r14, regs_seen
@@ -429,7 +436,7 @@ pt_hi:
 	.section .bss.status, "aw", @nobits
 	.balign 4096
 	.globl status, ready, boot_magic, boot_info, mode, arg, io_done, cmdline, counter
-	.globl go, guard_seen, guard_done, touch, regs_seen, regs_done
+	.globl go, guard_seen, guard_done, touch, regs_seen, regs_done, msr_seen
 status:
 ready:		.skip 8		# +0x00 ready_value once in long mode, patterns written
 boot_magic:	.skip 4		# +0x08 %eax at entry (0x2badb002)
@@ -446,6 +453,7 @@ guard_done:	.skip 8		# +0x58 guard mode: 1 when done
 touch:		.skip 8		# +0x60 M of touch=M
 regs_seen:	.skip 8		# +0x68 regs mode: %r14 when %r15 held regs_magic
 regs_done:	.skip 8		# +0x70 regs mode: 1 once regs_seen is written
+msr_seen:	.skip 8		# +0x78 regs mode: MSR_KERNEL_GS_BASE as rdmsr reads it
 	.balign 4096
 
 	.section .bss, "aw", @nobits

@@ -239,6 +239,13 @@ func (c *Client) SetRegisters(id int, change func(*tracer.KVMRegs)) (old, new tr
 	return r.Old, r.New, err
 }
 
+// SetMSRs writes MSRs of vCPU id (tracer.VM.SetMSRs).
+func (c *Client) SetMSRs(ctx context.Context, id int, set map[uint32]uint64) (old, new map[uint32]uint64, err error) {
+	var r SetMSRs
+	err = c.call(ctx, "SetMSRs", SetMSRs{ID: id, Set: set}, &r)
+	return r.Old, r.New, err
+}
+
 // Guarded reports whether the guard protects any of gpa..gpa+size. A keeper
 // that does not answer is taken to guard it, so the write goes the
 // keeper's way and fails there rather than landing on a read-only mapping.

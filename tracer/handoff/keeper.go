@@ -262,6 +262,22 @@ func (s *session) SetRegisters(a SetRegs, r *RegsWritten) error {
 	return err
 }
 
+// SetMSRs are MSR values to write to one vCPU (tracer.VM.SetMSRs), and
+// the reply's values before and after.
+type SetMSRs struct {
+	ID       int
+	Set      map[uint32]uint64
+	Old, New map[uint32]uint64
+}
+
+func (s *session) SetMSRs(a SetMSRs, r *SetMSRs) error {
+	ctx, cancel := s.callCtx(5 * time.Second)
+	defer cancel()
+	old, new, err := s.k.t.VM().SetMSRs(ctx, a.ID, a.Set)
+	*r = SetMSRs{ID: a.ID, Old: old, New: new}
+	return err
+}
+
 // Range is a guest-physical range.
 type Range struct{ GPA, Size uint64 }
 
