@@ -19,7 +19,8 @@ import (
 // TestAttachPtrace (issue 12): the tiny guest under KVM, started plainly
 // in regs mode, is attached to with --ptrace --allow-write: its vCPUs
 // are the ones QEMU made, found with their threads, their registers come
-// fresh from kvm_run, a register write changes what the guest does, and
+// fresh from kvm_run, a register write and an MSR write change what the guest does (it reads
+// the MSR with rdmsr), and
 // a memory write across a hole fails whole. Detach leaves QEMU untraced
 // and running (the counter goes on), a second attach works, kill -9 of
 // an attached kvmscope leaves QEMU running too, and QEMU's exit is its
@@ -79,6 +80,15 @@ func TestAttachPtrace(t *testing.T) {
 	if err := c.Get(ctxT(t), "/v1/vcpus", &cpus); err != nil || len(cpus) != 2 || cpus[0].Mode != "long" {
 		t.Fatalf("/v1/vcpus %+v (%v)", cpus, err)
 	}
+
+	// An MSR write (KVM_SET_MSRS injected into the attached QEMU) is what
+	// the guest's own rdmsr reads.
+	if _, errOut, code := kvmscope(t, "regs", "set", "--api", sock, "--vcpu", "0", "kernel_gs_base=0xffff888000abc000"); code != 0 {
+		t.Fatalf("regs set kernel_gs_base: code %d: %s", code, errOut)
+	}
+	waitFor(t, 30*time.Second, "the guest's rdmsr to read the MSR written", func() bool {
+		return readU64(t, c, testguest.MSRSeenGPA) == 0xffff888000abc000
+	})
 
 	// A register write makes the guest publish what only the host knows.
 	const seen = 0x5eed
