@@ -19,9 +19,9 @@ import (
 // TestAttachPtrace (issue 12): the tiny guest under KVM, started plainly
 // in regs mode, is attached to with --ptrace --allow-write: its vCPUs
 // are the ones QEMU made, found with their threads, their registers come
-// fresh from kvm_run, a register write and an MSR write change what the guest does (it reads
-// the MSR with rdmsr), and
-// a memory write across a hole fails whole. Detach leaves QEMU untraced
+// fresh from kvm_run, a register write and an MSR write change what the
+// guest does (it reads the MSR with rdmsr), and a memory write across a
+// hole fails whole. Detach leaves QEMU untraced
 // and running (the counter goes on), a second attach works, kill -9 of
 // an attached kvmscope leaves QEMU running too, and QEMU's exit is its
 // plain one.
