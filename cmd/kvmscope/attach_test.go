@@ -142,30 +142,63 @@ func TestAttachKVM(t *testing.T) {
 	}
 }
 
-// TestAttachNoMonitor: a Debian guest QEMU started plainly (TCG; nothing
-// of it given to kvmscope but its pid) is attached to with no monitor:
-// guest RAM is found from its command line and mappings and checked by
-// finding the kernel through it; ps is the guest's own table. A process
-// that is not QEMU is refused in one line.
+// TestAttachNoMonitor: attach --pid alone (no --qmp, no --vm) to Debian
+// under TCG started plainly. Guest RAM is inferred from QEMU's -m,
+// -machine and its one mapping of that size, split around the PCI hole
+// as the machine type does, and checked against the guest kernel's own
+// firmware memory map: ps equals the guest's table for a 512 MiB guest
+// (one range), a 4 GiB i440fx guest (3 GiB below 4 GiB, 1 GiB above) and
+// a 3 GiB q35 guest (2 GiB below, 1 GiB above), where the kernel's slab
+// memory lies mostly above 4 GiB. A process that is not QEMU is refused
+// in one line.
 func TestAttachNoMonitor(t *testing.T) {
-	g := plainDebian(t)
-	sock := filepath.Join(t.TempDir(), "vm.sock")
-	cmd := exec.Command(kvmscopeBin, "--log-level", "info", "attach", "--pid", strconv.Itoa(g.Pid()), "--api", sock)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	const mib = 1 << 20
+	for _, c := range []struct {
+		name   string
+		memMB  int
+		args   []string
+		ranges []uint64 // sizes: below 4 GiB, then at 4 GiB
+	}{
+		{"pc-512M", 512, nil, []uint64{512 * mib}},
+		{"pc-4G", 4096, nil, []uint64{3072 * mib, 1024 * mib}},
+		{"q35-3G", 3072, []string{"-machine", "q35"}, []uint64{2048 * mib, 1024 * mib}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g := plainDebianWith(t, testlinux.Options{MemMB: c.memMB, ExtraArgs: c.args})
+			sock := filepath.Join(t.TempDir(), "vm.sock")
+			cmd := exec.Command(kvmscopeBin, "--log-level", "info", "attach", "--pid", strconv.Itoa(g.Pid()), "--api", sock)
+			var stderr strings.Builder
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan struct{})
+			go func() { cmd.Wait(); close(exited) }()
+			defer func() { cmd.Process.Kill(); <-exited }()
+			waitFor(t, 90*time.Second, "attach without a monitor to serve "+sock, func() bool {
+				var vm api.VM
+				select {
+				case <-exited:
+					t.Fatalf("attach exited: %s", stderr.String())
+				default:
+				}
+				return api.NewClient(sock).Get(ctxT(t), "/v1/vm", &vm) == nil
+			})
+			vm := getVM(t, api.NewClient(sock))
+			ok := vm.Pid == g.Pid() && len(vm.Regions) == len(c.ranges)
+			for i := 0; ok && i < len(c.ranges); i++ {
+				gpa := uint64(0)
+				if i == 1 {
+					gpa = 4 << 30
+				}
+				ok = uint64(vm.Regions[i].GPA) == gpa && uint64(vm.Regions[i].Size) == c.ranges[i] && strings.HasSuffix(vm.Regions[i].Name, "(inferred)")
+			}
+			if !ok {
+				t.Fatalf("/v1/vm %+v; want RAM of %v bytes at 0 and 4 GiB (stderr %s)", vm, c.ranges, stderr.String())
+			}
+			checkPS(t, "attached without a monitor", psJSON(t, "--api", sock), g.PS())
+		})
 	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	waitFor(t, 90*time.Second, "attach without a monitor to serve "+sock, func() bool {
-		var vm api.VM
-		return api.NewClient(sock).Get(ctxT(t), "/v1/vm", &vm) == nil || cmd.ProcessState != nil
-	})
-	vm := getVM(t, api.NewClient(sock))
-	if vm.Pid != g.Pid() || len(vm.Regions) != 1 || vm.Regions[0].Name != "ram (inferred)" || uint64(vm.Regions[0].Size) != 512<<20 {
-		t.Fatalf("/v1/vm %+v (stderr %s)", vm, stderr.String())
-	}
-	checkPS(t, "attached without a monitor", psJSON(t, "--api", sock), g.PS())
 
 	_, errOut, code := kvmscope(t, "attach", "--pid", strconv.Itoa(os.Getpid()), "--api", filepath.Join(t.TempDir(), "x.sock"))
 	if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, "no guest memory map without a monitor") {
@@ -177,10 +210,17 @@ func TestAttachNoMonitor(t *testing.T) {
 // as the responder finds it), shut down at the end of the test.
 func plainDebian(t *testing.T) *testlinux.Guest {
 	t.Helper()
+	return plainDebianWith(t, testlinux.Options{})
+}
+
+// plainDebianWith is plainDebian with o's memory and extra arguments.
+func plainDebianWith(t *testing.T, o testlinux.Options) *testlinux.Guest {
+	t.Helper()
 	p := testlinux.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	g, err := testlinux.Boot(ctx, testlinux.Options{Kernel: p.DebianKernel, Accel: "tcg"})
+	o.Kernel, o.Accel = p.DebianKernel, "tcg"
+	g, err := testlinux.Boot(ctx, o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/introspect"
 	"github.com/kvmscope/kvmscope/guestmem/qmp"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
 	"github.com/kvmscope/kvmscope/session"
@@ -192,13 +193,8 @@ func Attach(o AttachOptions) error {
 	target.name = name
 	sess := session.New(target, nil)
 	if q == nil {
-		// The inferred map is right only if the guest kernel is where it
-		// says: its image, page tables and symbols found through it.
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		_, _, _, err := sess.Kernel(ctx)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("attach to QEMU %d without a monitor: the memory map inferred from /proc/%d/maps is not verified: %w", o.PID, o.PID, err)
+		if err := verifyInferred(sess, src); err != nil {
+			return fmt.Errorf("attach to QEMU %d without a monitor: the memory map inferred from its command line and /proc/%d/maps is not verified: %w", o.PID, o.PID, err)
 		}
 	}
 	events, err := eventlog.Open(EventsPath(sock), 0o640)
@@ -345,4 +341,23 @@ func watchPID(pid int, done chan<- struct{}) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	close(done)
+}
+
+// verifyInferred checks a map built without a monitor: the guest kernel
+// must be where it says (its image, page tables and symbols found through
+// it), and every range of RAM in the firmware map the kernel kept must be
+// in it, which a wrong split around the PCI hole fails. A kernel without
+// that map in its symbols (no CONFIG_KALLSYMS_ALL) is taken on the first
+// check alone only when all RAM is below 2 GiB, where no machine splits.
+func verifyInferred(sess *session.Session, src guestmem.Source) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, _, _, err := sess.Kernel(ctx); err != nil {
+		return err
+	}
+	_, err := sess.CheckMemoryMap(ctx)
+	if rs := src.Regions(); errors.Is(err, introspect.ErrNoE820) && len(rs) == 1 && rs[0].End() <= 2<<30 {
+		return nil
+	}
+	return err
 }
