@@ -15,9 +15,9 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
-	"github.com/kvmscope/kvmscope/introspect"
 	"github.com/kvmscope/kvmscope/guestmem/qmp"
 	"github.com/kvmscope/kvmscope/internal/eventlog"
+	"github.com/kvmscope/kvmscope/introspect"
 	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/rs/zerolog"
