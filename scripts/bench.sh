@@ -25,7 +25,7 @@ load0=$(cut -d' ' -f1-3 /proc/loadavg)
 # sides of every ratio inside the same L1: its rows say "nested KVM".
 rec=$PWD/.cache/bench-record.jsonl
 rm -f "$rec"
-KVMSCOPE_RECORD=$rec go test -run '^$' -bench '^Benchmark(GuestSlowdown|APIRegisters|GuestRead|VCPURegisters|PSKVM|Guard|ScanScheduleKVM)$' \
+KVMSCOPE_RECORD=$rec go test -run '^$' -bench '^Benchmark(GuestSlowdown|APIRegisters|RegisterWrite|GuestRead|VCPURegisters|PSKVM|Guard|ScanScheduleKVM)$' \
   -benchtime 1x -count 1 -timeout 20m ./cmd/kvmscope ./guestmem 2>&1 |
   grep -v -e "host doesn't support requested feature" -e 'terminating on signal' |
   tee "$log" >&2 || status=1
@@ -89,6 +89,9 @@ END {
   row("  CPU time (QEMU + strace)", n, "strace-cpu-s", "qemu-cpu-s", "%.3f", "s", "strace-cpu-ratio", "%.3f", "", "")
   row("vCPU registers: QMP / kvmscope (in-process)", "VCPURegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", "%.2f", ">=", "20")
   row("vCPU registers: QMP / kvmscope (API, HTTP)", "APIRegisters", "ours-us", "qmp-us", "%.1f", "us", "speedup", "%.2f", ">=", "20")
+  row("register write (API socket): general / 8 B memory", "RegisterWrite", "regs-us", "mem-us", "%.0f", "us", "regs-ratio", "%.2f", "", "")
+  row("register write (API socket): MSR / 8 B memory", "RegisterWrite", "msr-us", "mem-us", "%.0f", "us", "msr-ratio", "%.2f", "", "")
+  row("register write (CLI regs set) / 8 B memory (API)", "RegisterWrite", "cli-us", "mem-us", "%.0f", "us", "cli-ratio", "%.2f", "", "")
   row("32 MiB read (in-process): process_vm_readv / memcpy", "GuestRead/procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", ">=", "0.5")
   row("32 MiB read (in-process): memfd mapping / memcpy", "GuestRead/memfd", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", ">=", "0.5")
   row("32 MiB read (in-process): memfd RAM, procvm", "GuestRead/memfd_procvm", "ours-GB/s", "memcpy-GB/s", "%.2f", "GB/s", "ratio", "%.3f", "", "")

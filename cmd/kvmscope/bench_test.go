@@ -178,42 +178,10 @@ func BenchmarkGuestSlowdown(b *testing.B) {
 // >= 20).
 func BenchmarkAPIRegisters(b *testing.B) {
 	qemu, kernel := benchGuest(b)
-	dir := b.TempDir()
-	sock, qmpSock := filepath.Join(dir, "api.sock"), filepath.Join(dir, "qmp.sock")
-	args := append(testguest.KernelArgs(kernel, 1, "kvm", ""), "-qmp", "unix:"+qmpSock+",server=on,wait=off")
-	cmd := exec.Command(kvmscopeBin, append([]string{"--log-level", "error", "run", "--api", sock, "--", qemu}, args...)...)
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	defer func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	}()
+	qmpSock := filepath.Join(b.TempDir(), "qmp.sock")
+	c := startBenchRun(b, nil, qemu, append(testguest.KernelArgs(kernel, 1, "kvm", ""), "-qmp", "unix:"+qmpSock+",server=on,wait=off"))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	c := api.NewClient(sock)
-	ready := url.Values{"gpa": {fmt.Sprintf("%#x", testguest.ReadyGPA)}, "len": {"8"}}
-	for deadline := time.Now().Add(60 * time.Second); ; {
-		body, err := c.GetRaw(ctx, "/v1/memory?"+ready.Encode())
-		if err == nil && len(body) == 8 && binary.LittleEndian.Uint64(body) == testguest.ReadyValue {
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("the tiny guest did not get ready under kvmscope run: %v", err)
-		}
-		select {
-		case <-done:
-			b.Fatal("kvmscope run exited early")
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
 	q, err := guestmem.DialQMP(ctx, qmpSock)
 	if err != nil {
 		b.Fatal(err)
@@ -254,6 +222,46 @@ func BenchmarkAPIRegisters(b *testing.B) {
 	// The median of the rounds' ratios, which a busy machine disturbs
 	// less than a ratio of medians.
 	b.ReportMetric(quantile(speedups, 0.5), "speedup")
+}
+
+// startBenchRun starts kvmscope run (with runFlags) of qemu with args,
+// stopped when the benchmark ends, and returns its API client once the
+// tiny guest is ready.
+func startBenchRun(b *testing.B, runFlags []string, qemu string, args []string) *api.Client {
+	b.Helper()
+	sock := filepath.Join(b.TempDir(), "api.sock")
+	argv := append(append([]string{"--log-level", "error", "run", "--api", sock}, runFlags...), "--", qemu)
+	cmd := exec.Command(kvmscopeBin, append(argv, args...)...)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	b.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	c := api.NewClient(sock)
+	ready := url.Values{"gpa": {fmt.Sprintf("%#x", testguest.ReadyGPA)}, "len": {"8"}}
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		body, err := c.GetRaw(context.Background(), "/v1/memory?"+ready.Encode())
+		if err == nil && len(body) == 8 && binary.LittleEndian.Uint64(body) == testguest.ReadyValue {
+			return c
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the tiny guest did not get ready under kvmscope run: %v", err)
+		}
+		select {
+		case <-done:
+			b.Fatal("kvmscope run exited early")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 func medianDuration(ds []time.Duration) time.Duration {
