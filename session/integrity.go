@@ -184,8 +184,10 @@ var ErrNotWritable = errors.New("restoring needs a VM started with --allow-write
 
 // RestoreDispatch writes the baseline back over every table entry and
 // code range that differs from it (the kernel's own runtime patches, the
-// IDT and the vCPU registers are left alone), with the guest paused, and
-// reads each write back. It returns what it restored.
+// IDT and the control registers are left alone), with the guest paused,
+// and reads each write back; then it puts LSTAR back at entry_SYSCALL_64
+// on every vCPU where it points elsewhere (restoreLSTAR). It returns what
+// it restored.
 func (s *Session) RestoreDispatch(ctx context.Context, baselinePath string) ([]introspect.Deviation, error) {
 	if baselinePath == "" {
 		return nil, errors.New("no baseline to restore from")
@@ -228,6 +230,71 @@ func (s *Session) RestoreDispatch(ctx context.Context, baselinePath string) ([]i
 		}
 		return nil
 	})
+	if err != nil {
+		return restored, err
+	}
+	msrs, err := s.restoreLSTAR(ctx)
+	return append(restored, msrs...), err
+}
+
+// restoreLSTAR puts the syscall entry MSR back at entry_SYSCALL_64 on
+// every vCPU where JudgeCPUs finds it elsewhere, as a register write
+// (WriteRegisters: KVM_SET_MSRS run as QEMU, read back, a register_write
+// event). It runs after the paused scan: a SIGSTOPped QEMU cannot run the
+// ioctl. Sources without MSRs (TCG, dumps) have none to restore. On a
+// kernel with PTI trampolines (4.15-5.x) the right value is a per-CPU
+// address in the CPU entry area that kvmscope does not compute: a hooked
+// LSTAR there is refused, not guessed.
+func (s *Session) restoreLSTAR(ctx context.Context) ([]introspect.Deviation, error) {
+	src, err := s.machine.Source()
+	if err != nil {
+		return nil, err
+	}
+	r, ok := src.(interface{ ReadEntryMSRs(context.Context) error })
+	if _, msrs := src.(guestmem.MSRWriter); !ok || !msrs {
+		return nil, nil
+	}
+	if err := r.ReadEntryMSRs(ctx); err != nil {
+		return nil, fmt.Errorf("LSTAR not restored: %w", err)
+	}
+	cpus, err := src.CPUs(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("LSTAR not restored: %w", err)
+	}
+	type hooked struct {
+		vcpu int
+		dev  introspect.Deviation
+	}
+	var todo []hooked
+	var entry uint64
+	_, err = s.scan(ctx, "restore lstar", false, func(k *introspect.Kernel, _ *introspect.Offsets) error {
+		entry, _ = k.Symbol("entry_SYSCALL_64")
+		_, pti := k.Symbol("entry_SYSCALL_64_trampoline")
+		for _, c := range cpus {
+			devs, _ := k.JudgeCPUs([]guestmem.CPU{c})
+			for _, d := range devs {
+				if d.Kind != "msr" {
+					continue
+				}
+				if pti {
+					return fmt.Errorf("%s not restored: this kernel enters through per-CPU PTI trampolines, whose addresses kvmscope does not compute", d.What)
+				}
+				todo = append(todo, hooked{c.ID, d})
+			}
+		}
+		return nil
+	})
+	var restored []introspect.Deviation
+	for _, h := range todo {
+		if err != nil {
+			break
+		}
+		if _, err = s.WriteRegisters(ctx, h.vcpu, map[string]uint64{"lstar": entry}); err != nil {
+			err = fmt.Errorf("restore %s: %w", h.dev.What, err)
+			break
+		}
+		restored = append(restored, h.dev)
+	}
 	return restored, err
 }
 

@@ -127,8 +127,10 @@ func TestGuestLinux(t *testing.T) {
 				}
 				if tc.memfd {
 					// Host writes into guarded pages (tamper, then
-					// --restore with QEMU paused) still work.
+					// --restore with QEMU paused) still work, and a
+					// hooked LSTAR is put back.
 					tamperAndRestore(t, sock, readBaseline(t, sock))
+					hookAndRestoreLSTAR(t, sock, g)
 				}
 			}
 			if !tc.memfd {

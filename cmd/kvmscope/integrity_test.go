@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/kvmscope/kvmscope/internal/launch"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 	"github.com/kvmscope/kvmscope/introspect"
+	"github.com/kvmscope/kvmscope/session"
 )
 
 // TestIntegrity: on a live Debian guest (TCG) a clean kernel prints [];
@@ -131,4 +133,61 @@ func tamperAndRestore(t *testing.T, sock string, base introspect.Dispatch) {
 		t.Errorf("after the restore: %+v", devs)
 	}
 
+}
+
+// hookAndRestoreLSTAR hooks the syscall entry MSR of every vCPU from the
+// host, as a rootkit would (LSTAR 0x10 bytes into entry_SYSCALL_64), with
+// the VM stopped by its monitor so that no system call enters through the
+// hook; checks that integrity names each vCPU's LSTAR with its symbol,
+// that --restore puts them back (through KVM_SET_MSRS) and the next check
+// is clean, and that the guest runs on after cont: its first system call
+// would crash it otherwise.
+func hookAndRestoreLSTAR(t *testing.T, sock string, g *testlinux.Guest) {
+	t.Helper()
+	if _, err := g.QMP("stop", nil); err != nil {
+		t.Fatal(err)
+	}
+	setLSTAR := func(vcpu int, v uint64) (old uint64) {
+		out, errOut, code := kvmscope(t, "regs", "set", "--api", sock, "--json", "--vcpu", fmt.Sprint(vcpu), fmt.Sprintf("lstar=%#x", v))
+		var w session.RegisterWrite
+		if code != 0 || json.Unmarshal([]byte(out), &w) != nil {
+			t.Fatalf("set vCPU %d's LSTAR: code %d: %s%s", vcpu, code, out, errOut)
+		}
+		old, _ = strconv.ParseUint(w.Old["lstar"], 0, 64)
+		return old
+	}
+	// The first write says where LSTAR was: entry_SYSCALL_64, which the
+	// clean check before this one verified.
+	vm := getVM(t, api.NewClient(sock))
+	var entry uint64
+	for _, v := range vm.VCPUs {
+		entry = setLSTAR(v.ID, 0xffffffff81000000)
+		setLSTAR(v.ID, entry+0x10)
+	}
+	hooked := 0
+	for _, d := range integrityJSON(t, "LSTAR hooked", "--api", sock) {
+		if strings.HasSuffix(d.What, ".lstar") && d.Current == fmt.Sprintf("%#x", entry+0x10) && d.CurrentSymbol == "entry_SYSCALL_64+0x10" {
+			hooked++
+		}
+	}
+	if hooked != len(vm.VCPUs) {
+		t.Errorf("integrity named %d hooked LSTARs, want %d", hooked, len(vm.VCPUs))
+	}
+	out, errOut, code := kvmscope(t, "integrity", "--api", sock, "--restore")
+	if code != 0 || strings.Count(out, ".lstar") != len(vm.VCPUs) {
+		t.Errorf("--restore of LSTAR: code %d: %s%s", code, out, errOut)
+	}
+	if devs := integrityJSON(t, "LSTAR restored", "--api", sock); len(devs) != 0 {
+		t.Errorf("after restoring LSTAR: %+v", devs)
+	}
+	if _, err := g.QMP("cont", nil); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if st, err := g.HMP("info status"); err != nil || !strings.Contains(st, "running") {
+		t.Errorf("after cont: %q, %v; want the guest running", st, err)
+	}
+	if procs := psJSON(t, "--api", sock); len(procs) == 0 {
+		t.Error("no processes after the LSTAR restore")
+	}
 }
