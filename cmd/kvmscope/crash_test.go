@@ -78,13 +78,7 @@ func TestCrashIsolationKVM(t *testing.T) {
 	// every slot and off again (what migration does first). The trapped
 	// KVM_SET_USER_MEMORY_REGION calls go through the tracer, which
 	// never went away; the new analysis process sees the table change.
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	q, err := qmp.Dial(ctx, qmpPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer q.Close()
+	ctx, q := dialQMP(t, qmpPath)
 	if _, err := q.Execute(ctx, "calc-dirty-rate", map[string]any{"calc-time": 1, "mode": "dirty-bitmap"}); err != nil {
 		t.Fatalf("calc-dirty-rate: %v", err)
 	}
@@ -187,4 +181,18 @@ func TestCrashIsolationLinux(t *testing.T) {
 	if err := c.Get(ctxT(t), "/v1/report", &rep); err != nil {
 		t.Fatalf("report after the kills: %v", err)
 	}
+}
+
+// dialQMP connects to QEMU's QMP socket path for the rest of the test;
+// ctx bounds each command to a minute of the test.
+func dialQMP(t *testing.T, path string) (context.Context, *qmp.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	q, err := qmp.Dial(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return ctx, q
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"path/filepath"
@@ -10,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kvmscope/kvmscope/guestmem/qmp"
 	"github.com/kvmscope/kvmscope/internal/testguest"
 	"github.com/kvmscope/kvmscope/session"
 )
@@ -43,12 +41,6 @@ func TestRegisterWriteMSR(t *testing.T) {
 		}
 		return w, errOut, code
 	}
-	refused := func(what, errOut string, code int, want string) {
-		t.Helper()
-		if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, want) {
-			t.Errorf("%s: code %d, stderr %q; want one line containing %q", what, code, errOut, want)
-		}
-	}
 
 	const gsBase = 0xffff888012345000
 	w, errOut, code := regs(fmt.Sprintf("kernel_gs_base=%#x", uint64(gsBase)))
@@ -78,12 +70,12 @@ func TestRegisterWriteMSR(t *testing.T) {
 
 	// KVM sets star, then refuses lstar: star is put back.
 	_, errOut, code = regs("star=0x23001000000000", "lstar=0x8000000000000000")
-	refused("non-canonical lstar", errOut, code, "KVM refused lstar = 0x8000000000000000")
+	refused(t, "non-canonical lstar", errOut, code, "KVM refused lstar = 0x8000000000000000")
 	// AMD keeps 32 bits of SYSENTER_EIP (Intel refuses the value): either
 	// way the write fails whole.
 	_, errOut, code = regs("sysenter_esp=0x1000", "sysenter_eip=0x8000000000000000")
 	if !strings.Contains(errOut, "KVM refused sysenter_eip") {
-		refused("non-canonical sysenter_eip", errOut, code, "sysenter_eip reads back as 0x0, not 0x8000000000000000; the old values were put back")
+		refused(t, "non-canonical sysenter_eip", errOut, code, "sysenter_eip reads back as 0x0, not 0x8000000000000000; the old values were put back")
 	}
 	for _, msr := range []string{"star", "sysenter_esp"} {
 		w, errOut, code = regs(msr + "=0x2000")
@@ -94,13 +86,7 @@ func TestRegisterWriteMSR(t *testing.T) {
 	// QEMU stopped, then synced (HMP info registers: KVM_GET_MSRS) holds
 	// a copy of the MSRs it writes back at cont: a write now would be
 	// undone, and is refused until QEMU has put its copy back.
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	q, err := qmp.Dial(ctx, qmpPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer q.Close()
+	ctx, q := dialQMP(t, qmpPath)
 	if _, err := q.Execute(ctx, "stop", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +94,7 @@ func TestRegisterWriteMSR(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, errOut, code = regs("kernel_gs_base=0x1000")
-	refused("kernel_gs_base while QEMU holds a copy", errOut, code, "QEMU holds a copy of kernel_gs_base")
+	refused(t, "kernel_gs_base while QEMU holds a copy", errOut, code, "QEMU holds a copy of kernel_gs_base")
 	if _, err := q.Execute(ctx, "cont", nil); err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +107,7 @@ func TestRegisterWriteMSR(t *testing.T) {
 	})
 
 	_, errOut, code = regs("efer=0")
-	refused("efer", errOut, code, `register "efer" cannot be written`)
+	refused(t, "efer", errOut, code, `register "efer" cannot be written`)
 	_, errOut, code = regs("rax=1", "lstar=0xffffffff81000000")
-	refused("rax with lstar", errOut, code, "separate requests")
+	refused(t, "rax with lstar", errOut, code, "separate requests")
 }

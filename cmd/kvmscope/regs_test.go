@@ -34,29 +34,23 @@ func TestRegisterWrite(t *testing.T) {
 		t.Helper()
 		return kvmscope(t, append([]string{"regs", "set", "--api", sock}, args...)...)
 	}
-	refused := func(what, errOut string, code int, want string) {
-		t.Helper()
-		if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, want) {
-			t.Errorf("%s: code %d, stderr %q; want one line containing %q", what, code, errOut, want)
-		}
-	}
 
 	t.Run("read-only", func(t *testing.T) {
 		r := startRun(t, nil, guest...)
 		waitReady(t, r.client())
 		_, errOut, code := regs(r.sock, "--vcpu", "0", fmt.Sprintf("r15=%#x", testguest.RegsMagic))
-		refused("without --allow-write", errOut, code, "--allow-write")
+		refused(t, "without --allow-write", errOut, code, "--allow-write")
 	})
 
 	r := startRun(t, []string{"--allow-write"}, guest...)
 	c := r.client()
 	waitReady(t, c)
 	_, errOut, code := regs(r.sock, "--vcpu", "0", "cr3=0x1000")
-	refused("cr3", errOut, code, `register "cr3" cannot be written`)
+	refused(t, "cr3", errOut, code, `register "cr3" cannot be written`)
 	_, errOut, code = regs(r.sock, "--vcpu", "7", "r15=1")
-	refused("vCPU 7", errOut, code, "no such vCPU")
+	refused(t, "vCPU 7", errOut, code, "no such vCPU")
 	_, errOut, code = regs(r.sock, "--vcpu", "0", "rflags=0x80000002")
-	refused("reserved rflags", errOut, code, "reserved bits")
+	refused(t, "reserved rflags", errOut, code, "reserved bits")
 	if done := readU64(t, c, testguest.RegsDoneGPA); done != 0 {
 		t.Fatalf("regs_done %d before any write", done)
 	}
@@ -131,5 +125,14 @@ func TestRegisterWriteBusy(t *testing.T) {
 	t.Logf("%d writes took %d pauses", writes, pauses)
 	if pauses == writes {
 		t.Errorf("no write of %d was retried: the vCPU of an io=N guest was never found in an I/O exit", writes)
+	}
+}
+
+// refused checks that a command failed with one line of stderr that
+// contains want.
+func refused(t *testing.T, what, errOut string, code int, want string) {
+	t.Helper()
+	if code == 0 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, want) {
+		t.Errorf("%s: code %d, stderr %q; want one line containing %q", what, code, errOut, want)
 	}
 }
