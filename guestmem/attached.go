@@ -2,7 +2,10 @@
 
 package guestmem
 
-import "context"
+import (
+	"context"
+	"fmt"
+)
 
 // Attached is a KVM guest that kvmscope attached to while it ran
 // (kvmscope attach --ptrace): its memory as QEMU's monitor maps it (the
@@ -31,8 +34,22 @@ func (a *Attached) SetRegisters(ctx context.Context, id int, set map[string]uint
 	return a.vcpus.SetRegisters(ctx, id, set)
 }
 
-// SetMSRs is Live.SetMSRs.
+// SetMSRs is Live.SetMSRs, for a running VM only. Attached, the tracer
+// has no seccomp filter and does not see QEMU's own KVM_GET_MSRS and
+// KVM_SET_MSRS, so it cannot tell when QEMU holds a synced copy of the
+// MSRs that it will write back over ours. A running QEMU writes its copy
+// back before the vCPU's next KVM_RUN, which the fresh read back then
+// shows; a VM its monitor stopped can hold one until `cont`.
 func (a *Attached) SetMSRs(ctx context.Context, id int, set map[string]uint64) (old, new map[string]uint64, err error) {
+	if q := a.Commands(); q != nil {
+		running, status, err := Status(ctx, q)
+		if err != nil {
+			return nil, nil, err
+		}
+		if !running {
+			return nil, nil, fmt.Errorf("the VM is not running (%s): attached, kvmscope cannot see whether QEMU holds a copy of the MSRs that it writes back when it resumes; resume it first", status)
+		}
+	}
 	return a.vcpus.SetMSRs(ctx, id, set)
 }
 

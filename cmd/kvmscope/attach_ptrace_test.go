@@ -29,7 +29,9 @@ func TestAttachPtrace(t *testing.T) {
 	args := tinyGuest(t, 2, "regs")
 	dir := t.TempDir()
 	qmp := filepath.Join(dir, "qmp.sock")
-	qemu := exec.Command(needQEMU(t), append(args, "-qmp", "unix:"+qmp+",server=on,wait=off")...)
+	// A second monitor for the test itself: kvmscope holds the first.
+	qmp2 := filepath.Join(dir, "qmp2.sock")
+	qemu := exec.Command(needQEMU(t), append(args, "-qmp", "unix:"+qmp+",server=on,wait=off", "-qmp", "unix:"+qmp2+",server=on,wait=off")...)
 	if err := qemu.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -89,10 +91,21 @@ func TestAttachPtrace(t *testing.T) {
 	waitFor(t, 30*time.Second, "the guest's rdmsr to read the MSR written", func() bool {
 		return readU64(t, c, testguest.MSRSeenGPA) == 0xffff888000abc000
 	})
+	// Stopped by its monitor, QEMU may hold a copy of the MSRs that it
+	// writes back at cont, which an attached kvmscope cannot see: refused.
+	qctx, q := dialQMP(t, qmp2)
+	if _, err := q.Execute(qctx, "stop", nil); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := kvmscope(t, "regs", "set", "--api", sock, "--vcpu", "0", "kernel_gs_base=0x1000")
+	refused(t, "an MSR write to a stopped VM under attach", errOut, code, "resume it first")
+	if _, err := q.Execute(qctx, "cont", nil); err != nil {
+		t.Fatal(err)
+	}
 
 	// A register write makes the guest publish what only the host knows.
 	const seen = 0x5eed
-	_, errOut, code := kvmscope(t, "regs", "set", "--api", sock, "--vcpu", "0", fmt.Sprintf("r15=%#x", uint64(testguest.RegsMagic)), fmt.Sprintf("r14=%#x", seen))
+	_, errOut, code = kvmscope(t, "regs", "set", "--api", sock, "--vcpu", "0", fmt.Sprintf("r15=%#x", uint64(testguest.RegsMagic)), fmt.Sprintf("r14=%#x", seen))
 
 	if code != 0 {
 		t.Fatalf("regs set: code %d: %s", code, errOut)
