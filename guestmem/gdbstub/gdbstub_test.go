@@ -26,12 +26,12 @@ func TestQEMU(t *testing.T) {
 }
 
 // TestQEMUKVM is TestQEMU under KVM, where QEMU's gdbstub reads and
-// writes registers through KVM_GET/SET_REGS, and sets breakpoints and
-// steps with KVM_SET_GUEST_DEBUG. The breakpoint and the step are tried
-// only on a KVM that stops vCPUs at guest-debug breakpoints and steps
-// (kvmprobe.GuestDebug), which the nested-KVM lab's does not
-// (docs/limitations.md): there the test covers opening, target.xml,
-// reads, a write and detaching.
+// writes registers through KVM_GET/SET_REGS (Conn fetches them with `g`
+// first: QEMU's `p`/`P` alone see a stale copy), and sets breakpoints
+// and steps with KVM_SET_GUEST_DEBUG. The breakpoint is tried only on a
+// KVM that stops vCPUs at guest-debug breakpoints (kvmprobe.GuestDebug),
+// which the nested-KVM lab's does not (docs/limitations.md); there the
+// vCPU steps from the reset vector to SeaBIOS's entry instead.
 func TestQEMUKVM(t *testing.T) {
 	testenv.Require(t, testenv.QEMU, testenv.KVM)
 	probe := kvmprobe.GuestDebug()
@@ -39,8 +39,8 @@ func TestQEMUKVM(t *testing.T) {
 	stubAtReset(t, "kvm", probe == nil)
 }
 
-// stubAtReset is TestQEMU's body under accel, with the breakpoint and
-// the step when breakpoints is set.
+// stubAtReset is TestQEMU's body under accel, with the breakpoint when
+// breakpoints is set.
 func stubAtReset(t *testing.T, accel string, breakpoints bool) {
 	dir := t.TempDir()
 	qmpPath, gdbPath := filepath.Join(dir, "qmp"), filepath.Join(dir, "gdb")
@@ -96,8 +96,10 @@ func stubAtReset(t *testing.T, accel string, breakpoints bool) {
 		t.Errorf("rax read back %x %v", b, err)
 	}
 	// The reset vector jumps to f000:e05b (SeaBIOS's entry; breakpoints
-	// take the linear address, CS base included): run to it, and step.
+	// take the linear address, CS base included): run to it, or, without
+	// breakpoints, step there; then step on.
 	const entry = 0xfe05b
+	thread := st.Thread
 	if breakpoints {
 		if err := c.Breakpoint(ctx, entry, true); err != nil {
 			t.Fatal(err)
@@ -109,29 +111,39 @@ func stubAtReset(t *testing.T, accel string, breakpoints bool) {
 		if err != nil || hit.Signal != 5 {
 			t.Fatalf("continue to the breakpoint: %+v %v", hit, err)
 		}
-		if b, _ = c.ReadReg(ctx, hit.Thread, rip); U64(b) != 0xe05b {
-			t.Errorf("stopped at rip %#x, want the breakpoint's 0xe05b", U64(b))
+		thread = hit.Thread
+	} else {
+		if err := c.Step(ctx, thread); err != nil {
+			t.Fatal(err)
 		}
+		if st, err := c.Wait(ctx); err != nil || st.Signal != 5 {
+			t.Fatalf("step from the reset vector: %+v %v", st, err)
+		}
+	}
+	if b, _ = c.ReadReg(ctx, thread, rip); U64(b) != 0xe05b {
+		t.Errorf("stopped at rip %#x, want SeaBIOS's entry 0xe05b", U64(b))
+	}
+	if breakpoints {
 		if err := c.Breakpoint(ctx, entry, false); err != nil {
 			t.Fatal(err)
 		}
-		if err := c.Step(ctx, hit.Thread); err != nil {
-			t.Fatal(err)
-		}
-		st2, err := c.Wait(ctx)
-		if err != nil || st2.Signal != 5 {
-			t.Fatalf("step: %+v %v", st2, err)
-		}
-		b, _ = c.ReadReg(ctx, st2.Thread, rip)
-		if U64(b) == 0xe05b {
-			t.Errorf("the step did not move rip from 0xe05b")
-		}
-		t.Logf("after a step from 0xe05b: thread %d rip %#x", st2.Thread, U64(b))
-		// The vCPU ran (under KVM: QEMU put its registers with
-		// KVM_SET_REGS, and read them back after): the write held.
-		if b, err := c.ReadReg(ctx, st2.Thread, rax); err != nil || U64(b) != 0x1234 {
-			t.Errorf("rax after running %x %v, want the 0x1234 written before", b, err)
-		}
+	}
+	if err := c.Step(ctx, thread); err != nil {
+		t.Fatal(err)
+	}
+	st2, err := c.Wait(ctx)
+	if err != nil || st2.Signal != 5 {
+		t.Fatalf("step: %+v %v", st2, err)
+	}
+	b, _ = c.ReadReg(ctx, st2.Thread, rip)
+	if U64(b) == 0xe05b {
+		t.Errorf("the step did not move rip from 0xe05b")
+	}
+	t.Logf("after a step from 0xe05b: thread %d rip %#x", st2.Thread, U64(b))
+	// The vCPU ran (under KVM: QEMU put its registers with KVM_SET_REGS,
+	// and fetched them again after): the write held.
+	if b, err := c.ReadReg(ctx, st2.Thread, rax); err != nil || U64(b) != 0x1234 {
+		t.Errorf("rax after running %x %v, want the 0x1234 written before", b, err)
 	}
 	if err := c.Detach(ctx); err != nil {
 		t.Fatal(err)
