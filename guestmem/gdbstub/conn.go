@@ -303,8 +303,9 @@ func (c *Conn) ReadMemory(ctx context.Context, thread int, va uint64, n int) ([]
 // 7.2's gdbstub fetches it (cpu_synchronize_state) for `g` but not for
 // `p`, `P` or `m`: without a `g` first, `p` returns the registers of the
 // last time QEMU fetched them (seen: rip at the reset vector after a
-// breakpoint stop at SeaBIOS's entry), `m` translates through a stale
-// CR3, and a `P` is dropped when the guest resumes. So the first
+// breakpoint stop at SeaBIOS's entry), `m` translates through that stale
+// CR3, and a `P` lands in the stale copy, which QEMU puts back only once
+// it has fetched the state (inferred from kvm_cpu_exec). So the first
 // selection of a thread after each stop reads `g` (about 600 bytes of
 // hex), which makes QEMU fetch the state and put it back, with any `P`,
 // before the vCPU runs again. Under TCG it costs one packet.
