@@ -20,6 +20,11 @@ type KillRequest struct {
 // make the system call an action waits for.
 const actionTimeout = 90 * time.Second
 
+// ActionTimeout is how long a client waits for an action's reply: the
+// action's bound, and the 20 s an injected system call may take past it
+// (session.Kill) and the gdbstub's closing, with some to spare.
+const ActionTimeout = actionTimeout + 30*time.Second
+
 func (s *Server) actionRoutes(mux *http.ServeMux) {
 	mux.HandleFunc("POST /v1/actions/kill", s.postKill)
 	mux.HandleFunc("GET /v1/files", s.getFile)

@@ -34,6 +34,15 @@ func NewClient(path string) *Client {
 	}}
 }
 
+// WithTimeout returns a client of the same socket whose requests may take
+// up to d each (NewClient's take at most 60 s), for requests the server
+// bounds later than that: an action inside the guest (ActionTimeout).
+func (c *Client) WithTimeout(d time.Duration) *Client {
+	h := *c.http
+	h.Timeout = d
+	return &Client{Socket: c.Socket, http: &h}
+}
+
 // Get fetches path (e.g. "/v1/vm") and decodes JSON into v.
 func (c *Client) Get(ctx context.Context, path string, v any) error {
 	body, err := c.GetRaw(ctx, path)

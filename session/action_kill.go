@@ -57,10 +57,10 @@ const (
 // process is made to make that call at a point where it has just
 // returned from a system call of its own, and gets every register back
 // after. docs/writable.md ("Actions inside the guest") has the steps,
-// what is refused and why. Only with --allow-write, under TCG.
+// what is refused and why. Only with --allow-write, under TCG or KVM.
 func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 	start := time.Now()
-	if _, err := s.actionMonitor(); err != nil {
+	if _, _, err := s.actionMonitor(); err != nil {
 		return nil, err
 	}
 	var plan *introspect.KillPlan
@@ -90,6 +90,10 @@ func (s *Session) Kill(ctx context.Context, pid int) (*GuestAction, error) {
 	}
 	s.actionMu.Lock()
 	defer s.actionMu.Unlock()
+	if err := s.beginAction(); err != nil {
+		return nil, err
+	}
+	defer s.endAction()
 	g, err := s.openStub(ctx)
 	if err != nil {
 		return nil, err
@@ -183,8 +187,14 @@ func (k *killer) run(ctx context.Context) error {
 				}
 				continue
 			}
-			if k.stage == 1 && errors.Is(err, context.DeadlineExceeded) {
-				err = fmt.Errorf("none of the %d processes kvmscope may act through made a system call in time (nothing was changed): %w", len(k.plan.Killers), err)
+			switch {
+			case k.stage == 1 && k.a.Stops == 0 && k.kvm && errors.Is(err, context.DeadlineExceeded):
+				// Not one task of the guest returned from a system call
+				// through the breakpoint: either the guest made none,
+				// or its vCPUs do not stop at hardware breakpoints.
+				err = fmt.Errorf("no vCPU stopped at the hardware breakpoint at syscall_exit_to_user_mode (%#x) before the deadline (nothing was changed): the guest made no system call, or this KVM does not stop its vCPUs at guest-debug breakpoints (KVM nested under QEMU's TCG does not: docs/limitations.md): %w", k.exitVA, err)
+			case k.stage == 1 && errors.Is(err, context.DeadlineExceeded):
+				err = fmt.Errorf("none of the %d processes kvmscope may act through made a system call in time (nothing was changed; %d other stops): %w", len(k.plan.Killers), k.a.Stops, err)
 			}
 			return k.failed(err)
 		}
@@ -219,7 +229,7 @@ func (k *killer) run(ctx context.Context) error {
 				k.injected = true
 			}
 		} else {
-			err = k.Step(ctx, st.Thread)
+			err = k.stepPast(ctx, st.Thread, rip)
 		}
 		if err != nil {
 			return k.failed(err)

@@ -27,6 +27,12 @@ type Session struct {
 	judging judging    // the rule base and its findings (report.go)
 
 	actionMu sync.Mutex // one action inside the guest at a time (action_kill.go)
+	// Writes of memory or registers and actions inside the guest exclude
+	// each other (actions.go, write.go): acting is set while an action
+	// runs, writes counts the writes between their pause and resume.
+	exclMu sync.Mutex
+	acting bool
+	writes int
 }
 
 // Scan is the result of one process scan.

@@ -145,12 +145,27 @@ func (s *Session) writeChunks(ctx context.Context, chunks []chunk, source string
 }
 
 // pauseForWrite pauses the guest for a write of its memory or registers.
+// It refuses while an action inside the guest runs (ErrWriteDuringAction),
+// and an action does not start until resume is called.
 func (s *Session) pauseForWrite(ctx context.Context) (resume func(), err error) {
-	resume, err = s.machine.Pause(ctx)
+	s.exclMu.Lock()
+	if s.acting {
+		s.exclMu.Unlock()
+		return nil, ErrWriteDuringAction
+	}
+	s.writes++
+	s.exclMu.Unlock()
+	done := func() {
+		s.exclMu.Lock()
+		s.writes--
+		s.exclMu.Unlock()
+	}
+	paused, err := s.machine.Pause(ctx)
 	if err != nil {
+		done()
 		return nil, fmt.Errorf("pause the VM for the write: %w", err)
 	}
-	return resume, nil
+	return func() { paused(); done() }, nil
 }
 
 // recorded makes mw an event, once its caller has said where it was.

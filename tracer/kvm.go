@@ -9,7 +9,7 @@ const (
 	KVMCreateVM                 = 0xae01
 	KVMGetVCPUMmapSize          = 0xae04
 	KVMCreateVCPU               = 0xae41
-	KVMRun                      = 0xae80 // never trapped; internal/testenv's KVM probe issues it
+	KVMRun                      = 0xae80 // never trapped; tracer/kvmprobe's probes issue it
 	KVMSetUserMemoryRegion      = 0x4020ae46
 	kvmSetUserMemoryRegion2     = 0x40a0ae49
 	kvmCheckExtension           = 0xae03

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"syscall"
-	"time"
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/session"
@@ -15,7 +14,7 @@ import (
 func killCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "kill",
-		Usage:     "kill a guest process with SIGKILL, made by a guest root process's kill(2) (TCG, run --allow-write)",
+		Usage:     "kill a guest process with SIGKILL, made by a guest root process's kill(2) (run --allow-write, TCG or KVM)",
 		ArgsUsage: " ",
 		Description: "A thread of a root process in the guest is made to call kill(PID, SIGKILL) right\n" +
 			"after one of its own system calls, through QEMU's gdbstub, and gets its registers\n" +
@@ -29,7 +28,8 @@ func killCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), 100*time.Second)
+			cl = cl.WithTimeout(api.ActionTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), api.ActionTimeout)
 			defer cancel()
 			var a session.GuestAction
 			if err := cl.PostJSON(ctx, "/v1/actions/kill", api.KillRequest{PID: c.Int("pid")}, &a); err != nil {

@@ -16,6 +16,9 @@ type Conn struct {
 	c    net.Conn
 	r    *bufio.Reader
 	Regs *Layout // from target.xml, read by Dial
+	// synced are the threads whose state QEMU has fetched from KVM since
+	// the guest last ran (selectThread).
+	synced map[int]bool
 }
 
 // Dial connects to the gdbstub on the unix socket path, retrying until
@@ -36,7 +39,7 @@ func Dial(ctx context.Context, path string) (*Conn, error) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	c := &Conn{c: nc, r: bufio.NewReaderSize(nc, 4096)}
+	c := &Conn{c: nc, r: bufio.NewReaderSize(nc, 4096), synced: map[int]bool{}}
 	if _, err := c.Command(ctx, "qSupported:xmlRegisters=i386"); err != nil {
 		nc.Close()
 		return nil, err
@@ -204,7 +207,10 @@ func (c *Conn) Halted(ctx context.Context) (Stop, error) {
 }
 
 // Continue resumes every vCPU (`c`) without waiting.
-func (c *Conn) Continue(ctx context.Context) error { return c.send(ctx, "c") }
+func (c *Conn) Continue(ctx context.Context) error {
+	c.ran()
+	return c.send(ctx, "c")
+}
 
 // Step steps thread one instruction (`Hc`, `s`) without waiting; the
 // other vCPUs run too. QEMU steps with interrupts and timers masked
@@ -214,6 +220,7 @@ func (c *Conn) Step(ctx context.Context, thread int) error {
 	if err := c.ok(ctx, fmt.Sprintf("Hc%x", thread)); err != nil {
 		return err
 	}
+	c.ran()
 	return c.send(ctx, "s")
 }
 
@@ -291,10 +298,36 @@ func (c *Conn) ReadMemory(ctx context.Context, thread int, va uint64, n int) ([]
 	return b, nil
 }
 
-// selectThread makes thread the one `p`, `P` and `m` act on (`Hg`).
+// selectThread makes thread the one `p`, `P` and `m` act on (`Hg`), its
+// state current. Under KVM QEMU's vCPU state lives in KVM, and QEMU
+// 7.2's gdbstub fetches it (cpu_synchronize_state) for `g` but not for
+// `p`, `P` or `m`: without a `g` first, `p` returns the registers of the
+// last time QEMU fetched them (seen: rip at the reset vector after a
+// breakpoint stop at SeaBIOS's entry), `m` translates through that stale
+// CR3, and a `P` lands in the stale copy, which QEMU puts back only once
+// it has fetched the state (inferred from kvm_cpu_exec). So the first
+// selection of a thread after each stop reads `g` (about 600 bytes of
+// hex), which makes QEMU fetch the state and put it back, with any `P`,
+// before the vCPU runs again. Under TCG it costs one packet.
 func (c *Conn) selectThread(ctx context.Context, thread int) error {
-	return c.ok(ctx, fmt.Sprintf("Hg%x", thread))
+	if err := c.ok(ctx, fmt.Sprintf("Hg%x", thread)); err != nil {
+		return err
+	}
+	if c.synced[thread] {
+		return nil
+	}
+	if _, err := c.Command(ctx, "g"); err != nil {
+		return fmt.Errorf("gdbstub: fetch the state of thread %d: %w", thread, err)
+	}
+	c.synced[thread] = true
+	return nil
 }
 
+// ran forgets which threads' states are current: the guest runs.
+func (c *Conn) ran() { clear(c.synced) }
+
 // Detach removes every breakpoint and resumes the guest (`D`).
-func (c *Conn) Detach(ctx context.Context) error { return c.ok(ctx, "D") }
+func (c *Conn) Detach(ctx context.Context) error {
+	c.ran()
+	return c.ok(ctx, "D")
+}

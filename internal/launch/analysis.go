@@ -85,7 +85,13 @@ func runAnalysis(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 	ctx, cancel = context.WithCancel(context.Background())
 	defer cancel()
 	go func() { <-keeper.Done(); cancel() }()
-	target := newRunTarget(keeper, qa, o.AllowWrite, ts.qmpPath, log)
+	// The policy the tracer enforces (tracerOptions): none is refused
+	// while it learns.
+	enforced := o.Policy
+	if o.LearnTo != "" {
+		enforced = nil
+	}
+	target := newRunTarget(keeper, qa, o.AllowWrite, ts.qmpPath, enforced, log)
 	target.name = qa.Name
 	sess := session.New(target, nil)
 	server := &api.Server{Target: target, Session: sess, Log: log, Groups: o.Groups, Events: logs.events, Blocked: logs.blocked, BaselinePath: BaselinePath(sock),

@@ -121,10 +121,12 @@ func Run(o Options) (int, error) {
 
 	argv := append([]string(nil), o.Argv...)
 	var qmpPath string
-	if !o.NoAPI && qa.MayUseTCG() {
+	if !o.NoAPI && (qa.MayUseTCG() || o.AllowWrite && qa.MayUseKVM()) {
 		// Without KVM there are no ioctls to watch: ask QEMU itself, over
-		// a private QMP socket we add to its command line. The tracer
-		// removes the directory when QEMU is gone.
+		// a private QMP socket we add to its command line. Under KVM with
+		// --allow-write the same socket is the way to QEMU's gdbstub,
+		// which actions inside the guest use (session/actions.go). The
+		// tracer removes the directory when QEMU is gone.
 		qmpDir, err := os.MkdirTemp("", "kvmscope-qmp-")
 		if err != nil {
 			return 1, exitErr(1, "private QMP socket: %v", err)

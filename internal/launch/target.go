@@ -8,8 +8,10 @@ import (
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/guestmem"
+	"github.com/kvmscope/kvmscope/session"
 	"github.com/kvmscope/kvmscope/tracer"
 	"github.com/kvmscope/kvmscope/tracer/handoff"
+	"github.com/kvmscope/kvmscope/tracer/policy"
 	"github.com/rs/zerolog"
 )
 
@@ -25,12 +27,16 @@ type runTarget struct {
 	writable bool
 	live     *guestmem.Live
 	qmpPath  string
-	tcg      *guestmem.TCG // set once QMP answers and QEMU created no KVM VM
+	tcg      *guestmem.TCG // set once QMP answers (its monitor serves KVM's actions too)
 	tcgReady chan struct{}
+	// policy is the ioctl policy the tracer enforces on QEMU (nil: none),
+	// which actions under KVM check KVM_SET_GUEST_DEBUG against.
+	policy     *policy.Policy
+	debugProbe guestDebugProbe
 }
 
-func newRunTarget(t *handoff.Client, qa QEMUArgs, writable bool, qmpPath string, log zerolog.Logger) *runTarget {
-	return &runTarget{t: t, qa: qa, log: log, writable: writable, live: guestmem.NewLive(t, writable), qmpPath: qmpPath, tcgReady: make(chan struct{})}
+func newRunTarget(t *handoff.Client, qa QEMUArgs, writable bool, qmpPath string, pol *policy.Policy, log zerolog.Logger) *runTarget {
+	return &runTarget{t: t, qa: qa, log: log, writable: writable, live: guestmem.NewLive(t, writable), qmpPath: qmpPath, policy: pol, tcgReady: make(chan struct{})}
 }
 
 // connectQMP connects to the private QMP socket when QEMU has one.
@@ -54,6 +60,28 @@ func (r *runTarget) connectQMP(done <-chan struct{}) {
 	}
 	r.tcg = guestmem.NewTCG(q, r.t.QEMUPid, r.writable)
 	close(r.tcgReady)
+}
+
+// Commands is QEMU's private QMP socket, once it answers: under KVM
+// (with --allow-write, launch.go adds it) actions inside the guest open
+// QEMU's gdbstub through it (session.MonitorMachine).
+func (r *runTarget) Commands() guestmem.Commands {
+	select {
+	case <-r.tcgReady:
+		return r.tcg.Commands()
+	default:
+		return nil
+	}
+}
+
+// GuestDebugRefused says whether the ioctl policy would refuse what
+// QEMU's gdbstub asks of KVM for an action, or this host's KVM would not
+// stop a vCPU at its breakpoints (guestdebug.go).
+func (r *runTarget) GuestDebugRefused() error {
+	if err := guestDebugRefused(r.policy); err != nil {
+		return err
+	}
+	return r.debugProbe.refused(r.log)
 }
 
 // kvm reports whether QEMU runs the guest on KVM.
@@ -128,3 +156,5 @@ func (r *runTarget) tcgCPUs(ctx context.Context) ([]guestmem.CPU, error) {
 	}
 	return src.CPUs(ctx)
 }
+
+var _ session.MonitorMachine = (*runTarget)(nil)

@@ -11,3 +11,5 @@ var errKVMArch = errors.New("the KVM checks are written for linux/amd64")
 func kvmUsable() error { return errKVMArch }
 
 func kvmFast() error { return errKVMArch }
+
+func guestDebug() error { return errKVMArch }
