@@ -48,7 +48,7 @@ func (s *Server) putRegisters(w http.ResponseWriter, r *http.Request) {
 			status = http.StatusNotFound
 		case errors.Is(err, session.ErrNoRegisterWrites):
 			status = http.StatusUnprocessableEntity
-		case errors.Is(err, tracer.ErrVCPUBusy):
+		case errors.Is(err, tracer.ErrVCPUBusy), errors.Is(err, session.ErrWriteDuringAction):
 			status = http.StatusConflict
 		}
 		httpError(w, status, err.Error())

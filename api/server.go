@@ -368,8 +368,11 @@ func (s *Server) putMemory(w http.ResponseWriter, r *http.Request) {
 	mw, err := write(ctx, gpa, body, "api")
 	if err != nil {
 		status := http.StatusBadRequest
-		if errors.Is(err, guestmem.ErrReadOnly) {
+		switch {
+		case errors.Is(err, guestmem.ErrReadOnly):
 			status = http.StatusForbidden
+		case errors.Is(err, session.ErrWriteDuringAction):
+			status = http.StatusConflict
 		}
 		httpError(w, status, err.Error())
 		return

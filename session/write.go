@@ -148,17 +148,9 @@ func (s *Session) writeChunks(ctx context.Context, chunks []chunk, source string
 // It refuses while an action inside the guest runs (ErrWriteDuringAction),
 // and an action does not start until resume is called.
 func (s *Session) pauseForWrite(ctx context.Context) (resume func(), err error) {
-	s.exclMu.Lock()
-	if s.acting {
-		s.exclMu.Unlock()
-		return nil, ErrWriteDuringAction
-	}
-	s.writes++
-	s.exclMu.Unlock()
-	done := func() {
-		s.exclMu.Lock()
-		s.writes--
-		s.exclMu.Unlock()
+	done, err := s.beginWrite()
+	if err != nil {
+		return nil, err
 	}
 	paused, err := s.machine.Pause(ctx)
 	if err != nil {
@@ -166,6 +158,23 @@ func (s *Session) pauseForWrite(ctx context.Context) (resume func(), err error) 
 		return nil, fmt.Errorf("pause the VM for the write: %w", err)
 	}
 	return func() { paused(); done() }, nil
+}
+
+// beginWrite marks a write of guest memory or registers as under way
+// until done is called: refused while an action inside the guest runs
+// (ErrWriteDuringAction), and an action does not start meanwhile.
+func (s *Session) beginWrite() (done func(), err error) {
+	s.exclMu.Lock()
+	defer s.exclMu.Unlock()
+	if s.acting {
+		return nil, ErrWriteDuringAction
+	}
+	s.writes++
+	return func() {
+		s.exclMu.Lock()
+		s.writes--
+		s.exclMu.Unlock()
+	}, nil
 }
 
 // recorded makes mw an event, once its caller has said where it was.

@@ -96,6 +96,13 @@ func (s *Session) WriteRegisters(ctx context.Context, vcpu int, set map[string]u
 	case len(msrs) > 0:
 		w.Via = "KVM_SET_MSRS"
 		w.Pauses, err = retryBusy(ctx, func() error {
+			// No pause (QEMU is frozen by the tracer for the write),
+			// but the same exclusion with actions.
+			done, err := s.beginWrite()
+			if err != nil {
+				return err
+			}
+			defer done()
 			old, new, err = mw.SetMSRs(ctx, vcpu, msrs)
 			return err
 		})
