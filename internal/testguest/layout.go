@@ -72,10 +72,10 @@ const (
 	// a host that sets %rip there makes QEMU exit with ExitStatus(%eax).
 	RegsSeenGPA = StatusGPA + 0x68
 	RegsDoneGPA = StatusGPA + 0x70
+	RegsMagic   = 0x5347455245504f43 // "COPEREGS"
 	// Until then it stores what rdmsr reads of MSR_KERNEL_GS_BASE (which
 	// no guest code writes) at MSRSeenGPA at every turn of its loop.
 	MSRSeenGPA = StatusGPA + 0x78
-	RegsMagic  = 0x5347455245504f43 // "COPEREGS"
 
 	// PatternGPA is the first of PatternPages consecutive 4 KiB pages
 	// whose contents PatternFor gives. They are covered by a 2 MiB page
