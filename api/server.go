@@ -65,6 +65,7 @@ type Server struct {
 	BaselinePath string
 
 	metrics *Metrics
+	started time.Time
 
 	srv       *http.Server
 	ln        net.Listener
@@ -132,6 +133,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		return errors.New("api: a Server needs a Session")
 	}
 	s.ln = ln
+	s.started = time.Now()
 	if s.Owner == 0 {
 		s.Owner = os.Geteuid()
 	}
@@ -143,6 +145,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.metrics.Registry.MustRegister(guardCollector{s.Session})
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", s.metrics.handler())
+	mux.HandleFunc("GET /v1/health", s.getHealth)
 	mux.HandleFunc("GET /v1/vm", s.getVM)
 	mux.HandleFunc("GET /v1/vcpus", s.getVCPUs)
 	mux.HandleFunc("GET /v1/memory", s.getMemory)
@@ -234,6 +237,14 @@ func (s *Server) authorize(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// getHealth answers as soon as the process serves HTTP at all: it reads
+// neither the guest nor QEMU, so that only a process that cannot answer
+// (stopped, stuck in the kernel, starved) fails it. The tracer's watchdog
+// (docs/how-it-works.md) restarts an analysis process that does.
+func (s *Server) getHealth(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, Health{OK: true, Pid: os.Getpid(), UpNs: time.Since(s.started).Nanoseconds()})
 }
 
 func (s *Server) getVM(w http.ResponseWriter, r *http.Request) {

@@ -49,6 +49,15 @@ type VM struct {
 	Source *Capabilities `json:"source,omitempty"`
 }
 
+// Health is GET /v1/health: the serving process is alive and answering.
+type Health struct {
+	OK bool `json:"ok"`
+	// Pid is the process that answered (under run, the analysis process).
+	Pid int `json:"pid"`
+	// UpNs is how long it has served.
+	UpNs int64 `json:"up_ns"`
+}
+
 // Capabilities are a memory source's (guestmem.Capabilities), for the API.
 type Capabilities struct {
 	Batch   bool        `json:"batch"`

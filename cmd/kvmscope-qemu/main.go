@@ -91,6 +91,7 @@ func run(args []string) int {
 		AllowWrite: cfg.AllowWrite,
 		Guard:      cfg.Guard,
 		Groups:     groups,
+		Watchdog:   *cfg.Watchdog,
 		EventLog:   *cfg.EventLog,
 		FailMode:   cfg.FailMode,
 		Policy:     pol,

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -109,7 +111,7 @@ func TestCrashIsolationKVM(t *testing.T) {
 	// The tracer's events of the memslot change (the policy logs them)
 	// reached the log through the new analysis process, numbered on.
 	seen := map[float64]bool{}
-	logged := false
+	logged, restarts := false, 0
 	for _, e := range events(t, r.sock) {
 		s, _ := e["seq"].(float64)
 		if seen[s] {
@@ -117,6 +119,12 @@ func TestCrashIsolationKVM(t *testing.T) {
 		}
 		seen[s] = true
 		logged = logged || s > float64(seqBefore) && e["ioctl"] == "KVM_SET_USER_MEMORY_REGION"
+		if e["kind"] == "analysis_restart" && e["reason"] == "died" {
+			restarts++
+		}
+	}
+	if restarts != 2 {
+		t.Errorf("%d analysis_restart events with reason died, want one per kill (2)", restarts)
 	}
 	if !logged {
 		t.Errorf("no KVM_SET_USER_MEMORY_REGION event after the restarts (events up to seq %d, %d before)", lastSeq(t, r.sock), seqBefore)
@@ -195,4 +203,95 @@ func dialQMP(t *testing.T, path string) (context.Context, *qmp.Client) {
 	}
 	t.Cleanup(func() { q.Close() })
 	return ctx, q
+}
+
+// TestAnalysisWatchdog (issue 12): an analysis process that stops
+// answering (SIGSTOP here; a deadlock or a process stuck in the kernel
+// looks the same from outside) while it holds QEMU paused is killed by
+// the tracer's watchdog (run --watchdog) and replaced: QEMU lives, the
+// guest runs again, the API comes back, and the restart is an event. One
+// that answers is left alone, even while it keeps the VM paused.
+func TestAnalysisWatchdog(t *testing.T) {
+	const dog = 3 * time.Second
+	r := startRun(t, []string{"--watchdog", dog.String()}, tinyGuest(t, 1, "")...)
+	c := r.client()
+	waitReady(t, c)
+	pid := qemuPid(t, r)
+	first := getVM(t, c).AnalysisPid
+
+	// A dump whose client stops reading keeps the VM paused (the dump is
+	// made with the guest stopped) while the analysis process, blocked
+	// on the socket, still answers its health checks.
+	conn, err := net.Dial("unix", r.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("GET /v1/dump HTTP/1.1\r\nHost: kvmscope\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(conn, make([]byte, 4096)); err != nil {
+		t.Fatalf("the dump's first bytes: %v", err)
+	}
+	paused := func() bool {
+		a := readU64(t, c, testguest.CounterGPA)
+		time.Sleep(300 * time.Millisecond)
+		return readU64(t, c, testguest.CounterGPA) == a
+	}
+	waitFor(t, 10*time.Second, "the stalled dump to hold the guest paused", paused)
+	time.Sleep(2 * dog)
+	if now := getVM(t, c).AnalysisPid; now != first {
+		t.Fatalf("the watchdog replaced an analysis process that answered: %d, now %d", first, now)
+	}
+	if !paused() {
+		t.Fatal("the guest ran while the dump's pause was held")
+	}
+
+	// Now it stops answering with the pause held.
+	stopped := time.Now()
+	if err := syscall.Kill(first, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(first, syscall.SIGKILL) }) // when the watchdog failed
+	var now api.VM
+	waitFor(t, 10*dog, "the watchdog to replace the stopped analysis process", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		now = api.VM{}
+		return c.Get(ctx, "/v1/vm", &now) == nil && now.AnalysisPid != 0 && now.AnalysisPid != first
+	})
+	// Its last answer may have come up to one probe (a third of the
+	// bound) before the stop.
+	if took := time.Since(stopped); took < dog*2/3 {
+		t.Errorf("replaced %v after it stopped answering, before the watchdog's %v", took, dog)
+	}
+	if alive(first) {
+		t.Errorf("the stopped analysis process %d is still there", first)
+	}
+	if !alive(pid) || now.Pid != pid {
+		t.Fatalf("QEMU %d after the watchdog: alive %v, the API says %d", pid, alive(pid), now.Pid)
+	}
+	// Its pause went with it: the guest runs.
+	before := readU64(t, c, testguest.CounterGPA)
+	waitFor(t, 10*time.Second, "the guest to run again", func() bool { return readU64(t, c, testguest.CounterGPA) > before })
+
+	var ev map[string]any
+	for _, e := range events(t, r.sock) {
+		if e["kind"] == "analysis_restart" {
+			ev = e
+		}
+	}
+	if ev == nil || ev["reason"] != "hung" || ev["pid"] != float64(first) {
+		t.Fatalf("analysis_restart event %v; want reason hung, pid %d", ev, first)
+	}
+	if s, _ := ev["silent_ns"].(float64); time.Duration(s) < dog {
+		t.Errorf("analysis_restart event silent_ns %v, want at least %v", ev["silent_ns"], dog)
+	}
+	if !strings.Contains(r.stderr.String(), "watchdog: the analysis process has not answered; killing it") {
+		t.Error("the tracer did not log the watchdog's kill")
+	}
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	if code := r.wait(20 * time.Second); code != 0 {
+		t.Errorf("QEMU's exit code %d after SIGTERM, want 0", code)
+	}
 }

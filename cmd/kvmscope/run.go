@@ -23,6 +23,7 @@ func runCommand() *cli.Command {
 			&cli.BoolFlag{Name: "allow-write", Usage: "allow writes to guest memory through the API"},
 			&cli.BoolFlag{Name: "guard", Usage: "once the guest kernel has booted, block guest writes to its system-call dispatch (KVM only; docs/dispatch-guard.md)"},
 			&cli.StringFlag{Name: "policy", Usage: "enforce the ioctl policy in this YAML file (docs/policy.md); \"default\" is the shipped one", EnvVars: []string{"KVMSCOPE_POLICY"}},
+			&cli.DurationFlag{Name: "watchdog", Value: launch.DefaultWatchdog, Usage: "restart the analysis process (the part that parses guest memory and serves the API) when the API has not answered for this long; 0: only when it dies (docs/how-it-works.md)"},
 		}, scanFlags()...),
 		Action: runAction,
 	}
@@ -35,6 +36,9 @@ func runAction(c *cli.Context) error {
 	}
 	if len(args) == 0 {
 		return cli.Exit("run needs a QEMU command: kvmscope run -- qemu-system-x86_64 ARGS...", 2)
+	}
+	if err := launch.CheckWatchdog(c.Duration("watchdog")); err != nil {
+		return cli.Exit("--watchdog "+err.Error(), 2)
 	}
 	pol, err := loadPolicy(c.String("policy"))
 	if err != nil {
@@ -50,6 +54,7 @@ func runAction(c *cli.Context) error {
 		NoAPI:      c.Bool("no-api"),
 		AllowWrite: c.Bool("allow-write"),
 		Guard:      c.Bool("guard"),
+		Watchdog:   c.Duration("watchdog"),
 		Judging:    launch.Judging{Rules: set, RulesPath: c.String("rules"), Scan: scan},
 		FailMode:   launch.FailClosed,
 		Policy:     pol,

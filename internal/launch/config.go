@@ -82,6 +82,10 @@ type Config struct {
 	// ScanInterval scans and judges every VM on this interval (0: on
 	// demand only), as `kvmscope run --scan-interval` does.
 	ScanInterval time.Duration `yaml:"scan_interval"`
+	// Watchdog restarts a VM's analysis process when its API has not
+	// answered for this long (default DefaultWatchdog; 0: never), as
+	// `kvmscope run --watchdog` does.
+	Watchdog *time.Duration `yaml:"watchdog"`
 
 	// Path is the file this config was read from ("" when none).
 	Path string `yaml:"-"`
@@ -119,6 +123,11 @@ func LoadConfig(path string) (Config, error) {
 	}
 	if c.SocketDir != "" && !filepath.IsAbs(c.SocketDir) {
 		return c, fmt.Errorf("config %s: socket_dir %q must be an absolute path", path, c.SocketDir)
+	}
+	if c.Watchdog != nil {
+		if err := CheckWatchdog(*c.Watchdog); err != nil {
+			return c, fmt.Errorf("config %s: watchdog: %w", path, err)
+		}
 	}
 	return c.withDefaults(), nil
 }
@@ -178,6 +187,10 @@ func (c Config) withDefaults() Config {
 	if c.EventLog == nil {
 		t := true
 		c.EventLog = &t
+	}
+	if c.Watchdog == nil {
+		d := DefaultWatchdog
+		c.Watchdog = &d
 	}
 	return c
 }

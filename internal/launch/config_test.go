@@ -21,20 +21,20 @@ func writeFile(t *testing.T, body string) string {
 
 func TestLoadConfig(t *testing.T) {
 	c, err := LoadConfig(filepath.Join(t.TempDir(), "missing.yaml"))
-	if err != nil || c.SocketDir != api.SystemDir || c.FailMode != FailClosed || !*c.EventLog || c.LogLevel != "info" {
+	if err != nil || c.SocketDir != api.SystemDir || c.FailMode != FailClosed || !*c.EventLog || c.LogLevel != "info" || *c.Watchdog != DefaultWatchdog {
 		t.Fatalf("missing file: %+v, %v; want the defaults", c, err)
 	}
 	c, err = LoadConfig(writeFile(t, ""))
 	if err != nil || c.SocketDir != api.SystemDir {
 		t.Fatalf("empty file: %+v, %v", c, err)
 	}
-	c, err = LoadConfig(writeFile(t, "# all of it\nqemu: /opt/qemu/bin/qemu-system-x86_64\nsocket_dir: /run/vmi\ngroup: vmi-readers\nfail_mode: open\nallow_write: true\nguard: true\nlog_level: debug\nevent_log: false\n"))
+	c, err = LoadConfig(writeFile(t, "# all of it\nqemu: /opt/qemu/bin/qemu-system-x86_64\nsocket_dir: /run/vmi\ngroup: vmi-readers\nfail_mode: open\nallow_write: true\nguard: true\nlog_level: debug\nevent_log: false\nwatchdog: 0s\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := Config{QEMU: "/opt/qemu/bin/qemu-system-x86_64", SocketDir: "/run/vmi", Group: "vmi-readers", FailMode: FailOpen, AllowWrite: true, LogLevel: "debug"}
 	if c.QEMU != want.QEMU || c.SocketDir != want.SocketDir || c.Group != want.Group || c.FailMode != want.FailMode ||
-		!c.AllowWrite || !c.Guard || c.LogLevel != want.LogLevel || *c.EventLog {
+		!c.AllowWrite || !c.Guard || c.LogLevel != want.LogLevel || *c.EventLog || *c.Watchdog != 0 {
 		t.Errorf("got %+v", c)
 	}
 	for body, wantErr := range map[string]string{
@@ -42,6 +42,8 @@ func TestLoadConfig(t *testing.T) {
 		"socket_dir: run/x\n":    "absolute",
 		"sokcet_dir: /run/x\n":   "sokcet_dir", // a typo must not be ignored
 		"qemu: [a\n":             "config",
+		"watchdog: 10ms\n":       "watchdog: 10ms: want 0",
+		"watchdog: soon\n":       "line 1",
 	} {
 		if _, err := LoadConfig(writeFile(t, body)); err == nil || !strings.Contains(err.Error(), wantErr) {
 			t.Errorf("config %q: err %v, want one mentioning %q", body, err, wantErr)

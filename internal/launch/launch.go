@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/tracer"
@@ -42,6 +43,9 @@ type Options struct {
 	Guard bool
 	// Groups may use the API besides root and our own uid.
 	Groups []int
+	// Watchdog restarts the analysis process when its API has not
+	// answered GET /v1/health for this long; 0 never does (supervise.go).
+	Watchdog time.Duration
 	// EventLog also writes every log record, as JSON lines, to
 	// SocketDir/NAME.log; stderr then gets only warnings and errors.
 	EventLog bool
@@ -216,7 +220,7 @@ func runTracer(o Options, qa QEMUArgs, ts tracerStage) (int, error) {
 				t.VM().Publish(board)
 				boardFile = board.File()
 			}
-			an, err = startAnalysis(queues.Keeper(t), ln, boardFile, ts, log)
+			an, err = startAnalysis(queues.Keeper(t), ln, boardFile, o.Watchdog, ts, log)
 			if err != nil {
 				log.Error().Err(err).Msg("API disabled")
 			} else {

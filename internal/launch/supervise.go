@@ -3,14 +3,19 @@
 package launch
 
 import (
+	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/kvmscope/kvmscope/api"
 	"github.com/kvmscope/kvmscope/tracer/handoff"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -26,12 +31,29 @@ const (
 	analysisBoardFD = 5 // the register board (tracer.RegsBoard), when there is one
 )
 
+// DefaultWatchdog is how long an analysis process may leave GET
+// /v1/health unanswered before the keeper kills and replaces it: long
+// enough for a loaded host to answer a health check, short enough that
+// clients and pauses it holds do not wait for an operator.
+const DefaultWatchdog = 30 * time.Second
+
+// CheckWatchdog says whether d can be a watchdog bound: 0 (none) or at
+// least a second (a probe every third of it must have time to answer).
+func CheckWatchdog(d time.Duration) error {
+	if d != 0 && d < time.Second {
+		return fmt.Errorf("%v: want 0 (no watchdog) or at least 1s", d)
+	}
+	return nil
+}
+
 // analysis runs the analysis process for the keeper, and a new one each
 // time one dies while QEMU runs.
 type analysis struct {
 	k     *handoff.Keeper
 	ln    *os.File
-	board *os.File // nil: registers go through the socket
+	sock  string        // the API socket's path, for the watchdog's probes
+	dog   time.Duration // the watchdog's bound (0: no watchdog)
+	board *os.File      // nil: registers go through the socket
 	ts    tracerStage
 	log   zerolog.Logger
 
@@ -42,8 +64,9 @@ type analysis struct {
 }
 
 // startAnalysis starts the analysis process, which serves the API on ln
-// and reads registers from board (nil: through the socket).
-func startAnalysis(k *handoff.Keeper, ln net.Listener, board *os.File, ts tracerStage, log zerolog.Logger) (*analysis, error) {
+// and reads registers from board (nil: through the socket), and a new one
+// when it dies or has not answered for watchdog (0: only when it dies).
+func startAnalysis(k *handoff.Keeper, ln net.Listener, board *os.File, watchdog time.Duration, ts tracerStage, log zerolog.Logger) (*analysis, error) {
 	ul, ok := ln.(*net.UnixListener)
 	if !ok {
 		return nil, fmt.Errorf("API socket: %T is not a unix listener", ln)
@@ -52,7 +75,7 @@ func startAnalysis(k *handoff.Keeper, ln net.Listener, board *os.File, ts tracer
 	if err != nil {
 		return nil, fmt.Errorf("API socket: %w", err)
 	}
-	a := &analysis{k: k, ln: f, board: board, ts: ts, log: log, pidfd: -1, done: make(chan struct{})}
+	a := &analysis{k: k, ln: f, sock: ul.Addr().String(), dog: watchdog, board: board, ts: ts, log: log, pidfd: -1, done: make(chan struct{})}
 	started := make(chan error, 1)
 	go a.supervise(started)
 	return a, <-started
@@ -64,7 +87,7 @@ func (a *analysis) supervise(started chan<- error) {
 	backoff := 100 * time.Millisecond
 	for first := true; ; first = false {
 		at := time.Now()
-		pidfd, err := a.start()
+		pid, pidfd, err := a.start()
 		if first {
 			started <- err
 		}
@@ -74,7 +97,13 @@ func (a *analysis) supervise(started chan<- error) {
 			}
 			return
 		}
+		exited := make(chan struct{})
+		hung := make(chan time.Duration, 1)
+		if a.dog > 0 {
+			go a.watch(pid, pidfd, exited, hung)
+		}
 		waitExit(pidfd)
+		close(exited)
 		a.mu.Lock()
 		unix.Close(pidfd)
 		a.pidfd = -1
@@ -84,11 +113,19 @@ func (a *analysis) supervise(started chan<- error) {
 			return
 		}
 		// Died while QEMU runs: a bug, a guest that broke a parser, the
-		// OOM killer. QEMU and its trace do not notice; start another.
+		// OOM killer, or the watchdog. QEMU and its trace do not notice;
+		// start another.
 		if time.Since(at) > time.Minute {
 			backoff = 100 * time.Millisecond
 		}
-		a.log.Error().Dur("restart_in", backoff).Msg("the analysis process died; QEMU runs on, starting a new one")
+		ev := map[string]any{"pid": pid, "reason": "died", "ran_ns": time.Since(at).Nanoseconds()}
+		select {
+		case silent := <-hung:
+			ev["reason"], ev["silent_ns"] = "hung", silent.Nanoseconds()
+		default:
+		}
+		a.k.Append("analysis_restart", ev)
+		a.log.Error().Int("pid", pid).Str("reason", ev["reason"].(string)).Dur("restart_in", backoff).Msg("the analysis process died; QEMU runs on, starting a new one")
 		time.Sleep(backoff)
 		backoff = min(2*backoff, 5*time.Second)
 		a.mu.Lock()
@@ -115,15 +152,16 @@ func waitExit(pidfd int) {
 	}
 }
 
-// start starts one analysis process, serves it, and returns its pidfd.
+// start starts one analysis process, serves it, and returns its pid and
+// pidfd.
 //
 // It is our sibling, not our child (CLONE_PARENT): the tracer waits for
 // every child of this process (wait4(-1, __WALL)) and takes their exits
 // for QEMU's; like the tracer itself it must be nobody's child here.
-func (a *analysis) start() (int, error) {
+func (a *analysis) start() (int, int, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("analysis socket: %w", err)
+		return 0, -1, fmt.Errorf("analysis socket: %w", err)
 	}
 	ours := os.NewFile(uintptr(fds[0]), "keeper")
 	theirs := os.NewFile(uintptr(fds[1]), "analysis")
@@ -131,7 +169,7 @@ func (a *analysis) start() (int, error) {
 	conn, err := net.FileConn(ours)
 	ours.Close()
 	if err != nil {
-		return -1, fmt.Errorf("analysis socket: %w", err)
+		return 0, -1, fmt.Errorf("analysis socket: %w", err)
 	}
 	// Its output goes through us, not to our stderr's file: when QEMU
 	// daemonizes we let go of the caller's stdio (releaseStdio), and so
@@ -139,7 +177,7 @@ func (a *analysis) start() (int, error) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		conn.Close()
-		return -1, fmt.Errorf("analysis output: %w", err)
+		return 0, -1, fmt.Errorf("analysis output: %w", err)
 	}
 	defer pw.Close()
 	go func() {
@@ -159,13 +197,13 @@ func (a *analysis) start() (int, error) {
 	})
 	if err != nil {
 		conn.Close()
-		return -1, fmt.Errorf("start the analysis process: %w", err)
+		return 0, -1, fmt.Errorf("start the analysis process: %w", err)
 	}
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		syscall.Kill(pid, syscall.SIGKILL)
 		conn.Close()
-		return -1, fmt.Errorf("analysis process: pidfd_open: %w", err)
+		return 0, -1, fmt.Errorf("analysis process: pidfd_open: %w", err)
 	}
 	a.mu.Lock()
 	a.pidfd = pidfd
@@ -175,7 +213,92 @@ func (a *analysis) start() (int, error) {
 		a.k.Serve(conn)
 		conn.Close()
 	}()
-	return pidfd, nil
+	return pid, pidfd, nil
+}
+
+// watch is the watchdog of analysis process pid (pidfd) until exited: it
+// asks the API socket for GET /v1/health every a.dog/3, and when no answer
+// has come for a.dog it says so on hung and kills the process, which
+// supervise then replaces. A process that cannot answer (stopped, stuck in
+// the kernel, starved, deadlocked in its server) serves no client, and
+// the pauses of QEMU it holds are released only when its socket to us
+// closes. A probe that cannot reach the socket at all (its file removed
+// or taken by another listener) proves nothing about the process and is
+// not counted.
+func (a *analysis) watch(pid, pidfd int, exited <-chan struct{}, hung chan<- time.Duration) {
+	every := max(a.dog/3, 100*time.Millisecond)
+	probe := healthProbe(a.sock, every)
+	answered := time.Now()
+	unreachable := false
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-exited:
+			return
+		case <-tick.C:
+		}
+		err := probe(pid)
+		switch {
+		case err == nil:
+			answered, unreachable = time.Now(), false
+		case errors.Is(err, errUnreachable):
+			if !unreachable {
+				a.log.Warn().Err(err).Msg("watchdog: cannot reach the API socket; not judging the analysis process until it can")
+			}
+			answered, unreachable = time.Now(), true
+		case time.Since(answered) >= a.dog:
+			silent := time.Since(answered)
+			a.log.Error().Int("pid", pid).Dur("silent", silent).Err(err).Msg("watchdog: the analysis process has not answered; killing it")
+			hung <- silent
+			unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
+			return
+		default:
+			a.log.Debug().Err(err).Msg("watchdog: no answer yet")
+		}
+	}
+}
+
+// errUnreachable: the probe found nobody listening at the socket's path.
+var errUnreachable = errors.New("nobody listens at the API socket's path")
+
+// healthProbe returns a probe of the API at sock: GET /v1/health on a new
+// connection each time, answered within timeout by process pid.
+func healthProbe(sock string, timeout time.Duration) func(pid int) error {
+	c := &http.Client{
+		Timeout: timeout,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				conn, err := (&net.Dialer{}).DialContext(ctx, "unix", sock)
+				// ENOENT or ECONNREFUSED: no listener bound there. A full
+				// backlog (EAGAIN) is a process that does not accept.
+				if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ECONNREFUSED) {
+					return nil, fmt.Errorf("%w: %v", errUnreachable, err)
+				}
+				return conn, err
+			},
+		},
+	}
+	return func(pid int) error {
+		resp, err := c.Get("http://kvmscope/v1/health")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		var h api.Health
+		if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&h); err != nil {
+			return fmt.Errorf("GET /v1/health: %s: %w", resp.Status, err)
+		}
+		if resp.StatusCode != http.StatusOK || !h.OK || h.Pid != pid {
+			// Another process answering at our path is not ours to judge.
+			if h.Pid != pid && h.Pid != 0 {
+				return fmt.Errorf("%w: pid %d answers, not %d", errUnreachable, h.Pid, pid)
+			}
+			return fmt.Errorf("GET /v1/health: %s", resp.Status)
+		}
+		return nil
+	}
 }
 
 // signal sends sig to the running analysis process.

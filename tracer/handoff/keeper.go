@@ -17,11 +17,11 @@ import (
 )
 
 // Keeper is the keeper's side: the tracer and the queues of what it
-// reports while no analysis process may be listening.
+// reports while no analysis process may be listening (Append queues an
+// event of the keeper's own).
 type Keeper struct {
-	t       *tracer.Tracer
-	events  *queue[Event]
-	blocked *queue[tracer.BlockedWrite]
+	t *tracer.Tracer
+	*Queues
 }
 
 // Queues are the tracer's event sinks, made before the tracer exists
@@ -52,7 +52,7 @@ func (q *Queues) Blocked(w tracer.BlockedWrite) { q.blocked.push(w) }
 
 // Keeper returns the keeper of t with these queues.
 func (q *Queues) Keeper(t *tracer.Tracer) *Keeper {
-	return &Keeper{t: t, events: q.events, blocked: q.blocked}
+	return &Keeper{t: t, Queues: q}
 }
 
 // Event is one event of the tracer's (tracer.Events).
