@@ -279,6 +279,23 @@ func FormatOffsets(k *introspect.Kernel, off *introspect.Offsets, format, name s
 	return nil, "", errors.New("bad format: want json, libvmi or isf")
 }
 
+// dumpStall bounds how long one write of a paused dump may wait for the
+// client: a client that stops reading must not keep the guest stopped.
+// QEMU's own dump-guest-memory pauses the guest for the whole dump too,
+// but writes to a file.
+const dumpStall = 30 * time.Second
+
+// stallBound fails a write that the client has not taken within dumpStall.
+type stallBound struct {
+	w  io.Writer
+	rc *http.ResponseController
+}
+
+func (s stallBound) Write(p []byte) (int, error) {
+	s.rc.SetWriteDeadline(time.Now().Add(dumpStall))
+	return s.w.Write(p)
+}
+
 // getDump streams the guest as an ELF core (guestmem.WriteCore). Unless
 // pause=0, the VM is paused for the dump, as QEMU's dump-guest-memory
 // does, so the kernel's lists in the dump are consistent; the registers
@@ -321,7 +338,11 @@ func (s *Server) getDump(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/x-elf-core")
 	w.Header().Set("Content-Length", strconv.FormatUint(size, 10))
-	if err := guestmem.WriteCore(w, src, cpus, nil); err != nil {
+	out := io.Writer(w)
+	if r.URL.Query().Get("pause") != "0" {
+		out = stallBound{w: w, rc: http.NewResponseController(w)}
+	}
+	if err := guestmem.WriteCore(out, src, cpus, nil); err != nil {
 		// Headers are gone: the short body tells the client.
 		s.Log.Warn().Err(err).Msg("dump")
 	}

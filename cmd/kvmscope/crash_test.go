@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -222,22 +220,8 @@ func TestAnalysisWatchdog(t *testing.T) {
 	// A dump whose client stops reading keeps the VM paused (the dump is
 	// made with the guest stopped) while the analysis process, blocked
 	// on the socket, still answers its health checks.
-	conn, err := net.Dial("unix", r.sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if _, err := conn.Write([]byte("GET /v1/dump HTTP/1.1\r\nHost: kvmscope\r\n\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(conn, make([]byte, 4096)); err != nil {
-		t.Fatalf("the dump's first bytes: %v", err)
-	}
-	paused := func() bool {
-		a := readU64(t, c, testguest.CounterGPA)
-		time.Sleep(300 * time.Millisecond)
-		return readU64(t, c, testguest.CounterGPA) == a
-	}
+	stallDump(t, r)
+	paused := func() bool { return tinyPaused(t, c) }
 	waitFor(t, 10*time.Second, "the stalled dump to hold the guest paused", paused)
 	time.Sleep(2 * dog)
 	if now := getVM(t, c).AnalysisPid; now != first {
