@@ -80,18 +80,29 @@ func (c *Client) GetRaw(ctx context.Context, path string) ([]byte, error) {
 	return body, nil
 }
 
-// dialError turns a transport error into one clear sentence.
+// dialError turns a transport error into one clear sentence, which still
+// unwraps to the error (errors.Is(err, syscall.ENOENT) holds).
 func (c *Client) dialError(err error) error {
+	msg := fmt.Sprintf("cannot reach kvmscope API at %s: %v", c.Socket, err)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("cannot reach kvmscope API at %s: no such socket (is 'kvmscope run' running?)", c.Socket)
+		msg = fmt.Sprintf("cannot reach kvmscope API at %s: no such socket (is 'kvmscope run' running?)", c.Socket)
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return fmt.Errorf("cannot reach kvmscope API at %s: connection refused (stale socket?)", c.Socket)
+		msg = fmt.Sprintf("cannot reach kvmscope API at %s: connection refused (stale socket?)", c.Socket)
 	case errors.Is(err, syscall.EACCES), errors.Is(err, os.ErrPermission):
-		return fmt.Errorf("cannot reach kvmscope API at %s: permission denied (only root and the VM's owner may use it)", c.Socket)
+		msg = fmt.Sprintf("cannot reach kvmscope API at %s: permission denied (only root and the VM's owner may use it)", c.Socket)
 	}
-	return fmt.Errorf("cannot reach kvmscope API at %s: %v", c.Socket, err)
+	return &reachError{msg: msg, err: err}
 }
+
+// reachError is a transport error said in one sentence.
+type reachError struct {
+	msg string
+	err error
+}
+
+func (e *reachError) Error() string { return e.msg }
+func (e *reachError) Unwrap() error { return e.err }
 
 // SystemDir is the socket directory of VMs run as root and, unless its
 // config says otherwise, of the libvirt wrapper's domains.

@@ -4,12 +4,10 @@ package launch
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"sync"
 	"syscall"
@@ -118,14 +116,15 @@ func (a *analysis) supervise(started chan<- error) {
 		if time.Since(at) > time.Minute {
 			backoff = 100 * time.Millisecond
 		}
-		ev := map[string]any{"pid": pid, "reason": "died", "ran_ns": time.Since(at).Nanoseconds()}
+		reason, ev := "died", map[string]any{"pid": pid, "ran_ns": time.Since(at).Nanoseconds()}
 		select {
 		case silent := <-hung:
-			ev["reason"], ev["silent_ns"] = "hung", silent.Nanoseconds()
+			reason, ev["silent_ns"] = "hung", silent.Nanoseconds()
 		default:
 		}
+		ev["reason"] = reason
 		a.k.Append("analysis_restart", ev)
-		a.log.Error().Int("pid", pid).Str("reason", ev["reason"].(string)).Dur("restart_in", backoff).Msg("the analysis process died; QEMU runs on, starting a new one")
+		a.log.Error().Int("pid", pid).Str("reason", reason).Dur("restart_in", backoff).Msg("the analysis process died; QEMU runs on, starting a new one")
 		time.Sleep(backoff)
 		backoff = min(2*backoff, 5*time.Second)
 		a.mu.Lock()
@@ -226,7 +225,7 @@ func (a *analysis) start() (int, int, error) {
 // or taken by another listener) proves nothing about the process and is
 // not counted.
 func (a *analysis) watch(pid, pidfd int, exited <-chan struct{}, hung chan<- time.Duration) {
-	every := max(a.dog/3, 100*time.Millisecond)
+	every := a.dog / 3 // CheckWatchdog: at least 333 ms
 	probe := healthProbe(a.sock, every)
 	answered := time.Now()
 	unreachable := false
@@ -262,40 +261,25 @@ func (a *analysis) watch(pid, pidfd int, exited <-chan struct{}, hung chan<- tim
 // errUnreachable: the probe found nobody listening at the socket's path.
 var errUnreachable = errors.New("nobody listens at the API socket's path")
 
-// healthProbe returns a probe of the API at sock: GET /v1/health on a new
-// connection each time, answered within timeout by process pid.
+// healthProbe returns a probe of the API at sock: GET /v1/health,
+// answered within timeout by process pid.
 func healthProbe(sock string, timeout time.Duration) func(pid int) error {
-	c := &http.Client{
-		Timeout: timeout,
-		Transport: &http.Transport{
-			DisableKeepAlives: true,
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				conn, err := (&net.Dialer{}).DialContext(ctx, "unix", sock)
-				// ENOENT or ECONNREFUSED: no listener bound there. A full
-				// backlog (EAGAIN) is a process that does not accept.
-				if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ECONNREFUSED) {
-					return nil, fmt.Errorf("%w: %v", errUnreachable, err)
-				}
-				return conn, err
-			},
-		},
-	}
+	c := api.NewClient(sock).WithTimeout(timeout)
 	return func(pid int) error {
-		resp, err := c.Get("http://kvmscope/v1/health")
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
 		var h api.Health
-		if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&h); err != nil {
-			return fmt.Errorf("GET /v1/health: %s: %w", resp.Status, err)
-		}
-		if resp.StatusCode != http.StatusOK || !h.OK || h.Pid != pid {
+		err := c.Get(context.Background(), "/v1/health", &h)
+		switch {
+		// No listener bound at the path. (A full backlog, EAGAIN, is a
+		// process that does not accept.)
+		case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ECONNREFUSED):
+			return fmt.Errorf("%w: %v", errUnreachable, err)
+		case err != nil:
+			return err
+		case h.Pid != pid:
 			// Another process answering at our path is not ours to judge.
-			if h.Pid != pid && h.Pid != 0 {
-				return fmt.Errorf("%w: pid %d answers, not %d", errUnreachable, h.Pid, pid)
-			}
-			return fmt.Errorf("GET /v1/health: %s", resp.Status)
+			return fmt.Errorf("%w: pid %d answers, not %d", errUnreachable, h.Pid, pid)
+		case !h.OK:
+			return errors.New("GET /v1/health: not ok")
 		}
 		return nil
 	}
