@@ -259,12 +259,17 @@ func TestAnalysisWatchdog(t *testing.T) {
 	before := readU64(t, c, testguest.CounterGPA)
 	waitFor(t, 10*time.Second, "the guest to run again", func() bool { return readU64(t, c, testguest.CounterGPA) > before })
 
+	// The new analysis process takes the tracer's queued event into the
+	// log soon after it serves.
 	var ev map[string]any
-	for _, e := range events(t, r.sock) {
-		if e["kind"] == "analysis_restart" {
-			ev = e
+	waitFor(t, 10*time.Second, "the analysis_restart event in the log", func() bool {
+		for _, e := range events(t, r.sock) {
+			if e["kind"] == "analysis_restart" {
+				ev = e
+			}
 		}
-	}
+		return ev != nil
+	})
 	if ev == nil || ev["reason"] != "hung" || ev["pid"] != float64(first) {
 		t.Fatalf("analysis_restart event %v; want reason hung, pid %d", ev, first)
 	}
