@@ -30,6 +30,10 @@ type Client struct {
 	done    chan struct{} // closed when QEMU is gone or the keeper hung up
 	doneErr error
 	once    sync.Once
+
+	// The numbers of the last batches TakeEvents and TakeBlocked took,
+	// which their next calls acknowledge (each has one caller).
+	eventsNo, blockedNo uint64
 }
 
 // Dial starts talking to the keeper on conn and fetches the VM's state.
@@ -307,16 +311,25 @@ func (c *Client) GuardStatus() tracer.GuardStatus {
 }
 
 // TakeEvents waits (up to seconds) for the tracer's events and takes them.
+// Calling it again says the caller has stored the ones it returned; until
+// then the keeper keeps them for the next analysis process. One goroutine
+// calls it.
 func (c *Client) TakeEvents(ctx context.Context) (Events, error) {
 	var r Events
-	err := c.call(ctx, "TakeEvents", struct{}{}, &r)
+	err := c.call(ctx, "TakeEvents", Take{Ack: c.eventsNo}, &r)
+	if err == nil && r.No != 0 {
+		c.eventsNo = r.No
+	}
 	return r, err
 }
 
 // TakeBlocked waits (up to seconds) for the guard's reports and takes
-// them.
+// them, like TakeEvents.
 func (c *Client) TakeBlocked(ctx context.Context) (Blocked, error) {
 	var r Blocked
-	err := c.call(ctx, "TakeBlocked", struct{}{}, &r)
+	err := c.call(ctx, "TakeBlocked", Take{Ack: c.blockedNo}, &r)
+	if err == nil && r.No != 0 {
+		c.blockedNo = r.No
+	}
 	return r, err
 }

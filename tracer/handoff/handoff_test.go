@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/rpc"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -207,5 +208,51 @@ func TestRegsRoundTrip(t *testing.T) {
 	}
 	if err := back.UnmarshalBinary(b[1:]); err == nil {
 		t.Error("a short form was taken")
+	}
+}
+
+// TestEventsOutliveTheirTaker: an analysis process that took the tracer's
+// events and died before it stored them does not lose them: the keeper
+// hands them to the next one, which acknowledges them by asking again.
+// Real net/rpc sessions on socketpairs; the queues need no QEMU.
+func TestEventsOutliveTheirTaker(t *testing.T) {
+	q := NewQueues()
+	k := &Keeper{Queues: q}
+	session := func() *rpc.Client {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ours, _ := net.FileConn(os.NewFile(uintptr(fds[0]), "keeper"))
+		theirs, _ := net.FileConn(os.NewFile(uintptr(fds[1]), "analysis"))
+		go k.Serve(ours)
+		c := rpc.NewClient(theirs)
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	take := func(c *rpc.Client, ack uint64) Events {
+		var r Events
+		if err := c.Call("Keeper.TakeEvents", Take{Ack: ack}, &r); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	q.Append("analysis_restart", map[string]int{"pid": 1})
+	first := session()
+	got := take(first, 0)
+	if len(got.Events) != 1 || got.No == 0 {
+		t.Fatalf("the first session took %+v", got)
+	}
+	first.Close() // dies before it stored them
+
+	q.Append("analysis_restart", map[string]int{"pid": 2})
+	next := session()
+	again := take(next, 0)
+	if len(again.Events) != 1 || again.No != got.No || string(again.Events[0].Fields) != `{"pid":1}` {
+		t.Fatalf("the next session took %+v, want the batch the first one lost (%d)", again, got.No)
+	}
+	after := take(next, again.No)
+	if len(after.Events) != 1 || after.No == again.No || string(after.Events[0].Fields) != `{"pid":2}` {
+		t.Fatalf("after acknowledging, the next session took %+v, want only the newer event", after)
 	}
 }

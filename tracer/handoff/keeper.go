@@ -351,30 +351,36 @@ func (s *session) GuardStatus(_ struct{}, r *tracer.GuardStatus) error {
 	return nil
 }
 
-// Events are what TakeEvents returns.
+// Take asks for a queue's next batch and acknowledges, by its number, the
+// batch the caller has stored (queue.take).
+type Take struct{ Ack uint64 }
+
+// Events are what TakeEvents returns; No acknowledges them.
 type Events struct {
 	Events  []Event
 	Dropped uint64
+	No      uint64
 }
 
 // TakeEvents waits a while for the tracer's events and hands them over.
-func (s *session) TakeEvents(_ struct{}, r *Events) error {
+func (s *session) TakeEvents(a Take, r *Events) error {
 	ctx, cancel := s.callCtx(10 * time.Second)
 	defer cancel()
-	r.Events, r.Dropped = s.k.events.take(ctx)
+	r.Events, r.Dropped, r.No = s.k.events.take(ctx, a.Ack)
 	return nil
 }
 
-// Blocked are what TakeBlocked returns.
+// Blocked are what TakeBlocked returns; No acknowledges them.
 type Blocked struct {
 	Writes  []tracer.BlockedWrite
 	Dropped uint64
+	No      uint64
 }
 
 // TakeBlocked waits a while for the guard's reports and hands them over.
-func (s *session) TakeBlocked(_ struct{}, r *Blocked) error {
+func (s *session) TakeBlocked(a Take, r *Blocked) error {
 	ctx, cancel := s.callCtx(10 * time.Second)
 	defer cancel()
-	r.Writes, r.Dropped = s.k.blocked.take(ctx)
+	r.Writes, r.Dropped, r.No = s.k.blocked.take(ctx, a.Ack)
 	return nil
 }
