@@ -43,10 +43,12 @@ var ErrTraced = errors.New("it is traced already (by kvmscope run, or a debugger
 // its KVM VM's vCPUs. Detach (or this process's end: no EXITKILL) lets
 // it go, exactly as it was.
 //
-// While it runs, this process must start no child: the tracer's
-// waitpid(-1) would take its exit.
+// While it runs, this process may start children (virsh, for a libvirt
+// monitor) only if OwnChildren says so: else the tracer's waitpid takes
+// their exits.
 func AttachRunning(pid int, log zerolog.Logger) (*Tracer, error) {
 	t := newTracer(log, Options{})
+	t.waitQEMUOnly(pid)
 	started := make(chan error, 1)
 	go func() {
 		// Locked for good: when Detach ends the loop, the thread exits
@@ -71,6 +73,23 @@ func AttachRunning(pid int, log zerolog.Logger) (*Tracer, error) {
 	}
 	return t, nil
 }
+
+// waitQEMUOnly makes the loop wait for QEMU's threads alone when QEMU has
+// a process group of its own (libvirt's, a shell job's): waitpid(-pgid)
+// takes the stops of tracees in that group and never a child of this
+// process, which is in ours. A QEMU in our group (started by the same
+// shell job) leaves the loop waiting for everything.
+func (t *Tracer) waitQEMUOnly(pid int) {
+	pg, err := unix.Getpgid(pid)
+	if err == nil && pg > 1 && pg != unix.Getpgrp() {
+		t.waitFor = -pg
+		t.ownChildren.Store(true)
+	}
+}
+
+// OwnChildren reports whether this process may start children while
+// attached: whether the loop leaves their exits alone (waitQEMUOnly).
+func (t *Tracer) OwnChildren() bool { return t.ownChildren.Load() }
 
 // seizeAll seizes the threads of pid until none is left out: a thread
 // created meanwhile by a seized one is traced already (TRACECLONE), one

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/kvmscope/kvmscope/tracer/ioctl"
@@ -41,6 +42,11 @@ type Tracer struct {
 	threads map[int]bool
 	tgids   map[int]int // thread -> its process
 	frozen  int         // the thread whose call froze its process, or 0
+	// waitFor is the loop's waitpid argument: -1 (every child and
+	// tracee), or an attached QEMU's -pgid (waitQEMUOnly); ownChildren
+	// says it is the latter (OwnChildren).
+	waitFor     int
+	ownChildren atomic.Bool
 	held    []heldStop  // stops of frozen threads, handled after the call
 	freezes uint64
 	stops   map[uint32]uint64 // trapped ioctls by request (Stops)
@@ -87,6 +93,7 @@ func newTracer(log zerolog.Logger, o Options) *Tracer {
 		threads: make(map[int]bool),
 		tgids:   make(map[int]int),
 		stops:   make(map[uint32]uint64),
+		waitFor: -1,
 	}
 	t.vm.injectFunc = t.injectFunc
 	t.vm.guarded = t.guard.overlaps
@@ -174,9 +181,19 @@ func (t *Tracer) loop() error {
 			t.held = t.held[1:]
 			tid, ws = h.tid, h.ws
 		} else {
-			tid, err = unix.Wait4(-1, &ws, unix.WALL, nil)
+			tid, err = unix.Wait4(t.waitFor, &ws, unix.WALL, nil)
 		}
 		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.ECHILD && t.waitFor != -1 && len(t.threads) > 0 {
+			// Threads are traced but none is in QEMU's process group
+			// any more: it moved (setpgid). Wait for everything, as
+			// run does; the children of this process lose their
+			// exit statuses to the loop from now on.
+			t.log.Warn().Int("pgid", -t.waitFor).Msg("QEMU left its process group; the tracer now waits for every child")
+			t.waitFor = -1
+			t.ownChildren.Store(false)
 			continue
 		}
 		if err == unix.ECHILD {

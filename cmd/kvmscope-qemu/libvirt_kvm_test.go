@@ -19,11 +19,15 @@ import (
 )
 
 // kvmDomainXML is a KVM domain running the tiny test guest (built from
-// source by internal/testguest) with qboot as its firmware.
-func kvmDomainXML(name, kernel, firmware string, vcpus int) string {
+// source by internal/testguest, its mode in cmdline) with qboot as its
+// firmware, under emulator.
+func kvmDomainXML(name, kernel, cmdline, firmware, emulator string, vcpus int) string {
 	loader := ""
 	if firmware != "" {
 		loader = fmt.Sprintf("<loader readonly='yes' type='rom'>%s</loader>", firmware)
+	}
+	if cmdline != "" {
+		cmdline = "<cmdline>" + cmdline + "</cmdline>"
 	}
 	return fmt.Sprintf(`<domain type='kvm'>
   <name>%s</name>
@@ -33,6 +37,7 @@ func kvmDomainXML(name, kernel, firmware string, vcpus int) string {
     <type arch='x86_64' machine='pc'>hvm</type>
     %s
     <kernel>%s</kernel>
+    %s
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
@@ -42,7 +47,7 @@ func kvmDomainXML(name, kernel, firmware string, vcpus int) string {
     <memballoon model='none'/>
   </devices>
 </domain>
-`, name, testguest.MemoryMiB, vcpus, loader, kernel, wrapperBin)
+`, name, testguest.MemoryMiB, vcpus, loader, kernel, cmdline, emulator)
 }
 
 // TestLibvirtKVMDomain: the primary path, a domain of type kvm. kvmscope
@@ -68,7 +73,7 @@ func TestLibvirtKVMDomain(t *testing.T) {
 	const vcpus = 2
 	name := fmt.Sprintf("kvmscope-test-kvm-%d", os.Getpid())
 	xmlPath := filepath.Join(dir, "domain.xml")
-	if err := os.WriteFile(xmlPath, []byte(kvmDomainXML(name, kernel, testguest.Firmware(), vcpus)), 0o644); err != nil {
+	if err := os.WriteFile(xmlPath, []byte(kvmDomainXML(name, kernel, "", testguest.Firmware(), wrapperBin, vcpus)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	mustVirsh(t, "define", xmlPath)

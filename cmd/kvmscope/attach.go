@@ -17,7 +17,7 @@ func attachCommand() *cli.Command {
 		Name:  "attach",
 		Usage: "serve the API of a running QEMU, read-only, through its QMP socket or libvirt (no restart, no ptrace); Ctrl-C or SIGTERM detaches",
 		UsageText: "kvmscope attach --pid PID [--qmp SOCKET] [--ptrace [--allow-write]] [--api S] [--name N]\n" +
-			"kvmscope attach --vm DOMAIN [--connect URI] [--api S]",
+			"kvmscope attach --vm DOMAIN [--connect URI] [--ptrace [--allow-write]] [--api S]",
 		Flags: append([]cli.Flag{
 			&cli.IntFlag{Name: "pid", Usage: "QEMU's process id (with --vm: default from libvirt's pid file)"},
 			&cli.StringFlag{Name: "qmp", Usage: "a QMP socket of that QEMU that nothing else is connected to (-qmp unix:PATH,server=on,wait=off); without one, guest RAM is found from QEMU's command line and mappings (guests up to 2 GiB) and registers need --ptrace"},

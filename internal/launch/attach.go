@@ -161,14 +161,16 @@ func Attach(o AttachOptions) error {
 		if !kvm {
 			return fmt.Errorf("attach --ptrace to QEMU %d: it runs its guest under TCG: there are no vCPU handles to take (attach without --ptrace)", o.PID)
 		}
-		if o.Domain != "" {
-			// virsh runs as our child, and the tracer waits for every
-			// child of this process (waitpid(-1)).
-			return errors.New("attach --ptrace needs a QMP socket (--qmp): not with --vm")
-		}
 		t, err := tracer.AttachRunning(o.PID, log)
 		if err != nil {
 			return fmt.Errorf("attach --ptrace: %w", err)
+		}
+		if o.Domain != "" && !t.OwnChildren() {
+			// Each monitor command is a virsh child, whose exit the
+			// tracer would take. libvirt starts QEMU in a process
+			// group of its own, so this is a QEMU started by hand.
+			t.Detach()
+			return fmt.Errorf("attach --ptrace --vm: QEMU %d is in kvmscope's process group, so the trace would take the exits of virsh: start kvmscope from another shell, or use --qmp", o.PID)
 		}
 		// However we leave, QEMU goes on untraced, kvm_run as it was.
 		defer t.Detach()
