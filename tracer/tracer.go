@@ -47,10 +47,10 @@ type Tracer struct {
 	// says it is the latter (OwnChildren).
 	waitFor     int
 	ownChildren atomic.Bool
-	held    []heldStop  // stops of frozen threads, handled after the call
-	freezes uint64
-	stops   map[uint32]uint64 // trapped ioctls by request (Stops)
-	stopsMu sync.Mutex
+	held        []heldStop // stops of frozen threads, handled after the call
+	freezes     uint64
+	stops       map[uint32]uint64 // trapped ioctls by request (Stops)
+	stopsMu     sync.Mutex
 
 	inj    injections // system calls to run as QEMU (inject.go)
 	guard  guard      // pages the guest may not write (guard.go)
