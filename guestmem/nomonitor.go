@@ -42,23 +42,23 @@ func NewInferred(pid int, allowWrite bool) (*TCG, error) {
 func inferMap(pid int) ([]procRange, error) {
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil {
-		return nil, fmt.Errorf("%w: QEMU %d: %v", ErrNoInferredMap, pid, err)
+		return nil, fmt.Errorf("%w: QEMU %d: %w", ErrNoInferredMap, pid, err)
 	}
 	argv := strings.Split(strings.TrimSuffix(string(cmdline), "\x00"), "\x00")
 	size, err := ramSize(argv)
 	if err != nil {
-		return nil, fmt.Errorf("%w: QEMU %d: %v", ErrNoInferredMap, pid, err)
+		return nil, fmt.Errorf("%w: QEMU %d: %w", ErrNoInferredMap, pid, err)
 	}
 	if size > maxInferredRAM {
 		return nil, fmt.Errorf("%w: QEMU %d has %d GiB of RAM, which QEMU may place past the HyperTransport hole: give kvmscope its monitor (--qmp or --vm)", ErrNoInferredMap, pid, size>>30)
 	}
 	below, err := ramSplit(argv, size)
 	if err != nil {
-		return nil, fmt.Errorf("%w: QEMU %d: %v", ErrNoInferredMap, pid, err)
+		return nil, fmt.Errorf("%w: QEMU %d: %w", ErrNoInferredMap, pid, err)
 	}
 	maps, err := readProcMaps(pid)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNoInferredMap, err)
+		return nil, fmt.Errorf("%w: %w", ErrNoInferredMap, err)
 	}
 	var found []procMapping
 	for _, m := range maps {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kvmscope/kvmscope/api"
+	"github.com/kvmscope/kvmscope/internal/testenv"
 	"github.com/kvmscope/kvmscope/internal/testguest"
 	"github.com/kvmscope/kvmscope/internal/testlinux"
 )
@@ -226,4 +227,42 @@ func plainDebianWith(t *testing.T, o testlinux.Options) *testlinux.Guest {
 	}
 	t.Cleanup(func() { g.Close() })
 	return g
+}
+
+// TestAttachNeedsPtraceAccess: attaching to a QEMU of another user, as a
+// user without ptrace access to it, is one line that says what attaching
+// needs and whose QEMU it is, with and without --ptrace.
+func TestAttachNeedsPtraceAccess(t *testing.T) {
+	testenv.Require(t, testenv.Root)
+	qemuBin := needQEMU(t)
+	if _, err := testguest.Build(); err != nil {
+		t.Fatalf("build tiny guest: %v", err)
+	}
+	qemu := exec.Command(qemuBin, testguest.QEMUArgs(1, "tcg", "")...)
+	if err := qemu.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { qemu.Process.Kill(); qemu.Wait() }()
+	pid := qemu.Process.Pid
+	// Let "nobody" run the binary and write its socket.
+	os.Chmod(filepath.Dir(kvmscopeBin), 0o755)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o777)
+	os.Chmod(filepath.Dir(dir), 0o755) // t.TempDir's parent is 0700
+	for _, flags := range [][]string{nil, {"--ptrace"}} {
+		cmd := exec.Command(kvmscopeBin, append([]string{"attach", "--pid", strconv.Itoa(pid), "--api", filepath.Join(dir, "vm.sock")}, flags...)...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		err := cmd.Run()
+		var ee *exec.ExitError
+		msg := strings.TrimSpace(stderr.String())
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || strings.Contains(msg, "\n") ||
+			!strings.Contains(msg, "permission denied; attaching needs ptrace access to QEMU "+strconv.Itoa(pid)+" (it runs as uid 0, kvmscope as 65534)") {
+			t.Errorf("attach %v as nobody to root's QEMU: %v, %q; want exit 1 and one line naming what attaching needs", flags, err, msg)
+		}
+	}
+	if !alive(pid) {
+		t.Error("QEMU did not survive the refused attaches")
+	}
 }

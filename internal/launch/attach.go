@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -122,6 +123,38 @@ func (a *attachTarget) Describe() api.VM {
 // Run, read-only. It never traces QEMU and changes nothing in it, so
 // stopping (or killing) kvmscope leaves QEMU exactly as it was.
 func Attach(o AttachOptions) error {
+	err := attach(o)
+	if errors.Is(err, fs.ErrPermission) {
+		return fmt.Errorf("%w; %s", err, attachPermission(o.PID))
+	}
+	return err
+}
+
+// attachPermission says what attaching to QEMU pid needs, for an error
+// that is EACCES or EPERM: reading /proc/PID/maps and mem, pidfd_getfd
+// and ptrace all take ptrace access to QEMU (ptrace(2), "Ptrace access
+// mode checking").
+func attachPermission(pid int) string {
+	who := ""
+	if st, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err == nil {
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Geteuid() {
+			who = fmt.Sprintf(" (it runs as uid %d, kvmscope as %d)", sys.Uid, os.Geteuid())
+		}
+	}
+	need := fmt.Sprintf("attaching needs ptrace access to QEMU %d%s: run kvmscope as QEMU's user or as root", pid, who)
+	if b, err := os.ReadFile("/proc/sys/kernel/yama/ptrace_scope"); err == nil && os.Geteuid() != 0 {
+		switch scope := strings.TrimSpace(string(b)); scope {
+		case "0":
+		case "3":
+			need += "; Yama ptrace_scope 3 forbids it to everyone"
+		default:
+			need += "; Yama ptrace_scope " + scope + " also asks for CAP_SYS_PTRACE"
+		}
+	}
+	return need
+}
+
+func attach(o AttachOptions) error {
 	log := o.Log
 	q, via, err := attachMonitor(&o)
 	if err != nil {
